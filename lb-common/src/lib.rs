@@ -1,0 +1,198 @@
+//! What the XDP program and the daemon must agree on: map layouts, capacities,
+//! counter indices, and the pure helpers (checksums, schedulers) both sides use.
+//!
+//! Every type that crosses the kernel boundary is `#[repr(C)]` with explicit
+//! padding and a size pinned at compile time. Addresses and ports are kept in
+//! network byte order (`[u8; N]`) so the data path never converts them.
+#![no_std]
+
+pub mod checksum;
+pub mod ring;
+
+/// Most services one program instance carries (size of the service and ring maps).
+pub const MAX_SERVICES: u32 = 256;
+/// Most backends across all services (backend ids are `0..MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Longest scheduling ring of one service: a backend of weight `w` takes `w`
+/// slots, so the sum of a service's weights is bounded by this.
+pub const RING_SIZE: u32 = 1024;
+/// Each service owns two ring halves; the service entry names the live one, so a
+/// new ring is written into the other half and switched in by one map update.
+pub const RING_MAP_SIZE: u32 = MAX_SERVICES * 2 * RING_SIZE;
+/// Entries of the connection table (and of the reverse-NAT table), LRU-evicted.
+pub const CONNTRACK_SIZE: u32 = 262_144;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of the service map: the address, port and protocol a client connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service arrays (counters, round-robin position).
+    pub id: u32,
+    /// First slot of the live ring half in the ring map.
+    pub ring_base: u32,
+    /// Slots used in the live ring half; 0 means no backend can take new flows.
+    pub ring_len: u32,
+    pub flags: u32,
+}
+
+/// Value of the backend array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// The backend slot holds a configured backend (a zeroed slot is free).
+pub const BACKEND_F_PRESENT: u32 = 1;
+
+/// A flow as the load balancer sees it on the wire, in one direction.
+/// Client to VIP in the connection table, backend to client in the reverse table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection table: where a client flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    pub service: u32,
+    /// `bpf_ktime_get_ns()` of the last packet seen on the flow.
+    pub last_seen_ns: u64,
+}
+
+/// Value of the reverse-NAT table: how to make a backend's reply look like the VIP's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseFlow {
+    pub vip: [u8; 4],
+    pub vport: [u8; 2],
+    pub _pad: [u8; 2],
+    pub backend: u32,
+    pub service: u32,
+}
+
+/// Per-CPU traffic counters of one service or one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Traffic {
+    /// Client-to-backend packets forwarded.
+    pub packets: u64,
+    /// Client-to-backend bytes forwarded (whole frames).
+    pub bytes: u64,
+    /// Flows that were scheduled (new entries in the connection table).
+    pub new_flows: u64,
+    /// Backend-to-client packets rewritten back to the VIP.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl Traffic {
+    /// Adds `other` field by field (summing the per-CPU copies).
+    pub fn add(&mut self, other: &Traffic) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+    }
+}
+
+/// Indices of the per-CPU outcome counters: what happened to each packet.
+pub mod counter {
+    /// Not an IPv4 frame (ARP, IPv6, VLAN-tagged, shorter than Ethernet): passed.
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// An IPv4 fragment: passed, the data path does not reassemble.
+    pub const PASS_FRAGMENT: u32 = 1;
+    /// IPv4 but neither TCP nor UDP: passed.
+    pub const PASS_OTHER_PROTO: u32 = 2;
+    /// TCP/UDP that matches no service and no tracked reply: passed.
+    pub const PASS_NO_SERVICE: u32 = 3;
+    /// Rewritten, but the next hop's MAC is unresolved: handed to the kernel to forward.
+    pub const PASS_NO_NEIGH: u32 = 4;
+    /// TTL would expire here: passed so the kernel answers with ICMP time exceeded.
+    pub const PASS_TTL_EXPIRED: u32 = 5;
+    /// IPv4 header or L4 header truncated or invalid: dropped.
+    pub const DROP_MALFORMED: u32 = 6;
+    /// A new flow for a service with no usable backend: dropped.
+    pub const DROP_NO_BACKEND: u32 = 7;
+    /// A TCP segment other than a SYN for a flow the table does not know: dropped.
+    pub const DROP_TCP_NO_FLOW: u32 = 8;
+    /// No route to the backend or client (FIB lookup failed): dropped.
+    pub const DROP_NO_ROUTE: u32 = 9;
+    /// The connection table refused the new flow: dropped.
+    pub const DROP_TABLE_FULL: u32 = 10;
+    /// Client-to-backend packets forwarded.
+    pub const FORWARDED: u32 = 11;
+    /// Backend-to-client packets rewritten to the VIP and forwarded.
+    pub const REPLIES: u32 = 12;
+    /// New flows scheduled.
+    pub const NEW_FLOWS: u32 = 13;
+    /// Size of the counter array.
+    pub const COUNT: u32 = 16;
+
+    /// Names for userspace, indexed like the constants above.
+    pub const NAMES: [&str; 14] = [
+        "pass_not_ipv4",
+        "pass_fragment",
+        "pass_other_proto",
+        "pass_no_service",
+        "pass_no_neigh",
+        "pass_ttl_expired",
+        "drop_malformed",
+        "drop_no_backend",
+        "drop_tcp_no_flow",
+        "drop_no_route",
+        "drop_table_full",
+        "forwarded",
+        "replies",
+        "new_flows",
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 16);
+const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
+const _: () = assert!(counter::NAMES.len() as u32 <= counter::COUNT);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], padding is explicit, and every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ReverseFlow {}
+    unsafe impl aya::Pod for Traffic {}
+}

@@ -1,0 +1,128 @@
+//! The XDP data path. Each packet: parse -> service or reply lookup -> find or
+//! pick the backend -> rewrite -> forward. Everything else passes to the kernel.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd: see select.rs")]
+
+mod conntrack;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{counter, Backend, FlowKey, ServiceKey, BACKEND_F_PRESENT, IPPROTO_TCP};
+
+use crate::{
+    forward::Sent,
+    maps::{BACKENDS, SERVICES},
+    parse::{Packet, Parsed},
+    stats::Direction,
+};
+
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    let (action, outcome) = match parse::parse(&ctx) {
+        Parsed::Pass(c) => (xdp_action::XDP_PASS, c),
+        Parsed::Drop(c) => (xdp_action::XDP_DROP, c),
+        Parsed::Packet(p) => handle(&ctx, &p),
+    };
+    stats::count(outcome);
+    action
+}
+
+/// The packet's journey once its headers are known; returns the action and the
+/// outcome counter to bump.
+#[inline(always)]
+fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
+    let (sport, dport) = p.ports();
+    // SAFETY: parse() checked the IPv4 header is inside the frame.
+    let (src, dst) = unsafe { ((*p.ip).src_addr, (*p.ip).dst_addr) };
+    let key = FlowKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let svc_key = ServiceKey {
+        vip: dst,
+        port: dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(svc) = unsafe { SERVICES.get(&svc_key).copied() } {
+        let (backend_id, new_flow) = match conntrack::lookup(&key) {
+            Some(b) => (b, false),
+            None => {
+                if p.proto == IPPROTO_TCP && !p.is_tcp_open() {
+                    // Mid-flow segment of a flow we do not know (evicted, or from
+                    // before we started): never guess a backend for it.
+                    return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
+                }
+                let Some(b) = select::next_backend(&svc) else {
+                    return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
+                };
+                (b, true)
+            }
+        };
+        let Some(backend) = backend(backend_id) else {
+            return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
+        };
+        if new_flow {
+            if !conntrack::insert(&key, svc.id, backend_id, &backend) {
+                return (xdp_action::XDP_DROP, counter::DROP_TABLE_FULL);
+            }
+            stats::count(counter::NEW_FLOWS);
+        }
+        if !nat::decrement_ttl(p.ip) {
+            return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
+        }
+        nat::rewrite_dst(p, backend.addr, backend.port);
+        stats::traffic(svc.id, backend_id, Direction::Forward { new_flow }, bytes);
+        return send(ctx, p, counter::FORWARDED);
+    }
+    if let Some(rev) = conntrack::reverse(&key) {
+        if !nat::decrement_ttl(p.ip) {
+            return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
+        }
+        nat::rewrite_src(p, rev.vip, rev.vport);
+        stats::traffic(rev.service, rev.backend, Direction::Reply, bytes);
+        return send(ctx, p, counter::REPLIES);
+    }
+    (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE)
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    let b = BACKENDS.get(id)?;
+    if b.flags & BACKEND_F_PRESENT == 0 {
+        return None;
+    }
+    Some(*b)
+}
+
+#[inline(always)]
+fn send(ctx: &XdpContext, p: &Packet, sent_counter: u32) -> (u32, u32) {
+    match forward::forward(ctx, p) {
+        Sent::Out(action) => (action, sent_counter),
+        Sent::Pass(c) => (xdp_action::XDP_PASS, c),
+        Sent::Drop(c) => (xdp_action::XDP_DROP, c),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

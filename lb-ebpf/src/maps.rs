@@ -1,0 +1,48 @@
+//! Every map of the data path, in one place. Userspace finds them by these names.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counter, Backend, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic, CONNTRACK_SIZE,
+    MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
+};
+
+/// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Backend id -> address and port.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Scheduling rings of backend ids, two halves per service (see `lb_common::RING_MAP_SIZE`).
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(RING_MAP_SIZE, 0);
+
+/// Service id -> position in its ring, advanced atomically by every new flow on any CPU.
+#[map(name = "RR_POSITION")]
+pub static RR_POSITION: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Client flow -> backend: keeps every packet of a flow on the backend it started on.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Backend-to-client flow -> VIP and port to put back as the source of replies.
+#[map(name = "REVERSE")]
+pub static REVERSE: LruHashMap<FlowKey, ReverseFlow> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Per-CPU packet counts by outcome (`lb_common::counter`).
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-CPU traffic per service id.
+#[map(name = "SERVICE_TRAFFIC")]
+pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-CPU traffic per backend id.
+#[map(name = "BACKEND_TRAFFIC")]
+pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

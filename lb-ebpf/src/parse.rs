@@ -1,0 +1,134 @@
+//! Bounds-checked header parsing: Ethernet, IPv4 (with options), TCP, UDP.
+//!
+//! The rules (also in the README):
+//! - not IPv4 (ARP, IPv6, VLAN-tagged, or shorter than an Ethernet header): pass;
+//! - an IPv4 header that is truncated, has IHL < 5, a version other than 4, or a
+//!   total length that does not fit the frame or the headers: drop (malformed);
+//! - a fragment (MF set or offset non-zero): pass, the data path does not reassemble;
+//! - neither TCP nor UDP: pass;
+//! - a truncated TCP/UDP header or a TCP data offset < 5: drop (malformed).
+//! IP options are carried through untouched: the L4 header is found after them.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{counter, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+/// A pointer to a `T` at `offset` into the frame, if the whole `T` is inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The L4 header of a parsed packet.
+pub enum L4 {
+    Tcp(*mut TcpHdr),
+    Udp(*mut UdpHdr),
+}
+
+/// A TCP or UDP over IPv4 packet whose headers are all inside the frame.
+pub struct Packet {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    pub l4: L4,
+    pub proto: u8,
+}
+
+impl Packet {
+    /// Source and destination ports, network byte order.
+    #[inline(always)]
+    pub fn ports(&self) -> ([u8; 2], [u8; 2]) {
+        // SAFETY: parse() checked that the header is inside the frame.
+        unsafe {
+            match self.l4 {
+                L4::Tcp(t) => ((*t).source, (*t).dest),
+                L4::Udp(u) => ((*u).src, (*u).dst),
+            }
+        }
+    }
+
+    /// A SYN without ACK: the only TCP segment that may open a flow.
+    #[inline(always)]
+    pub fn is_tcp_open(&self) -> bool {
+        match self.l4 {
+            // SAFETY: as above.
+            L4::Tcp(t) => unsafe { (*t).syn() != 0 && (*t).ack() == 0 },
+            L4::Udp(_) => true,
+        }
+    }
+}
+
+/// What parsing concluded: a packet to handle, or an outcome to count and return.
+pub enum Parsed {
+    Packet(Packet),
+    Pass(u32),
+    Drop(u32),
+}
+
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::Pass(counter::PASS_NOT_IPV4);
+    };
+    // SAFETY: eth is inside the frame.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Parsed::Pass(counter::PASS_NOT_IPV4);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return Parsed::Drop(counter::DROP_MALFORMED);
+    };
+    // SAFETY: ip is inside the frame.
+    let (vihl, tot_len, frags, proto) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).tot_len) as usize,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) << 2;
+    let frame_len = ctx.data_end() - ctx.data();
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || EthHdr::LEN + tot_len > frame_len
+    {
+        return Parsed::Drop(counter::DROP_MALFORMED);
+    }
+    if frags & (IP_MF | IP_OFFSET) != 0 {
+        return Parsed::Pass(counter::PASS_FRAGMENT);
+    }
+    let l4_off = EthHdr::LEN + ihl;
+    let l4 = match proto {
+        IPPROTO_TCP => {
+            let Some(t) = ptr_at::<TcpHdr>(ctx, l4_off) else {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            };
+            // SAFETY: t is inside the frame.
+            if unsafe { (*t).doff() } < 5 || tot_len < ihl + TcpHdr::LEN {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            }
+            L4::Tcp(t)
+        }
+        IPPROTO_UDP => {
+            let Some(u) = ptr_at::<UdpHdr>(ctx, l4_off) else {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            };
+            if tot_len < ihl + UdpHdr::LEN {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            }
+            L4::Udp(u)
+        }
+        _ => return Parsed::Pass(counter::PASS_OTHER_PROTO),
+    };
+    Parsed::Packet(Packet { eth, ip, l4, proto })
+}

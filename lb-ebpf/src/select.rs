@@ -1,0 +1,25 @@
+//! Picking a backend for a new flow: the next slot of the service's ring.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use lb_common::{Service, RING_MAP_SIZE, RING_SIZE};
+
+use crate::maps::{RINGS, RR_POSITION};
+
+/// The backend id for the next new flow of `svc`, or `None` if it has none.
+/// The position is one counter shared by all CPUs (an atomic add), so new flows
+/// walk the ring in order whichever CPU they arrive on.
+#[inline(always)]
+pub fn next_backend(svc: &Service) -> Option<u32> {
+    let len = svc.ring_len;
+    if len == 0 || len > RING_SIZE || svc.ring_base > RING_MAP_SIZE - RING_SIZE {
+        return None;
+    }
+    let pos = RR_POSITION.get_ptr_mut(svc.id)?;
+    // SAFETY: pos points into an array map value that lives as long as the map.
+    // The BPF target has no `AtomicU64::fetch_add` (no CAS in its core), but the
+    // instruction set has an atomic fetch-and-add, which this intrinsic emits.
+    let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(pos, 1) };
+    let slot = svc.ring_base + (n % len as u64) as u32;
+    RINGS.get(slot).copied()
+}

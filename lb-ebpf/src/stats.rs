@@ -1,0 +1,53 @@
+//! Per-CPU counters: no atomics and no contention on the packet path.
+
+use lb_common::Traffic;
+
+use crate::maps::{BACKEND_TRAFFIC, COUNTERS, SERVICE_TRAFFIC};
+
+/// Counts one packet under `outcome` (a `lb_common::counter` index).
+#[inline(always)]
+pub fn count(outcome: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(outcome) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Which direction a packet of a flow travelled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to backend; `new_flow` when this packet created the flow.
+    Forward { new_flow: bool },
+    /// Backend to client.
+    Reply,
+}
+
+#[inline(always)]
+fn add(t: *mut Traffic, dir: Direction, bytes: u64) {
+    // SAFETY: per-CPU slot, as above.
+    let t = unsafe { &mut *t };
+    match dir {
+        Direction::Forward { new_flow } => {
+            t.packets += 1;
+            t.bytes += bytes;
+            if new_flow {
+                t.new_flows += 1;
+            }
+        }
+        Direction::Reply => {
+            t.reply_packets += 1;
+            t.reply_bytes += bytes;
+        }
+    }
+}
+
+/// Adds one packet of `bytes` to its service's and its backend's traffic counters.
+#[inline(always)]
+pub fn traffic(service: u32, backend: u32, dir: Direction, bytes: u64) {
+    if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service) {
+        add(t, dir, bytes);
+    }
+    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(backend) {
+        add(t, dir, bytes);
+    }
+}

@@ -1,0 +1,162 @@
+//! The control socket: a Unix socket, root-only, one JSON request and one JSON
+//! response per connection. Requests go to the daemon's single owner of the
+//! maps through a channel; the socket task never touches the data path.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+}
+
+/// The daemon's answer: a JSON value on success, or an error message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// A request with the way back to its client.
+pub type Envelope = (Request, oneshot::Sender<Response>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create the control socket {}: {source}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach the daemon at {} (is `lb run` running with this socket?): {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon sent something that is not a response: {0}")]
+    Protocol(#[from] serde_json::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+}
+
+/// Binds the socket (mode 0600, in a 0700 directory it creates) and serves it
+/// until the listener is dropped. Requests are forwarded to `to_owner`.
+pub fn serve(path: &Path, to_owner: mpsc::Sender<Envelope>) -> Result<ServeGuard, ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(bind_err)?;
+        }
+    }
+    // A socket file left by a daemon that died is stale; a live one answers.
+    if path.exists() {
+        if StdUnixStream::connect(path).is_ok() {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another daemon is serving it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    // Create it with no access for others from the start, then tighten to 0600.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let to_owner = to_owner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, to_owner).await {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            });
+        }
+    });
+    Ok(ServeGuard {
+        path: path.to_owned(),
+        task,
+    })
+}
+
+async fn handle(
+    stream: tokio::net::UnixStream,
+    to_owner: mpsc::Sender<Envelope>,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    TokioBufReader::new(r).read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::Error(format!("bad request: {e}")),
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if to_owner.send((req, tx)).await.is_err() {
+                Response::Error("the daemon is shutting down".into())
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| Response::Error("no answer".into()))
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+/// Stops serving and removes the socket file when dropped.
+pub struct ServeGuard {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Sends one request to the daemon at `path` and returns its answer.
+pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
+    let mut s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    match serde_json::from_str(&answer)? {
+        Response::Ok(v) => Ok(v),
+        Response::Error(e) => Err(ControlError::Refused(e)),
+    }
+}

@@ -1,0 +1,8 @@
+//! The load balancer daemon's library: config, data path, control API.
+//! The `lb` binary is a thin command line over it; the test suites use it too.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod neigh;
