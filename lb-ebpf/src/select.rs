@@ -1,6 +1,9 @@
 //! Picking a backend for a new flow: the next slot of the service's ring.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    num::NonZeroU64,
+};
 
 use lb_common::{Service, RING_MAP_SIZE, RING_SIZE};
 
@@ -11,15 +14,20 @@ use crate::maps::{RINGS, RR_POSITION};
 /// walk the ring in order whichever CPU they arrive on.
 #[inline(always)]
 pub fn next_backend(svc: &Service) -> Option<u32> {
-    let len = svc.ring_len;
-    if len == 0 || len > RING_SIZE || svc.ring_base > RING_MAP_SIZE - RING_SIZE {
+    // NonZero: the remainder below can then never divide by zero (and the
+    // compiler emits no panic path, which the verifier would reject).
+    let len = NonZeroU64::new(svc.ring_len as u64)?;
+    if svc.ring_len > RING_SIZE || svc.ring_base > RING_MAP_SIZE - RING_SIZE {
         return None;
     }
     let pos = RR_POSITION.get_ptr_mut(svc.id)?;
     // SAFETY: pos points into an array map value that lives as long as the map.
     // The BPF target has no `AtomicU64::fetch_add` (no CAS in its core), but the
     // instruction set has an atomic fetch-and-add, which this intrinsic emits.
-    let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(pos, 1) };
-    let slot = svc.ring_base + (n % len as u64) as u32;
+    // SeqCst, not Relaxed: LLVM 22's BPF backend lowers a Relaxed fetch_add to
+    // the non-fetching `lock +=` and then uses the addend as the "old value"
+    // (seen here: every service started on its second backend).
+    let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(pos, 1) };
+    let slot = svc.ring_base + (n % len) as u32;
     RINGS.get(slot).copied()
 }

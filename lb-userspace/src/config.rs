@@ -452,7 +452,9 @@ address = "10.0.2.12"
     }
 
     fn problems(text: &str) -> String {
-        parse(text).expect_err("config must be rejected").to_string()
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -461,9 +463,15 @@ address = "10.0.2.12"
         assert_eq!(c.daemon.interfaces, ["eth0", "eth1"]);
         assert_eq!(c.daemon.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         let s = &c.services[0];
-        assert_eq!((s.vip, s.port, s.protocol), ("10.0.0.100".parse().unwrap(), 80, Protocol::Tcp));
+        assert_eq!(
+            (s.vip, s.port, s.protocol),
+            ("10.0.0.100".parse().unwrap(), 80, Protocol::Tcp)
+        );
         assert_eq!(s.backends[0].port, 8080);
-        assert_eq!(s.backends[1].port, 80, "backend port defaults to the service's");
+        assert_eq!(
+            s.backends[1].port, 80,
+            "backend port defaults to the service's"
+        );
         assert_eq!(s.backends[1].weight, 1);
     }
 
@@ -486,13 +494,19 @@ address = "10.0.2.12"
             "{GOOD}\n[[service]]\nname = \"web-b\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\nname = \"x\"\naddress = \"10.0.2.13\"\n"
         );
         let e = problems(&text);
-        assert!(e.contains("service[1].vip: duplicate VIP:port 10.0.0.100:80/tcp"), "{e}");
+        assert!(
+            e.contains("service[1].vip: duplicate VIP:port 10.0.0.100:80/tcp"),
+            "{e}"
+        );
     }
 
     #[test]
     fn invalid_address_is_named_with_its_key() {
         let e = problems(&GOOD.replace("10.0.2.12", "10.0.2.300"));
-        assert!(e.contains("service[0].backend[1].address: invalid IPv4 address \"10.0.2.300\""), "{e}");
+        assert!(
+            e.contains("service[0].backend[1].address: invalid IPv4 address \"10.0.2.300\""),
+            "{e}"
+        );
         let e = problems(&GOOD.replace("10.0.0.100", "not-an-ip"));
         assert!(e.contains("service[0].vip: invalid IPv4 address"), "{e}");
     }
@@ -501,13 +515,19 @@ address = "10.0.2.12"
     fn service_without_backends_is_rejected() {
         let text = GOOD.split("[[service.backend]]").next().unwrap();
         let e = problems(text);
-        assert!(e.contains("service[0].backend: service \"web\" has no backends"), "{e}");
+        assert!(
+            e.contains("service[0].backend: service \"web\" has no backends"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_interface_is_rejected() {
         let e = problems(&GOOD.replace("\"eth1\"", "\"nosuch0\""));
-        assert!(e.contains("daemon.interfaces[1]: unknown interface \"nosuch0\""), "{e}");
+        assert!(
+            e.contains("daemon.interfaces[1]: unknown interface \"nosuch0\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -522,7 +542,14 @@ address = "10.0.2.12"
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let e = problems(&GOOD.replace("10.0.2.12", "bad").replace("\"eth1\"", "\"nosuch0\""));
-        assert!(e.contains("backend[1].address") && e.contains("interfaces[1]"), "{e}");
+        let e = problems(
+            &GOOD
+                .replace("10.0.2.12", "bad")
+                .replace("\"eth1\"", "\"nosuch0\""),
+        );
+        assert!(
+            e.contains("backend[1].address") && e.contains("interfaces[1]"),
+            "{e}"
+        );
     }
 }

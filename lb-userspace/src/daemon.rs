@@ -39,7 +39,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     preflight(&cfg)?;
     let mut dp = Dataplane::load().context("loading the data path")?;
     // Maps first, then attach: the first packet already sees every service.
-    dp.apply(&cfg.services).context("writing the service maps")?;
+    dp.apply(&cfg.services)
+        .context("writing the service maps")?;
     for iface in &cfg.daemon.interfaces {
         let mode = dp
             .attach(iface, cfg.daemon.xdp_mode)

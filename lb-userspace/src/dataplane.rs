@@ -123,7 +123,8 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Program)?;
         prog.load().map_err(DataplaneError::Program)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
         Ok(Dataplane {
             ebpf,
             attached: Vec::new(),
@@ -274,10 +275,11 @@ impl Dataplane {
             })
             .collect();
         let mut slots = vec![0u32; RING_SIZE as usize];
-        let len = ring::fill_ring(&weights, &mut slots).ok_or_else(|| DataplaneError::Capacity {
-            service: s.name.clone(),
-            problem: format!("the weights need more than {RING_SIZE} ring slots"),
-        })?;
+        let len =
+            ring::fill_ring(&weights, &mut slots).ok_or_else(|| DataplaneError::Capacity {
+                service: s.name.clone(),
+                problem: format!("the weights need more than {RING_SIZE} ring slots"),
+            })?;
         let base = (id * 2 + half) * RING_SIZE;
         {
             let mut rings = self.array::<u32>("RINGS")?;

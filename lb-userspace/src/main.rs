@@ -113,7 +113,12 @@ fn render_status(v: &serde_json::Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     for a in v["attachments"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "interface {} (XDP {})", a["interface"].as_str().unwrap_or("?"), a["mode"].as_str().unwrap_or("?"));
+        let _ = writeln!(
+            out,
+            "interface {} (XDP {})",
+            a["interface"].as_str().unwrap_or("?"),
+            a["mode"].as_str().unwrap_or("?")
+        );
     }
     for s in v["services"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -128,7 +133,11 @@ fn render_status(v: &serde_json::Value) -> String {
             s["traffic"]["bytes"],
             s["traffic"]["new_flows"],
         );
-        let _ = writeln!(out, "  {:<12} {:<21} {:<6} {:>6} {:>10} {:>12} {:>8} {:>10}", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "PACKETS", "BYTES", "FLOWS", "REPLIES");
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<21} {:<6} {:>6} {:>10} {:>12} {:>8} {:>10}",
+            "BACKEND", "ADDRESS", "STATE", "WEIGHT", "PACKETS", "BYTES", "FLOWS", "REPLIES"
+        );
         for b in s["backends"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,

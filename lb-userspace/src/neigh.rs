@@ -31,7 +31,12 @@ fn ip(args: &[&str]) -> Result<String, NeighError> {
 pub fn next_hop(addr: Ipv4Addr) -> Result<(Ipv4Addr, String), NeighError> {
     let out = ip(&["-4", "route", "get", &addr.to_string()])?;
     let words: Vec<&str> = out.split_whitespace().collect();
-    let after = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1));
+    let after = |k: &str| {
+        words
+            .iter()
+            .position(|w| *w == k)
+            .and_then(|i| words.get(i + 1))
+    };
     let dev = after("dev").ok_or(NeighError::NoRoute(addr))?.to_string();
     let via = after("via").and_then(|v| v.parse().ok()).unwrap_or(addr);
     Ok((via, dev))

@@ -1,0 +1,139 @@
+//! The real `lb` binary, run as a daemon inside a namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::control::{self, Request};
+
+use crate::{netns::Netns, TempDir};
+
+/// Where the `lb` binary is: `$LB_BIN`, or next to the test executable's
+/// directory (cargo puts test binaries in target/<profile>/deps).
+pub fn lb_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join("lb");
+    assert!(
+        p.exists(),
+        "the lb binary is not at {}: build it first (`cargo xtask test` does) or set LB_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A running `lb run`, stopped with SIGTERM on drop.
+pub struct LbDaemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl LbDaemon {
+    /// Writes `config` (with `{socket}` replaced by the control socket path) and
+    /// starts `lb run` in `ns`; returns once the daemon answers on its socket.
+    pub fn start(ns: &Netns, config: impl FnOnce(&Path) -> String) -> LbDaemon {
+        let dir = TempDir::new("lbd");
+        let socket = dir.path().join("lb.sock");
+        let cfg_path = dir.path().join("lb.toml");
+        std::fs::write(&cfg_path, config(&socket)).expect("writing lb.toml");
+        let log = dir.path().join("lb.log");
+        let child = ns
+            .command(lb_binary().to_str().expect("utf-8 path"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("creating lb.log"))
+            .spawn()
+            .expect("starting lb");
+        let mut d = LbDaemon {
+            child: Some(child),
+            socket,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if control::request(&d.socket, &Request::Status).is_ok() {
+                break;
+            }
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("lb exited with {status} during start-up:\n{}", d.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "lb did not answer on {} in 20 s:\n{}",
+                    d.socket.display(),
+                    d.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// `lb status --json`, through the control socket.
+    pub fn status(&self) -> serde_json::Value {
+        control::request(&self.socket, &Request::Status)
+            .unwrap_or_else(|e| panic!("lb status: {e}\n{}", self.log_text()))
+    }
+
+    /// One backend's traffic counters from `lb status`.
+    pub fn backend_traffic(&self, service: &str, backend: &str) -> serde_json::Value {
+        let s = self.status();
+        s["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == service)
+            .and_then(|x| {
+                x["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|b| b["name"] == backend)
+                    .cloned()
+            })
+            .map(|b| b["traffic"].clone())
+            .unwrap_or_else(|| panic!("no backend {service}/{backend} in status: {s}"))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LbDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

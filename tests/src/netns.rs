@@ -1,0 +1,118 @@
+//! Network namespaces: creation guards, commands inside them, and running a
+//! closure on a thread that has entered one.
+
+use std::{fs::File, os::fd::AsRawFd, process::Command};
+
+use crate::{sh, try_sh};
+
+/// A named network namespace, deleted (with everything in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        assert!(
+            name.len() <= 15,
+            "namespace name {name} too long for interface-style names"
+        );
+        // A namespace of this name left by a crashed earlier run is stale.
+        let _ = try_sh("ip", &["netns", "del", name]);
+        sh("ip", &["netns", "add", name]);
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Runs a program inside the namespace and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", self.name.as_str(), program];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Like [`Netns::exec`], returning the error instead of panicking.
+    pub fn try_exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let mut a = vec!["netns", "exec", self.name.as_str(), program];
+        a.extend_from_slice(args);
+        try_sh("ip", &a)
+    }
+
+    /// A `Command` that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace (sockets it
+    /// opens live there) and returns its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Starts `f` on a thread inside this namespace and returns its handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name);
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the named namespace.
+pub fn enter(name: &str) {
+    let path = format!("/var/run/netns/{name}");
+    let f = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: f is an open namespace file; setns only affects this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = try_sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Creates a veth pair with one end in each namespace, both up, and with the
+/// settings frames need to look like a real NIC's across XDP redirects: TX
+/// checksum offload off (complete checksums on the wire) and GRO on (so a
+/// frame redirected into the peer is received).
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    sh(
+        "ip",
+        &[
+            "link", "add", "name", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
+            "netns", &b.name,
+        ],
+    );
+    for (ns, i) in [(a, a_if), (b, b_if)] {
+        ns.exec("ethtool", &["-K", i, "tx", "off", "gro", "on"]);
+        ns.ip(&["link", "set", i, "up"]);
+    }
+}

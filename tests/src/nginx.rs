@@ -1,0 +1,86 @@
+//! A real nginx in a namespace that answers every request with its own name.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use crate::{netns::Netns, TempDir};
+
+pub struct Nginx {
+    pub name: String,
+    child: Child,
+    dir: TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx in `ns` listening on `addr:port`, answering "`name`\n".
+    pub fn start(ns: &Netns, name: &str, addr: Ipv4Addr, port: u16) -> Nginx {
+        let dir = TempDir::new(&format!("nginx-{name}"));
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n\
+               proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               keepalive_requests 100000;\n\
+               server {{\n    listen {addr}:{port} reuseport;\n\
+                 location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
+        let child = ns
+            .command("nginx")
+            .args(["-e", &format!("{d}/error.log"), "-c"])
+            .arg(&conf_path)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nginx in {}: {e} (is nginx installed?)", ns.name));
+        let n = Nginx {
+            name: name.to_owned(),
+            child,
+            dir,
+        };
+        let target = SocketAddrV4::new(addr, port);
+        let log = n.dir.path().join("error.log");
+        ns.run(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect_timeout(&target.into(), Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    panic!(
+                        "nginx did not start listening on {target}:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        n
+    }
+
+    /// Requests this nginx has logged so far.
+    pub fn requests(&self) -> usize {
+        std::fs::read_to_string(self.access_log())
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    pub fn access_log(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    /// Stops nginx now (fast shutdown), as a crashed server would go away.
+    pub fn stop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,157 @@
+//! The seed's picture in namespaces: a client, the load balancer, and web
+//! backends on one LAN behind it.
+//!
+//! ```text
+//!  client ──eth0── lb ──eth1── switch (bridge) ──┬── web1 (10.0.2.11)
+//!  10.0.1.2    10.0.1.1  10.0.2.1                 └── web2 (10.0.2.12)
+//! ```
+//! The client reaches the VIP (10.0.0.100) through its default route via the
+//! balancer; the backends route their replies through it as well. In the
+//! balancer's namespace netfilter drops every forwarded packet, so whatever
+//! crosses it was carried by XDP.
+
+use std::net::Ipv4Addr;
+
+use crate::netns::{veth, Netns};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+pub const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
+/// Address of backend number `i` (1-based): 10.0.2.1i.
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 2, 10 + i as u8)
+}
+
+/// The namespaces and links of one testbed; all removed on drop.
+pub struct Topology {
+    pub client: Netns,
+    pub lb: Netns,
+    pub switch: Netns,
+    pub backends: Vec<Netns>,
+}
+
+impl Topology {
+    /// Builds the picture with `n` backends; namespace names start with `prefix`
+    /// (keep it short and unique per test, e.g. "lbt3").
+    pub fn new(prefix: &str, n: usize) -> Topology {
+        let client = Netns::new(&format!("{prefix}-cli"));
+        let lb = Netns::new(&format!("{prefix}-lb"));
+        let switch = Netns::new(&format!("{prefix}-sw"));
+        let backends: Vec<Netns> = (1..=n)
+            .map(|i| Netns::new(&format!("{prefix}-web{i}")))
+            .collect();
+
+        veth(&client, "eth0", &lb, "eth0");
+        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_SIDE.to_string(),
+        ]);
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_SIDE}/24"),
+            "dev",
+            "eth0",
+        ]);
+
+        switch.ip(&["link", "add", "name", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        veth(&lb, "eth1", &switch, "p-lb");
+        switch.ip(&["link", "set", "p-lb", "master", "br0"]);
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_BACKEND_SIDE}/24"),
+            "dev",
+            "eth1",
+        ]);
+        for (i, b) in backends.iter().enumerate() {
+            let port = format!("p-web{}", i + 1);
+            veth(b, "eth0", &switch, &port);
+            switch.ip(&["link", "set", &port, "master", "br0"]);
+            b.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", backend_addr(i + 1)),
+                "dev",
+                "eth0",
+            ]);
+            b.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &LB_BACKEND_SIDE.to_string(),
+            ]);
+        }
+
+        lb.sysctl("net.ipv4.ip_forward", "1");
+        for ns in std::iter::once(&client).chain(&backends) {
+            // Timestamps on, per-destination offsets off: see ebpf-toolchain.md.
+            ns.sysctl("net.ipv4.tcp_timestamps", "2");
+        }
+        // Only XDP may carry traffic across the balancer.
+        lb.exec(
+            "nft",
+            &[
+                "add table inet lbtest; \
+                 add chain inet lbtest forward { type filter hook forward priority 0; policy drop; }; \
+                 add rule inet lbtest forward counter",
+            ],
+        );
+        Topology {
+            client,
+            lb,
+            switch,
+            backends,
+        }
+    }
+
+    /// Packets the kernel of the balancer was asked to forward (and dropped).
+    pub fn lb_kernel_forwarded(&self) -> u64 {
+        let out = self
+            .lb
+            .exec("nft", &["list", "chain", "inet", "lbtest", "forward"]);
+        parse_nft_packets(&out)
+    }
+}
+
+/// The `packets N` of the first counter in `nft list` output.
+pub fn parse_nft_packets(out: &str) -> u64 {
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .iter()
+        .position(|w| *w == "packets")
+        .and_then(|i| words.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in nft output:\n{out}"))
+}
+
+/// The balancer config for this topology: XDP on both of the balancer's
+/// interfaces, one service per entry of `services`.
+pub fn lb_config(control_socket: &std::path::Path, services: &str) -> String {
+    format!(
+        "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\n\n{services}",
+        control_socket.display()
+    )
+}
+
+/// A `[[service]]` block over backends `1..=n` of the topology.
+pub fn service_block(name: &str, port: u16, protocol: &str, n: usize, backend_port: u16) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"{protocol}\"\nscheduler = \"round-robin\"\n"
+    );
+    for i in 1..=n {
+        s += &format!(
+            "\n[[service.backend]]\nname = \"web{i}\"\naddress = \"{}\"\nport = {backend_port}\n",
+            backend_addr(i)
+        );
+    }
+    s + "\n"
+}

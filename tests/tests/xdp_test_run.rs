@@ -1,0 +1,532 @@
+//! Kernel tests (root): the real XDP program, verifier included, run on crafted
+//! frames through BPF_PROG_TEST_RUN. Each test builds a small namespace whose
+//! FIB and neighbour table make the program's route lookups deterministic, so
+//! the expected output bytes (addresses, ports, MACs, TTL, checksums) are exact.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_tests::{
+    frames::{checksums_ok, Frame, L4, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN},
+    netns::{veth, Netns},
+    require_root, unique,
+};
+use lb_userspace::{
+    config::{BackendConfig, Protocol, Scheduler, ServiceConfig},
+    dataplane::Dataplane,
+};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const B1: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
+const B2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 12);
+const X0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const X1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
+
+/// The balancer's namespace for these tests: x0 faces the client (10.0.1.1),
+/// x1 the backends (10.0.2.1), with static neighbours so MACs are known.
+struct Env {
+    x: Netns,
+    _y: Netns,
+}
+
+impl Env {
+    fn new() -> Env {
+        require_root();
+        let p = format!("tr{}{}", std::process::id() % 100_000, unique());
+        let x = Netns::new(&format!("{p}x"));
+        let y = Netns::new(&format!("{p}y"));
+        veth(&x, "x0", &y, "y0");
+        veth(&x, "x1", &y, "y1");
+        x.ip(&["link", "set", "x0", "address", "02:00:00:00:01:01"]);
+        x.ip(&["link", "set", "x1", "address", "02:00:00:00:02:01"]);
+        x.ip(&["addr", "add", "10.0.1.1/24", "dev", "x0"]);
+        x.ip(&["addr", "add", "10.0.2.1/24", "dev", "x1"]);
+        for (addr, mac, dev) in [
+            ("10.0.1.2", "02:00:00:00:01:02", "x0"),
+            ("10.0.2.11", "02:00:00:00:02:11", "x1"),
+            ("10.0.2.12", "02:00:00:00:02:12", "x1"),
+        ] {
+            x.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        x.sysctl("net.ipv4.ip_forward", "1");
+        Env { x, _y: y }
+    }
+
+    /// Runs `f` with a loaded data path carrying the standard services, on a
+    /// thread inside the namespace (so ifindexes and route lookups resolve there).
+    fn with_dataplane<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Harness) -> T + Send + 'static,
+    ) -> T {
+        self.x.run(move || {
+            let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
+            dp.apply(&services()).expect("writing the maps");
+            let mut h = Harness {
+                dp,
+                x0: lb_userspace::config::if_index("x0").unwrap(),
+                x1: lb_userspace::config::if_index("x1").unwrap(),
+            };
+            f(&mut h)
+        })
+    }
+}
+
+fn backend(name: &str, address: Ipv4Addr, port: u16) -> BackendConfig {
+    BackendConfig {
+        name: name.into(),
+        address,
+        port,
+        weight: 1,
+    }
+}
+
+/// web: VIP:80/tcp -> backends :8080 (port rewritten); dns: VIP:53/udp -> :5353.
+fn services() -> Vec<ServiceConfig> {
+    vec![
+        ServiceConfig {
+            name: "web".into(),
+            vip: VIP,
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: Scheduler::RoundRobin,
+            backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
+        },
+        ServiceConfig {
+            name: "dns".into(),
+            vip: VIP,
+            port: 53,
+            protocol: Protocol::Udp,
+            scheduler: Scheduler::RoundRobin,
+            backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
+        },
+    ]
+}
+
+struct Harness {
+    dp: Dataplane,
+    x0: u32,
+    x1: u32,
+}
+
+impl Harness {
+    /// Runs one frame as if received on `ifindex`; returns the action and the
+    /// frame as the program left it.
+    fn try_run(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>), String> {
+        let mut out = vec![0u8; frame.len() + 512];
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let r = self
+            .dp
+            .program_mut()
+            .test_run(opts)
+            .map_err(|e| format!("{e:#}"))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        self.try_run(frame, ifindex)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"))
+    }
+
+    fn from_client(&mut self, f: &Frame) -> (u32, Vec<u8>) {
+        let x0 = self.x0;
+        self.run(&f.build(), x0)
+    }
+
+    fn from_backend(&mut self, f: &Frame) -> (u32, Vec<u8>) {
+        let x1 = self.x1;
+        self.run(&f.build(), x1)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.dp.counters().unwrap()[name]
+    }
+
+    fn backend_traffic(
+        &self,
+        service: &str,
+        backend: &str,
+    ) -> lb_userspace::dataplane::TrafficStatus {
+        let st = self.dp.status().unwrap();
+        let s = st.services.iter().find(|s| s.name == service).unwrap();
+        s.backends
+            .iter()
+            .find(|b| b.name == backend)
+            .unwrap()
+            .traffic
+    }
+}
+
+/// A client frame as the balancer should emit it towards backend `to`.
+fn expect_to_backend(f: &Frame, to: Ipv4Addr, to_mac: [u8; 6], port: u16) -> Vec<u8> {
+    let mut e = f.clone();
+    e.dst = to;
+    e.ttl -= 1;
+    e.src_mac = X1_MAC;
+    e.dst_mac = to_mac;
+    match &mut e.l4 {
+        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
+        L4::Other { .. } => unreachable!(),
+    }
+    e.build()
+}
+
+fn client_frame(sport: u16, flags: u8) -> Frame {
+    let mut f = Frame::tcp((CLIENT, sport), (VIP, 80), flags);
+    f.src_mac = CLIENT_MAC;
+    f.dst_mac = X0_MAC;
+    f
+}
+
+#[test]
+fn root_syn_to_vip_is_rewritten_exactly_and_round_robined() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        for (i, (sport, to, mac)) in [
+            (40000, B1, B1_MAC),
+            (40001, B2, B2_MAC),
+            (40002, B1, B1_MAC),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let syn = client_frame(sport, TCP_SYN);
+            let (action, out) = h.from_client(&syn);
+            assert_eq!(
+                action, XDP_REDIRECT,
+                "SYN #{i} must be redirected to the backend side"
+            );
+            assert_eq!(
+                out,
+                expect_to_backend(&syn, to, mac, 8080),
+                "SYN #{i} bytes"
+            );
+            checksums_ok(&out).unwrap_or_else(|e| panic!("SYN #{i}: {e}"));
+        }
+        // Every later packet of a flow stays on the flow's backend, even with
+        // payload and other flags.
+        for (sport, to, mac) in [(40001, B2, B2_MAC), (40000, B1, B1_MAC)] {
+            let mut data = client_frame(sport, TCP_ACK | TCP_PSH);
+            data.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            let (action, out) = h.from_client(&data);
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(out, expect_to_backend(&data, to, mac, 8080));
+            checksums_ok(&out).unwrap();
+        }
+        // A retransmitted SYN does not take a new turn.
+        let (_, out) = h.from_client(&client_frame(40001, TCP_SYN));
+        assert_eq!(
+            out,
+            expect_to_backend(&client_frame(40001, TCP_SYN), B2, B2_MAC, 8080)
+        );
+
+        assert_eq!(h.counter("new_flows"), 3);
+        assert_eq!(h.counter("forwarded"), 6);
+        let b1 = h.backend_traffic("web", "b1");
+        let b2 = h.backend_traffic("web", "b2");
+        assert_eq!((b1.new_flows, b1.packets), (2, 3));
+        assert_eq!((b2.new_flows, b2.packets), (1, 3));
+        let syn_len = client_frame(1, TCP_SYN).build().len() as u64;
+        let data_len = {
+            let mut d = client_frame(1, TCP_ACK | TCP_PSH);
+            d.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            d.build().len() as u64
+        };
+        assert_eq!(b1.bytes, 2 * syn_len + data_len);
+        assert_eq!(b2.bytes, 2 * syn_len + data_len);
+    });
+}
+
+#[test]
+fn root_backend_reply_is_rewritten_back_to_the_vip() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let (_, _) = h.from_client(&client_frame(41000, TCP_SYN));
+        let mut synack = Frame::tcp((B1, 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK);
+        synack.src_mac = B1_MAC;
+        synack.dst_mac = X1_MAC;
+        let (action, out) = h.from_backend(&synack);
+        assert_eq!(action, XDP_REDIRECT);
+        let mut want = synack.clone();
+        want.src = VIP;
+        want.ttl -= 1;
+        want.src_mac = X0_MAC;
+        want.dst_mac = CLIENT_MAC;
+        if let L4::Tcp { sport, .. } = &mut want.l4 {
+            *sport = 80;
+        }
+        assert_eq!(out, want.build(), "the client must only ever see the VIP");
+        checksums_ok(&out).unwrap();
+        assert_eq!(h.counter("replies"), 1);
+        assert_eq!(h.backend_traffic("web", "b1").reply_packets, 1);
+
+        // A backend packet that belongs to no tracked flow is not ours: passed untouched.
+        let stray = Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK).build();
+        let (action, out) = h.from_backend(&Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK));
+        assert_eq!((action, out), (XDP_PASS, stray));
+    });
+}
+
+#[test]
+fn root_udp_flows_round_robin_and_keep_their_backend_with_and_without_checksum() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let dgram = |sport: u16, zero: bool| {
+            let mut f = Frame::udp((CLIENT, sport), (VIP, 53));
+            f.src_mac = CLIENT_MAC;
+            f.dst_mac = X0_MAC;
+            if let L4::Udp { zero_checksum, .. } = &mut f.l4 {
+                *zero_checksum = zero;
+            }
+            f
+        };
+        for (sport, zero, to, mac) in [
+            (5000, false, B1, B1_MAC),
+            (5001, true, B2, B2_MAC),
+            (5000, false, B1, B1_MAC),
+            (5001, true, B2, B2_MAC),
+            (5002, true, B1, B1_MAC),
+        ] {
+            let f = dgram(sport, zero);
+            let (action, out) = h.from_client(&f);
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(out, expect_to_backend(&f, to, mac, 5353), "sport {sport}");
+            checksums_ok(&out).unwrap();
+            if zero {
+                assert_eq!(
+                    &out[14 + 20 + 6..14 + 20 + 8],
+                    &[0, 0],
+                    "a zero UDP checksum stays zero"
+                );
+            } else {
+                assert_ne!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+            }
+        }
+        assert_eq!(h.counter("new_flows"), 3);
+        // The UDP reply is un-NATed too.
+        let mut reply = Frame::udp((B2, 5353), (CLIENT, 5001));
+        reply.dst_mac = X1_MAC;
+        let (action, out) = h.from_backend(&reply);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(&out[14 + 12..14 + 16], &VIP.octets());
+        assert_eq!(&out[14 + 20..14 + 22], &53u16.to_be_bytes());
+        checksums_ok(&out).unwrap();
+    });
+}
+
+#[test]
+fn root_mid_flow_tcp_without_a_flow_is_dropped_and_counted() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        for flags in [TCP_ACK, TCP_ACK | TCP_PSH, TCP_RST, TCP_SYN | TCP_ACK] {
+            let (action, _) = h.from_client(&client_frame(42000, flags));
+            assert_eq!(action, XDP_DROP, "flags {flags:#x}");
+        }
+        assert_eq!(h.counter("drop_tcp_no_flow"), 4);
+        assert_eq!(
+            h.counter("new_flows"),
+            0,
+            "no flow may be created by a non-SYN"
+        );
+    });
+}
+
+#[test]
+fn root_traffic_that_is_not_for_a_service_passes_unchanged() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+        let mut to_lb = Frame::tcp((CLIENT, 5555), (Ipv4Addr::new(10, 0, 1, 1), 22), TCP_SYN);
+        to_lb.dst_mac = X0_MAC;
+        cases.push((
+            "TCP to the balancer's own address",
+            to_lb.build(),
+            "pass_no_service",
+        ));
+        let mut other_port = Frame::tcp((CLIENT, 40000), (VIP, 81), TCP_SYN);
+        other_port.dst_mac = X0_MAC;
+        cases.push((
+            "TCP to the VIP on a port with no service",
+            other_port.build(),
+            "pass_no_service",
+        ));
+        let udp_other = Frame::udp((CLIENT, 5000), (VIP, 54));
+        cases.push((
+            "UDP to the VIP on a port with no service",
+            udp_other.build(),
+            "pass_no_service",
+        ));
+        let mut icmp = Frame::tcp((CLIENT, 0), (VIP, 0), 0);
+        icmp.l4 = L4::Other { proto: 1 };
+        icmp.payload = vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0];
+        cases.push(("ICMP echo to the VIP", icmp.build(), "pass_other_proto"));
+        let mut frag = client_frame(40000, TCP_SYN);
+        frag.frag = 0x2000; // MF: first fragment
+        cases.push(("first fragment to the VIP", frag.build(), "pass_fragment"));
+        let mut later = client_frame(40000, TCP_SYN);
+        later.frag = 0x0010; // offset 128 bytes
+        cases.push(("later fragment to the VIP", later.build(), "pass_fragment"));
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&[0; 20]);
+        cases.push(("ARP", arp, "pass_not_ipv4"));
+        let mut v6 = client_frame(40000, TCP_SYN).build();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        cases.push(("IPv6", v6, "pass_not_ipv4"));
+        let mut vlan = client_frame(40000, TCP_SYN).build();
+        vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+        cases.push(("VLAN-tagged IPv4 to the VIP", vlan, "pass_not_ipv4"));
+
+        for (what, frame, counter) in cases {
+            let before = h.counter(counter);
+            let (action, out) = h.run(&frame, h.x0);
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(out, frame, "{what}: must pass unchanged");
+            assert_eq!(
+                h.counter(counter),
+                before + 1,
+                "{what}: counted as {counter}"
+            );
+        }
+        assert_eq!(h.counter("forwarded"), 0);
+        assert_eq!(h.counter("new_flows"), 0);
+    });
+}
+
+#[test]
+fn root_ip_options_are_carried_and_ttl_expiry_is_left_to_the_kernel() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let mut syn = client_frame(43000, TCP_SYN);
+        syn.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+        let (action, out) = h.from_client(&syn);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, expect_to_backend(&syn, B1, B1_MAC, 8080));
+        checksums_ok(&out).unwrap();
+
+        let mut dying = client_frame(43001, TCP_SYN);
+        dying.ttl = 1;
+        let (action, _) = h.from_client(&dying);
+        assert_eq!(
+            action, XDP_PASS,
+            "TTL 1 must go to the kernel for ICMP time exceeded"
+        );
+        assert_eq!(h.counter("pass_ttl_expired"), 1);
+    });
+}
+
+#[test]
+fn root_malformed_and_truncated_frames_are_never_forwarded() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let tcp = {
+            let mut f = client_frame(44000, TCP_SYN);
+            f.payload.clear();
+            f.build()
+        };
+        let udp = {
+            let mut f = Frame::udp((CLIENT, 5000), (VIP, 53));
+            f.dst_mac = X0_MAC;
+            f.payload.clear();
+            f.build()
+        };
+        let mut refused_by_kernel = 0;
+        for full in [&tcp, &udp] {
+            let header_len = if full == &tcp {
+                14 + 20 + 20
+            } else {
+                14 + 20 + 8
+            };
+            for len in 0..=header_len {
+                let frame = &full[..len.min(full.len())];
+                match h.try_run(frame, h.x0) {
+                    // The kernel refuses to run XDP on less than an Ethernet header.
+                    Err(_) if len < 14 => refused_by_kernel += 1,
+                    Err(e) => panic!("length {len}: test run failed: {e}"),
+                    Ok((action, _)) => {
+                        if len == header_len {
+                            assert_eq!(action, XDP_REDIRECT, "the whole frame is forwarded");
+                        } else {
+                            assert!(
+                                action == XDP_PASS || action == XDP_DROP,
+                                "length {len}: action {action} for a truncated frame"
+                            );
+                            assert_ne!(action, XDP_ABORTED);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            refused_by_kernel, 28,
+            "only lengths 0..14 may be refused, for both frames"
+        );
+        assert_eq!(
+            h.counter("new_flows"),
+            2,
+            "only the two complete frames make flows"
+        );
+
+        // Invalid IPv4 headers are dropped and counted.
+        let bad_ihl = {
+            let mut f = tcp.clone();
+            f[14] = 0x44;
+            f
+        };
+        let bad_version = {
+            let mut f = tcp.clone();
+            f[14] = 0x65;
+            f
+        };
+        let long_total = {
+            let mut f = tcp.clone();
+            f[16..18].copy_from_slice(&2000u16.to_be_bytes());
+            f
+        };
+        let bad_doff = {
+            let mut f = client_frame(44001, TCP_SYN).build();
+            f[14 + 20 + 12] = 4 << 4;
+            f
+        };
+        let before = h.counter("drop_malformed");
+        for (what, f) in [
+            ("IHL 4", bad_ihl),
+            ("version 6 in an IPv4 frame", bad_version),
+            ("total length past the frame", long_total),
+            ("TCP data offset 4", bad_doff),
+        ] {
+            let (action, _) = h.run(&f, h.x0);
+            assert_eq!(action, XDP_DROP, "{what}");
+        }
+        assert_eq!(h.counter("drop_malformed"), before + 4);
+    });
+}
