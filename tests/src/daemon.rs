@@ -18,7 +18,7 @@ pub fn lb_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     let p = dir.join("lb");

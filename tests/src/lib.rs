@@ -5,9 +5,11 @@
 
 pub mod daemon;
 pub mod frames;
+pub mod http;
 pub mod netns;
 pub mod nginx;
 pub mod topology;
+pub mod udp;
 
 /// Runs a command and panics with its output if it fails: test set-up that
 /// fails must fail loudly.

@@ -1,0 +1,250 @@
+//! End-to-end (root): the real `lb` daemon in a namespace, real nginx on two
+//! backends, real packets through veth pairs. In the balancer's namespace
+//! netfilter drops every forwarded packet, so only XDP can carry traffic.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    daemon::LbDaemon,
+    http,
+    netns::Netns,
+    nginx::Nginx,
+    require_root,
+    topology::{self, backend_addr, lb_config, service_block, Topology, VIP},
+    udp::UdpNamer,
+    unique,
+};
+
+fn prefix() -> String {
+    format!("e{}{}", std::process::id() % 10_000, unique())
+}
+
+/// Counts, in a backend's own netfilter, packets arriving from the client on `port`.
+fn count_arrivals(ns: &Netns, proto: &str, port: u16) {
+    ns.exec(
+        "nft",
+        &[&format!(
+            "add table inet seen; \
+             add chain inet seen input {{ type filter hook input priority 0; }}; \
+             add rule inet seen input ip saddr {} {proto} dport {port} counter",
+            topology::CLIENT
+        )],
+    );
+}
+
+fn arrivals(ns: &Netns) -> u64 {
+    topology::parse_nft_packets(&ns.exec("nft", &["list", "chain", "inet", "seen", "input"]))
+}
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddrV4::new(VIP, port).into()
+}
+
+#[test]
+fn root_http_new_connections_split_evenly_and_counters_agree_with_backends() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let webs: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
+        .collect();
+    for b in &t.backends {
+        count_arrivals(b, "tcp", 80);
+    }
+    let lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+
+    const N: usize = 1000;
+    let answers: Vec<String> = t.client.run(|| {
+        (0..N)
+            .map(|i| match http::get(vip(80), "/") {
+                Ok((200, body)) => body.trim().to_owned(),
+                Ok((status, body)) => panic!("request {i}: status {status}: {body}"),
+                Err(e) => panic!("request {i} through the VIP failed: {e}"),
+            })
+            .collect()
+    });
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for a in &answers {
+        *per.entry(a.as_str()).or_default() += 1;
+    }
+    println!("split over {N} new connections: {per:?}");
+    assert_eq!(per.len(), 2, "both backends answer: {per:?}");
+    for name in ["web1", "web2"] {
+        let n = per[name];
+        assert!(n.abs_diff(N / 2) <= 1, "{name} answered {n} of {N}");
+    }
+    // Strict alternation: one client's sequential connections walk the ring.
+    for w in answers.windows(2) {
+        assert_ne!(w[0], w[1], "round robin alternates");
+    }
+
+    for (i, web) in webs.iter().enumerate() {
+        let name = format!("web{}", i + 1);
+        let traffic = lb.backend_traffic("web", &name);
+        let seen_requests = web.requests();
+        let seen_packets = arrivals(&t.backends[i]);
+        println!(
+            "{name}: lb counted {} flows / {} packets; nginx logged {seen_requests} requests, \
+             its netfilter saw {seen_packets} packets",
+            traffic["new_flows"], traffic["packets"]
+        );
+        assert_eq!(
+            traffic["new_flows"].as_u64().unwrap(),
+            seen_requests as u64,
+            "{name} flows"
+        );
+        assert_eq!(
+            traffic["packets"].as_u64().unwrap(),
+            seen_packets,
+            "{name} packets"
+        );
+        assert!(traffic["reply_packets"].as_u64().unwrap() >= 3 * seen_requests as u64);
+    }
+    let status = lb.status();
+    assert_eq!(
+        status["counters"]["pass_no_neigh"], 0,
+        "next hops stay resolved"
+    );
+    assert_eq!(status["counters"]["drop_tcp_no_flow"], 0);
+    assert_eq!(
+        t.lb_kernel_forwarded(),
+        0,
+        "the kernel forwarded nothing: XDP carried it all"
+    );
+}
+
+#[test]
+fn root_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
+        .collect();
+    let _lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+
+    let (long, short) = t.client.run(|| {
+        let mut conn = http::Conn::open(vip(80)).expect("opening the long-lived connection");
+        let mut long = Vec::new();
+        let mut short = Vec::new();
+        for round in 0..30 {
+            let (status, body) = conn
+                .get("/")
+                .unwrap_or_else(|e| panic!("long-lived request {round}: {e}"));
+            assert_eq!(status, 200);
+            long.push(body.trim().to_owned());
+            for _ in 0..3 {
+                let (_, b) = http::get(vip(80), "/").expect("short request");
+                short.push(b.trim().to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (long, short)
+    });
+    println!("long-lived connection answered by {:?}", long[0]);
+    assert!(
+        long.iter().all(|b| b == &long[0]),
+        "the long-lived connection moved: {long:?}"
+    );
+    assert!(
+        short.iter().any(|b| b == "web1") && short.iter().any(|b| b == "web2"),
+        "others spread"
+    );
+}
+
+#[test]
+fn root_udp_service_round_robins_new_flows_and_keeps_each_flow() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let servers: Vec<UdpNamer> = (1..=2)
+        .map(|i| {
+            UdpNamer::start(
+                &t.backends[i - 1],
+                SocketAddrV4::new(backend_addr(i), 5353).into(),
+                &format!("web{i}"),
+            )
+        })
+        .collect();
+    for b in &t.backends {
+        count_arrivals(b, "udp", 5353);
+    }
+    let lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("dns", 53, "udp", 2, 5353))
+    });
+
+    const FLOWS: usize = 10;
+    const PER_FLOW: usize = 4;
+    let flows: Vec<Vec<String>> = t.client.run(|| {
+        let socks: Vec<UdpSocket> = (0..FLOWS)
+            .map(|_| {
+                let s = UdpSocket::bind("10.0.1.2:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .collect();
+        let mut answers = vec![Vec::new(); FLOWS];
+        for round in 0..PER_FLOW {
+            for (i, s) in socks.iter().enumerate() {
+                s.send_to(b"who?", vip(53)).unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = s
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("flow {i} round {round}: no answer: {e}"));
+                assert_eq!(from, vip(53), "the answer must come from the VIP");
+                answers[i].push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        answers
+    });
+    for (i, a) in flows.iter().enumerate() {
+        assert!(
+            a.iter().all(|x| x == &a[0]),
+            "flow {i} moved between backends: {a:?}"
+        );
+        let want = if i % 2 == 0 { "web1" } else { "web2" };
+        assert_eq!(a[0], want, "new flow {i} takes the next backend in turn");
+    }
+    for (i, s) in servers.iter().enumerate() {
+        let name = format!("web{}", i + 1);
+        let traffic = lb.backend_traffic("dns", &name);
+        assert_eq!(traffic["new_flows"].as_u64().unwrap(), (FLOWS / 2) as u64);
+        assert_eq!(s.received(), (FLOWS / 2 * PER_FLOW) as u64);
+        assert_eq!(
+            traffic["packets"].as_u64().unwrap(),
+            arrivals(&t.backends[i])
+        );
+        assert_eq!(traffic["packets"].as_u64().unwrap(), s.received());
+    }
+}
+
+#[test]
+fn root_run_with_a_bad_config_changes_nothing_in_the_kernel() {
+    require_root();
+    let t = Topology::new(&prefix(), 1);
+    let dir = lb_tests::TempDir::new("badcfg");
+    let sock = dir.path().join("lb.sock");
+    let cfg = dir.path().join("lb.toml");
+    let bad = lb_config(&sock, &service_block("web", 80, "tcp", 1, 80))
+        .replace("10.0.2.11", "10.0.2.311");
+    std::fs::write(&cfg, bad).unwrap();
+    let before = t.lb.ip(&["link", "show"]);
+    let out =
+        t.lb.command(lb_tests::daemon::lb_binary().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb run must refuse a bad config");
+    assert!(stderr.contains("service[0].backend[0].address"), "{stderr}");
+    let after = t.lb.ip(&["link", "show"]);
+    assert!(!after.contains("xdp"), "nothing attached:\n{after}");
+    assert_eq!(before, after, "interfaces unchanged");
+    assert!(!sock.exists(), "no control socket was opened");
+}
