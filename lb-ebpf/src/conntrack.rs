@@ -42,7 +42,7 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
         backend: backend_id,
         service,
     };
-    CONNTRACK.insert(key, &flow, 0).is_ok() && REVERSE.insert(&reply_key, &rev, 0).is_ok()
+    CONNTRACK.insert(key, flow, 0).is_ok() && REVERSE.insert(reply_key, rev, 0).is_ok()
 }
 
 /// The VIP side of a backend's reply, if the reply belongs to a tracked flow.

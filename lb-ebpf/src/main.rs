@@ -57,7 +57,7 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(svc) = unsafe { SERVICES.get(&svc_key).copied() } {
+    if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
         let (backend_id, new_flow) = match conntrack::lookup(&key) {
             Some(b) => (b, false),
             None => {

@@ -27,8 +27,7 @@ pub static RR_POSITION: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
 
 /// Client flow -> backend: keeps every packet of a flow on the backend it started on.
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
 
 /// Backend-to-client flow -> VIP and port to put back as the source of replies.
 #[map(name = "REVERSE")]

@@ -7,6 +7,7 @@
 //! - a fragment (MF set or offset non-zero): pass, the data path does not reassemble;
 //! - neither TCP nor UDP: pass;
 //! - a truncated TCP/UDP header or a TCP data offset < 5: drop (malformed).
+//!
 //! IP options are carried through untouched: the L4 header is found after them.
 
 use aya_ebpf::programs::XdpContext;
@@ -100,8 +101,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     };
     let ihl = ((vihl & 0x0f) as usize) << 2;
     let frame_len = ctx.data_end() - ctx.data();
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || EthHdr::LEN + tot_len > frame_len
-    {
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || EthHdr::LEN + tot_len > frame_len {
         return Parsed::Drop(counter::DROP_MALFORMED);
     }
     if frags & (IP_MF | IP_OFFSET) != 0 {

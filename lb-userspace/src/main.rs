@@ -111,51 +111,60 @@ fn run(command: Command) -> Result<()> {
 /// The human form of `lb status`.
 fn render_status(v: &serde_json::Value) -> String {
     use std::fmt::Write;
+    // JSON strings without their quotes, numbers as they are.
+    let t = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
     let mut out = String::new();
     for a in v["attachments"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
             "interface {} (XDP {})",
-            a["interface"].as_str().unwrap_or("?"),
-            a["mode"].as_str().unwrap_or("?")
+            t(&a["interface"]),
+            t(&a["mode"])
         );
     }
     for s in v["services"].as_array().into_iter().flatten() {
+        let tr = &s["traffic"];
         let _ = writeln!(
             out,
-            "\nservice {} {}:{}/{} {}  packets {} bytes {} flows {}",
-            s["name"].as_str().unwrap_or("?"),
-            s["vip"].as_str().unwrap_or("?"),
-            s["port"],
-            s["protocol"].as_str().unwrap_or("?"),
-            s["scheduler"].as_str().unwrap_or("?"),
-            s["traffic"]["packets"],
-            s["traffic"]["bytes"],
-            s["traffic"]["new_flows"],
+            "\nservice {} {}:{}/{} {}: {} flows, {} packets, {} bytes in; {} packets out",
+            t(&s["name"]),
+            t(&s["vip"]),
+            t(&s["port"]),
+            t(&s["protocol"]),
+            t(&s["scheduler"]),
+            t(&tr["new_flows"]),
+            t(&tr["packets"]),
+            t(&tr["bytes"]),
+            t(&tr["reply_packets"]),
         );
         let _ = writeln!(
             out,
-            "  {:<12} {:<21} {:<6} {:>6} {:>10} {:>12} {:>8} {:>10}",
-            "BACKEND", "ADDRESS", "STATE", "WEIGHT", "PACKETS", "BYTES", "FLOWS", "REPLIES"
+            "  {:<12} {:<21} {:<8} {:>6} {:>8} {:>10} {:>12} {:>10}",
+            "BACKEND", "ADDRESS", "STATE", "WEIGHT", "FLOWS", "PACKETS", "BYTES", "REPLIES"
         );
         for b in s["backends"].as_array().into_iter().flatten() {
+            let tr = &b["traffic"];
             let _ = writeln!(
                 out,
-                "  {:<12} {:<21} {:<6} {:>6} {:>10} {:>12} {:>8} {:>10}",
-                b["name"].as_str().unwrap_or("?"),
-                format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]),
-                b["state"].as_str().unwrap_or("?"),
-                b["weight"],
-                b["traffic"]["packets"],
-                b["traffic"]["bytes"],
-                b["traffic"]["new_flows"],
-                b["traffic"]["reply_packets"],
+                "  {:<12} {:<21} {:<8} {:>6} {:>8} {:>10} {:>12} {:>10}",
+                t(&b["name"]),
+                format!("{}:{}", t(&b["address"]), t(&b["port"])),
+                t(&b["state"]),
+                t(&b["weight"]),
+                t(&tr["new_flows"]),
+                t(&tr["packets"]),
+                t(&tr["bytes"]),
+                t(&tr["reply_packets"]),
             );
         }
     }
-    let _ = writeln!(out, "\ncounters:");
-    for (k, n) in v["counters"].as_object().into_iter().flatten() {
-        let _ = writeln!(out, "  {k:<18} {n}");
+    let _ = writeln!(out, "\npackets by outcome:");
+    for name in lb_common::counter::NAMES {
+        let _ = writeln!(out, "  {name:<18} {}", t(&v["counters"][name]));
     }
     out
 }

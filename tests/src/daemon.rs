@@ -46,12 +46,19 @@ impl LbDaemon {
         let socket = dir.path().join("lb.sock");
         let cfg_path = dir.path().join("lb.toml");
         std::fs::write(&cfg_path, config(&socket)).expect("writing lb.toml");
+        LbDaemon::start_file(ns, &cfg_path, &socket, dir)
+    }
+
+    /// Starts `lb run --config cfg_path` in `ns`, whose config names `socket`
+    /// as its control socket; its log goes into `dir`.
+    pub fn start_file(ns: &Netns, cfg_path: &Path, socket: &Path, dir: TempDir) -> LbDaemon {
+        let socket = socket.to_owned();
         let log = dir.path().join("lb.log");
         let child = ns
             .command(lb_binary().to_str().expect("utf-8 path"))
             .arg("run")
             .arg("--config")
-            .arg(&cfg_path)
+            .arg(cfg_path)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("creating lb.log"))

@@ -137,10 +137,12 @@ impl Harness {
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        };
         let r = self
             .dp
             .program_mut()
@@ -155,12 +157,12 @@ impl Harness {
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"))
     }
 
-    fn from_client(&mut self, f: &Frame) -> (u32, Vec<u8>) {
+    fn send_from_client(&mut self, f: &Frame) -> (u32, Vec<u8>) {
         let x0 = self.x0;
         self.run(&f.build(), x0)
     }
 
-    fn from_backend(&mut self, f: &Frame) -> (u32, Vec<u8>) {
+    fn send_from_backend(&mut self, f: &Frame) -> (u32, Vec<u8>) {
         let x1 = self.x1;
         self.run(&f.build(), x1)
     }
@@ -218,7 +220,7 @@ fn root_syn_to_vip_is_rewritten_exactly_and_round_robined() {
         .enumerate()
         {
             let syn = client_frame(sport, TCP_SYN);
-            let (action, out) = h.from_client(&syn);
+            let (action, out) = h.send_from_client(&syn);
             assert_eq!(
                 action, XDP_REDIRECT,
                 "SYN #{i} must be redirected to the backend side"
@@ -235,13 +237,13 @@ fn root_syn_to_vip_is_rewritten_exactly_and_round_robined() {
         for (sport, to, mac) in [(40001, B2, B2_MAC), (40000, B1, B1_MAC)] {
             let mut data = client_frame(sport, TCP_ACK | TCP_PSH);
             data.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-            let (action, out) = h.from_client(&data);
+            let (action, out) = h.send_from_client(&data);
             assert_eq!(action, XDP_REDIRECT);
             assert_eq!(out, expect_to_backend(&data, to, mac, 8080));
             checksums_ok(&out).unwrap();
         }
         // A retransmitted SYN does not take a new turn.
-        let (_, out) = h.from_client(&client_frame(40001, TCP_SYN));
+        let (_, out) = h.send_from_client(&client_frame(40001, TCP_SYN));
         assert_eq!(
             out,
             expect_to_backend(&client_frame(40001, TCP_SYN), B2, B2_MAC, 8080)
@@ -268,11 +270,11 @@ fn root_syn_to_vip_is_rewritten_exactly_and_round_robined() {
 fn root_backend_reply_is_rewritten_back_to_the_vip() {
     let env = Env::new();
     env.with_dataplane(|h| {
-        let (_, _) = h.from_client(&client_frame(41000, TCP_SYN));
+        let (_, _) = h.send_from_client(&client_frame(41000, TCP_SYN));
         let mut synack = Frame::tcp((B1, 8080), (CLIENT, 41000), TCP_SYN | TCP_ACK);
         synack.src_mac = B1_MAC;
         synack.dst_mac = X1_MAC;
-        let (action, out) = h.from_backend(&synack);
+        let (action, out) = h.send_from_backend(&synack);
         assert_eq!(action, XDP_REDIRECT);
         let mut want = synack.clone();
         want.src = VIP;
@@ -289,7 +291,7 @@ fn root_backend_reply_is_rewritten_back_to_the_vip() {
 
         // A backend packet that belongs to no tracked flow is not ours: passed untouched.
         let stray = Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK).build();
-        let (action, out) = h.from_backend(&Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK));
+        let (action, out) = h.send_from_backend(&Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK));
         assert_eq!((action, out), (XDP_PASS, stray));
     });
 }
@@ -315,7 +317,7 @@ fn root_udp_flows_round_robin_and_keep_their_backend_with_and_without_checksum()
             (5002, true, B1, B1_MAC),
         ] {
             let f = dgram(sport, zero);
-            let (action, out) = h.from_client(&f);
+            let (action, out) = h.send_from_client(&f);
             assert_eq!(action, XDP_REDIRECT);
             assert_eq!(out, expect_to_backend(&f, to, mac, 5353), "sport {sport}");
             checksums_ok(&out).unwrap();
@@ -333,7 +335,7 @@ fn root_udp_flows_round_robin_and_keep_their_backend_with_and_without_checksum()
         // The UDP reply is un-NATed too.
         let mut reply = Frame::udp((B2, 5353), (CLIENT, 5001));
         reply.dst_mac = X1_MAC;
-        let (action, out) = h.from_backend(&reply);
+        let (action, out) = h.send_from_backend(&reply);
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(&out[14 + 12..14 + 16], &VIP.octets());
         assert_eq!(&out[14 + 20..14 + 22], &53u16.to_be_bytes());
@@ -346,7 +348,7 @@ fn root_mid_flow_tcp_without_a_flow_is_dropped_and_counted() {
     let env = Env::new();
     env.with_dataplane(|h| {
         for flags in [TCP_ACK, TCP_ACK | TCP_PSH, TCP_RST, TCP_SYN | TCP_ACK] {
-            let (action, _) = h.from_client(&client_frame(42000, flags));
+            let (action, _) = h.send_from_client(&client_frame(42000, flags));
             assert_eq!(action, XDP_DROP, "flags {flags:#x}");
         }
         assert_eq!(h.counter("drop_tcp_no_flow"), 4);
@@ -428,14 +430,14 @@ fn root_ip_options_are_carried_and_ttl_expiry_is_left_to_the_kernel() {
     env.with_dataplane(|h| {
         let mut syn = client_frame(43000, TCP_SYN);
         syn.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
-        let (action, out) = h.from_client(&syn);
+        let (action, out) = h.send_from_client(&syn);
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(out, expect_to_backend(&syn, B1, B1_MAC, 8080));
         checksums_ok(&out).unwrap();
 
         let mut dying = client_frame(43001, TCP_SYN);
         dying.ttl = 1;
-        let (action, _) = h.from_client(&dying);
+        let (action, _) = h.send_from_client(&dying);
         assert_eq!(
             action, XDP_PASS,
             "TTL 1 must go to the kernel for ICMP time exceeded"

@@ -1,1 +1,219 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's doors. Each command installs what it
+//! needs when it is missing, so on a fresh machine these are the whole set-up.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the XDP program (nightly, bpf-linker; installed if missing).
+    BuildEbpf,
+    /// Build everything: the XDP program and the `lb` binary (release).
+    Build,
+    /// Build, then run `lb` as root with these arguments: `cargo xtask run -- run --config FILE`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI runs: formatting, clippy, unit tests, kernel tests and the
+    /// end-to-end suites in network namespaces (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The seed's infrastructure in network namespaces on this machine, with
+    /// our balancer in front of two nginx servers (root).
+    Demo {
+        /// Run the story once and clean up, instead of leaving it running.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build_all(),
+        Cmd::Run { args } => run_lb(&args),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { once } => demo(once),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A command run from the workspace root, without the toolchain selection of
+/// the cargo that runs xtask (the eBPF build picks nightly explicitly).
+pub fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args)
+        .current_dir(root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR");
+    c
+}
+
+/// Runs a command to completion; fails with the command line if it fails.
+pub fn run(c: &mut Command) -> Result<()> {
+    let line = format!("{c:?}");
+    let status = c.status().with_context(|| format!("cannot start {line}"))?;
+    if !status.success() {
+        bail!("{line} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    setup::ensure_nightly()?;
+    setup::ensure_bpf_linker()?;
+    println!("build: the XDP program (lb-ebpf)");
+    let mut c = cmd(
+        "cargo",
+        &[
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ],
+    );
+    // v3: the round-robin position needs the atomic fetch-and-add instruction.
+    c.current_dir(root().join("lb-ebpf")).env(
+        "RUSTFLAGS",
+        "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+    );
+    run(&mut c)
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf()?;
+    run(&mut cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "-p",
+            "lb-tests",
+            "--bins",
+        ],
+    ))
+}
+
+/// Re-runs through sudo when not root.
+fn as_root(program: &Path, args: &[String]) -> Result<()> {
+    let mut c = if setup::is_root() {
+        Command::new(program)
+    } else {
+        println!("(not root: running through sudo)");
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    };
+    c.args(args);
+    run(&mut c)
+}
+
+fn run_lb(args: &[String]) -> Result<()> {
+    build_all()?;
+    as_root(&root().join("target/release/lb"), args)
+}
+
+fn demo(once: bool) -> Result<()> {
+    setup::ensure_packages(setup::TEST_PACKAGES)?;
+    build_all()?;
+    let args: Vec<String> = if once { vec!["--once".into()] } else { vec![] };
+    as_root(&root().join("target/release/lb-demo"), &args)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "`cargo xtask test` runs kernel and network-namespace suites and needs root: \
+             run it as root (CI does)"
+        );
+    }
+    setup::ensure_packages(setup::TEST_PACKAGES)?;
+    build_ebpf()?;
+    println!("test: formatting");
+    run(&mut cmd("cargo", &["fmt", "--all", "--", "--check"]))?;
+    let mut c = cmd("cargo", &["fmt", "--", "--check"]);
+    c.current_dir(root().join("lb-ebpf"));
+    run(&mut c)?;
+    println!("test: clippy");
+    run(&mut cmd(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ))?;
+    let mut c = cmd(
+        "cargo",
+        &[
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    );
+    c.current_dir(root().join("lb-ebpf")).env(
+        "RUSTFLAGS",
+        "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+    );
+    run(&mut c)?;
+    println!("test: building lb");
+    run(&mut cmd(
+        "cargo",
+        &["build", "-p", "lb-userspace", "--bin", "lb"],
+    ))?;
+    println!("test: unit, kernel (BPF_PROG_TEST_RUN) and end-to-end suites");
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    if !extra.iter().any(|a| a == "--") {
+        // The namespace suites are heavy; one at a time keeps them deterministic
+        // on a 2-core machine.
+        args.extend(["--", "--test-threads=1"]);
+    }
+    run(&mut cmd("cargo", &args))
+}
