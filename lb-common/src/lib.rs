@@ -57,10 +57,17 @@ pub struct Backend {
     pub _pad: [u8; 2],
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// Bumped each time the slot is given to a new backend: a flow remembers
+    /// the generation it was scheduled with, so a flow of a removed backend is
+    /// never sent to whichever backend reuses its id.
+    pub generation: u32,
 }
 
 /// The backend slot holds a configured backend (a zeroed slot is free).
 pub const BACKEND_F_PRESENT: u32 = 1;
+/// Packets of established flows on this backend are dropped (it is down and
+/// its service's policy is `drop-flows`); by default they keep flowing.
+pub const BACKEND_F_DROP_FLOWS: u32 = 2;
 
 /// A flow as the load balancer sees it on the wire, in one direction.
 /// Client to VIP in the connection table, backend to client in the reverse table.
@@ -83,7 +90,15 @@ pub struct Flow {
     pub service: u32,
     /// `bpf_ktime_get_ns()` of the last packet seen on the flow.
     pub last_seen_ns: u64,
+    /// The backend's generation when the flow was scheduled.
+    pub generation: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
 }
+
+/// The client sent FIN or RST: the flow is ending, and a new SYN on the same
+/// addresses and ports is a new connection to be scheduled afresh.
+pub const FLOW_F_CLOSING: u32 = 1;
 
 /// Value of the reverse-NAT table: how to make a backend's reply look like the VIP's.
 #[repr(C)]
@@ -152,11 +167,15 @@ pub mod counter {
     pub const REPLIES: u32 = 12;
     /// New flows scheduled.
     pub const NEW_FLOWS: u32 = 13;
+    /// A packet of a flow whose backend was removed: dropped.
+    pub const DROP_BACKEND_GONE: u32 = 14;
+    /// A packet of a flow whose backend is down, under the `drop-flows` policy: dropped.
+    pub const DROP_BACKEND_DOWN: u32 = 15;
     /// Size of the counter array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 16] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -171,14 +190,16 @@ pub mod counter {
         "forwarded",
         "replies",
         "new_flows",
+        "drop_backend_gone",
+        "drop_backend_down",
     ];
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
-const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
 const _: () = assert!(counter::NAMES.len() as u32 <= counter::COUNT);

@@ -1,19 +1,37 @@
 //! The connection table: which backend each flow is on, and how to reverse it.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Backend, Flow, FlowKey, ReverseFlow};
+use lb_common::{Backend, Flow, FlowKey, ReverseFlow, FLOW_F_CLOSING};
 
 use crate::maps::{CONNTRACK, REVERSE};
 
-/// The backend a known flow is on, refreshing its last-seen time.
+/// A known flow's backend id and the backend generation it was scheduled with.
+pub struct Known {
+    pub backend: u32,
+    pub generation: u32,
+}
+
+/// Looks the flow up and refreshes it: its last-seen time, and the closing
+/// mark when the client sends FIN or RST. A SYN (`opening`) on a flow that was
+/// closing is a new connection reusing the ports: it is not a match, so the
+/// caller schedules it afresh.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<u32> {
+pub fn lookup(key: &FlowKey, opening: bool, closing: bool) -> Option<Known> {
     let f = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: f points at a live map value; a racing writer can only store a
-    // whole new timestamp.
+    // SAFETY: f points at a live map value; racing writers only store whole
+    // fields, and a lost update of the timestamp or flag is harmless.
     unsafe {
+        if opening && (*f).flags & FLOW_F_CLOSING != 0 {
+            return None;
+        }
         (*f).last_seen_ns = bpf_ktime_get_ns();
-        Some((*f).backend)
+        if closing {
+            (*f).flags |= FLOW_F_CLOSING;
+        }
+        Some(Known {
+            backend: (*f).backend,
+            generation: (*f).generation,
+        })
     }
 }
 
@@ -26,6 +44,8 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
         backend: backend_id,
         service,
         last_seen_ns: now,
+        generation: backend.generation,
+        flags: 0,
     };
     let reply_key = FlowKey {
         src: backend.addr,

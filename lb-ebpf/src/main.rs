@@ -14,7 +14,9 @@ mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{counter, Backend, FlowKey, ServiceKey, BACKEND_F_PRESENT, IPPROTO_TCP};
+use lb_common::{
+    counter, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, IPPROTO_TCP,
+};
 
 use crate::{
     forward::Sent,
@@ -58,23 +60,34 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
     };
     // SAFETY: the value is copied out at once.
     if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
-        let (backend_id, new_flow) = match conntrack::lookup(&key) {
-            Some(b) => (b, false),
-            None => {
-                if p.proto == IPPROTO_TCP && !p.is_tcp_open() {
-                    // Mid-flow segment of a flow we do not know (evicted, or from
-                    // before we started): never guess a backend for it.
-                    return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
+        let opening = p.is_tcp_open();
+        let (backend_id, generation, new_flow) =
+            match conntrack::lookup(&key, opening, p.is_tcp_close()) {
+                Some(k) => (k.backend, Some(k.generation), false),
+                None => {
+                    if p.proto == IPPROTO_TCP && !opening {
+                        // Mid-flow segment of a flow we do not know (evicted, or
+                        // from before we started): never guess a backend for it.
+                        return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
+                    }
+                    let Some(b) = select::next_backend(&svc) else {
+                        return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
+                    };
+                    (b, None, true)
                 }
-                let Some(b) = select::next_backend(&svc) else {
-                    return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
-                };
-                (b, true)
-            }
-        };
+            };
         let Some(backend) = backend(backend_id) else {
-            return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
+            return (xdp_action::XDP_DROP, counter::DROP_BACKEND_GONE);
         };
+        if let Some(g) = generation {
+            if g != backend.generation {
+                // The flow's backend was removed and its slot reused.
+                return (xdp_action::XDP_DROP, counter::DROP_BACKEND_GONE);
+            }
+            if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
+                return (xdp_action::XDP_DROP, counter::DROP_BACKEND_DOWN);
+            }
+        }
         if new_flow {
             if !conntrack::insert(&key, svc.id, backend_id, &backend) {
                 return (xdp_action::XDP_DROP, counter::DROP_TABLE_FULL);

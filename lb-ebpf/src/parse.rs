@@ -57,6 +57,16 @@ impl Packet {
         }
     }
 
+    /// FIN or RST: the sender is ending the connection.
+    #[inline(always)]
+    pub fn is_tcp_close(&self) -> bool {
+        match self.l4 {
+            // SAFETY: parse() checked that the header is inside the frame.
+            L4::Tcp(t) => unsafe { (*t).fin() != 0 || (*t).rst() != 0 },
+            L4::Udp(_) => false,
+        }
+    }
+
     /// A SYN without ACK: the only TCP segment that may open a flow.
     #[inline(always)]
     pub fn is_tcp_open(&self) -> bool {

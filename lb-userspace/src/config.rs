@@ -133,6 +133,9 @@ struct RawService {
     protocol: Protocol,
     #[serde(default)]
     scheduler: Scheduler,
+    #[serde(default)]
+    on_backend_down: DownPolicy,
+    health: Option<RawHealth>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -144,6 +147,85 @@ struct RawBackend {
     address: String,
     port: Option<u16>,
     weight: Option<u32>,
+    health: Option<RawHealth>,
+}
+
+/// `[service.health]`, and `[service.backend.health]` overriding it key by key.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<HealthKind>,
+    path: Option<String>,
+    expect_status: Option<u16>,
+    host: Option<String>,
+    port: Option<u16>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+impl RawHealth {
+    /// This section's keys where set, `base`'s otherwise. A section that
+    /// switches the kind to tcp does not inherit the HTTP-only keys.
+    fn over(&self, base: &RawHealth) -> RawHealth {
+        let http = self.kind != Some(HealthKind::Tcp);
+        RawHealth {
+            kind: self.kind.or(base.kind),
+            path: self
+                .path
+                .clone()
+                .or_else(|| base.path.clone().filter(|_| http)),
+            expect_status: self.expect_status.or(base.expect_status.filter(|_| http)),
+            host: self
+                .host
+                .clone()
+                .or_else(|| base.host.clone().filter(|_| http)),
+            port: self.port.or(base.port),
+            interval_ms: self.interval_ms.or(base.interval_ms),
+            timeout_ms: self.timeout_ms.or(base.timeout_ms),
+            rise: self.rise.or(base.rise),
+            fall: self.fall.or(base.fall),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect succeeds within the timeout.
+    Tcp,
+    /// An HTTP GET of `path` answers `expect_status` within the timeout.
+    Http,
+}
+
+/// What happens to established flows of a backend its health checks mark down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownPolicy {
+    /// They keep flowing to it (a flapping check breaks nothing; a dead server
+    /// times its clients out as it would without a balancer).
+    #[default]
+    KeepFlows,
+    /// Their packets are dropped at the balancer (and counted), so clients give
+    /// up on them and reconnect, to a healthy backend.
+    DropFlows,
+}
+
+/// A backend's health check, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// HTTP only.
+    pub path: String,
+    pub expect_status: u16,
+    pub host: Option<String>,
+    /// The TCP port probed; None: the backend's own port.
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 /// A validated configuration.
@@ -172,6 +254,9 @@ pub struct ServiceConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    pub on_backend_down: DownPolicy,
+    /// The service's `[service.health]`: what backends added at run time get.
+    pub health: Option<HealthCheck>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -181,6 +266,8 @@ pub struct BackendConfig {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
+    /// None: not checked, always considered up.
+    pub health: Option<HealthCheck>,
 }
 
 impl Config {
@@ -289,6 +376,10 @@ impl Config {
                     format!("service {:?} has no backends", s.name),
                 );
             }
+            let svc_health = s
+                .health
+                .as_ref()
+                .and_then(|h| validate_health(h, s.protocol, &format!("{key}.health"), &mut bad));
             let mut bnames = HashSet::new();
             let mut backends = Vec::new();
             for (bi, b) in s.backends.iter().enumerate() {
@@ -338,12 +429,22 @@ impl Config {
                         format!("weight {weight} is above {}", lb_common::RING_SIZE),
                     );
                 }
+                let health = match &b.health {
+                    None => svc_health.clone(),
+                    Some(own) => validate_health(
+                        &own.over(&s.health.clone().unwrap_or_default()),
+                        s.protocol,
+                        &format!("{bkey}.health"),
+                        &mut bad,
+                    ),
+                };
                 if let Some(address) = address {
                     backends.push(BackendConfig {
                         name: b.name.clone(),
                         address,
                         port,
                         weight,
+                        health,
                     });
                 }
             }
@@ -373,6 +474,8 @@ impl Config {
                     port: s.port,
                     protocol: s.protocol,
                     scheduler: s.scheduler,
+                    on_backend_down: s.on_backend_down,
+                    health: svc_health,
                     backends,
                 });
             }
@@ -406,6 +509,83 @@ impl Config {
             services,
         })
     }
+}
+
+/// Fills in a health check's defaults and checks its values; reports problems
+/// under `key` and returns None if there were any.
+fn validate_health(
+    h: &RawHealth,
+    protocol: Protocol,
+    key: &str,
+    bad: &mut dyn FnMut(String, String),
+) -> Option<HealthCheck> {
+    let mut ok = true;
+    let mut fail = |k: &str, p: String| {
+        bad(format!("{key}.{k}"), p);
+        ok = false;
+    };
+    let kind = h.kind.unwrap_or(HealthKind::Tcp);
+    let path = h.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        fail("path", format!("{path:?} must start with '/'"));
+    }
+    let expect_status = h.expect_status.unwrap_or(200);
+    if !(100..=599).contains(&expect_status) {
+        fail(
+            "expect_status",
+            format!("{expect_status} is not an HTTP status"),
+        );
+    }
+    if kind == HealthKind::Tcp
+        && (h.path.is_some() || h.expect_status.is_some() || h.host.is_some())
+    {
+        fail(
+            "kind",
+            "path, expect_status and host need kind = \"http\"".into(),
+        );
+    }
+    if protocol == Protocol::Udp && h.port.is_none() {
+        fail(
+            "port",
+            "a UDP service is checked over TCP: say which TCP port to probe".into(),
+        );
+    }
+    if h.port == Some(0) {
+        fail("port", "port 0 is not a valid port".into());
+    }
+    let interval_ms = h.interval_ms.unwrap_or(1000);
+    let timeout_ms = h.timeout_ms.unwrap_or(500);
+    if !(10..=3_600_000).contains(&interval_ms) {
+        fail(
+            "interval_ms",
+            format!("{interval_ms} is outside 10..=3600000"),
+        );
+    }
+    if timeout_ms == 0 || timeout_ms > interval_ms {
+        fail(
+            "timeout_ms",
+            format!("{timeout_ms} must be at least 1 and at most interval_ms ({interval_ms})"),
+        );
+    }
+    let rise = h.rise.unwrap_or(2);
+    let fall = h.fall.unwrap_or(3);
+    if rise == 0 {
+        fail("rise", "must be at least 1".into());
+    }
+    if fall == 0 {
+        fail("fall", "must be at least 1".into());
+    }
+    ok.then(|| HealthCheck {
+        kind,
+        path,
+        expect_status,
+        host: h.host.clone(),
+        port: h.port,
+        interval_ms,
+        timeout_ms,
+        rise,
+        fall,
+    })
 }
 
 /// Whether a network interface of that name exists in this network namespace.
@@ -538,6 +718,44 @@ address = "10.0.2.12"
             .replace("port = 8080", "port = 8080\nweight = 3")
             .replace("\"round-robin\"", "\"weighted-round-robin\"");
         assert_eq!(parse(&ok).unwrap().services[0].backends[0].weight, 3);
+    }
+
+    #[test]
+    fn health_defaults_and_per_backend_overrides() {
+        let text = GOOD.replace(
+            "scheduler = \"round-robin\"\n",
+            "scheduler = \"round-robin\"\n\n[service.health]\nkind = \"http\"\npath = \"/ok\"\ninterval_ms = 200\ntimeout_ms = 100\n",
+        ).replace(
+            "port = 8080\n",
+            "port = 8080\n\n[service.backend.health]\nkind = \"tcp\"\npath = \"/x\"\n",
+        );
+        // A tcp override that still carries an HTTP path is a mistake worth naming.
+        let e = problems(&text);
+        assert!(e.contains("service[0].backend[0].health.kind"), "{e}");
+
+        let text = text.replace("path = \"/x\"\n", "fall = 5\n");
+        let c = parse(&text).unwrap();
+        let b0 = c.services[0].backends[0].health.clone().unwrap();
+        let b1 = c.services[0].backends[1].health.clone().unwrap();
+        assert_eq!(b0.kind, HealthKind::Tcp, "the backend's own kind wins");
+        assert_eq!((b0.fall, b0.interval_ms, b0.port), (5, 200, None));
+        assert_eq!(b1.kind, HealthKind::Http);
+        assert_eq!(
+            (b1.path.as_str(), b1.expect_status, b1.rise, b1.fall),
+            ("/ok", 200, 2, 3)
+        );
+    }
+
+    #[test]
+    fn health_values_are_checked() {
+        let text = GOOD.replace(
+            "scheduler = \"round-robin\"\n",
+            "scheduler = \"round-robin\"\n\n[service.health]\nkind = \"http\"\npath = \"ok\"\ninterval_ms = 100\ntimeout_ms = 500\nrise = 0\n",
+        );
+        let e = problems(&text);
+        for k in ["health.path", "health.timeout_ms", "health.rise"] {
+            assert!(e.contains(&format!("service[0].{k}")), "{k}: {e}");
+        }
     }
 
     #[test]

@@ -20,6 +20,36 @@ use tokio::{
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Re-read the config file; apply it whole or not at all.
+    Reload,
+    BackendAdd {
+        service: String,
+        name: String,
+        address: std::net::Ipv4Addr,
+        port: Option<u16>,
+        weight: Option<u32>,
+    },
+    BackendRemove {
+        service: String,
+        name: String,
+    },
+    BackendDrain {
+        service: String,
+        name: String,
+    },
+    BackendEnable {
+        service: String,
+        name: String,
+    },
+    BackendDisable {
+        service: String,
+        name: String,
+    },
+    BackendWeight {
+        service: String,
+        name: String,
+        weight: u32,
+    },
 }
 
 /// The daemon's answer: a JSON value on success, or an error message.

@@ -1,7 +1,8 @@
 //! `lb run`: load, write the maps, attach, serve the control socket, and on
 //! SIGINT/SIGTERM detach everything it attached.
 //!
-//! One task owns the [`Dataplane`]; everything else talks to it by message.
+//! One task owns the [`Balancer`] (and through it the maps); the control
+//! socket and the health checkers talk to it by message.
 
 use anyhow::{bail, Context, Result};
 use tokio::{
@@ -13,7 +14,8 @@ use crate::{
     config::Config,
     control::{self, Envelope, Request, Response},
     dataplane::Dataplane,
-    neigh,
+    health,
+    reconcile::Balancer,
 };
 
 /// Checks what the kernel must provide before anything is loaded: the route
@@ -34,65 +36,51 @@ pub fn preflight(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+/// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the config file.
 pub async fn run(cfg: Config) -> Result<()> {
     preflight(&cfg)?;
-    let mut dp = Dataplane::load().context("loading the data path")?;
+    let dp = Dataplane::load().context("loading the data path")?;
+    let (report_tx, mut reports) = mpsc::channel::<health::Report>(1024);
+    let socket = cfg.daemon.control_socket.clone();
+    let interfaces = cfg.daemon.interfaces.clone();
+    let mode = cfg.daemon.xdp_mode;
     // Maps first, then attach: the first packet already sees every service.
-    dp.apply(&cfg.services)
-        .context("writing the service maps")?;
-    for iface in &cfg.daemon.interfaces {
-        let mode = dp
-            .attach(iface, cfg.daemon.xdp_mode)
+    let mut lb = Balancer::new(cfg, dp, report_tx).context("writing the service maps")?;
+    for iface in &interfaces {
+        let used = lb
+            .dataplane_mut()
+            .attach(iface, mode)
             .with_context(|| format!("attaching to {iface}"))?;
-        tracing::info!(iface = %iface, mode, "XDP attached");
+        tracing::info!(iface = %iface, mode = used, "XDP attached");
     }
-    if cfg.daemon.manage_neighbours {
-        for s in &cfg.services {
-            for b in &s.backends {
-                match neigh::ensure_managed(b.address) {
-                    Ok((hop, dev)) => {
-                        tracing::debug!(service = %s.name, backend = %b.name, next_hop = %hop, dev = %dev, "neighbour managed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(service = %s.name, backend = %b.name, error = %e, "cannot keep the backend's next hop resolved")
-                    }
-                }
-            }
-        }
-    }
-    let _logger = start_program_logs(&mut dp);
+    let _logger = start_program_logs(lb.dataplane_mut());
 
-    let (tx, mut rx) = mpsc::channel::<Envelope>(64);
-    let _control = control::serve(&cfg.daemon.control_socket, tx)?;
-    tracing::info!(socket = %cfg.daemon.control_socket.display(), services = cfg.services.len(), "running");
+    let (tx, mut requests) = mpsc::channel::<Envelope>(64);
+    let _control = control::serve(&socket, tx)?;
+    tracing::info!(socket = %socket.display(), "running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            Some((req, reply)) = rx.recv() => {
-                let _ = reply.send(answer(&dp, req));
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config file");
+                if let Response::Error(e) = lb.control(Request::Reload) {
+                    tracing::error!(error = %e, "reload rejected; the running configuration stays");
+                }
             }
+            Some((req, reply)) = requests.recv() => {
+                let _ = reply.send(lb.control(req));
+            }
+            Some(report) = reports.recv() => lb.on_report(report),
         }
     }
     tracing::info!("stopping: detaching XDP");
-    dp.detach_all();
+    lb.dataplane_mut().detach_all();
     Ok(())
-}
-
-fn answer(dp: &Dataplane, req: Request) -> Response {
-    match req {
-        Request::Status => match dp.status() {
-            Ok(s) => match serde_json::to_value(s) {
-                Ok(v) => Response::Ok(v),
-                Err(e) => Response::Error(e.to_string()),
-            },
-            Err(e) => Response::Error(format!("{e:#}")),
-        },
-    }
 }
 
 /// Forwards the program's aya-log lines to tracing, if it was built with them

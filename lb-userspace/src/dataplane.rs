@@ -1,6 +1,6 @@
 //! The only code that touches the BPF program and its maps.
 //!
-//! `apply` turns a list of services into map writes. Each service's ring is
+//! `apply` turns service specs (computed by the reconciler) into map writes. Each service's ring is
 //! written into the half of its ring space the data path is not reading, and
 //! then switched in by one update of the service entry, so a packet sees the
 //! old backend set or the new one, never a mix or an empty set.
@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfError,
 };
 use lb_common::{
-    counter, ring, Backend, Service, ServiceKey, Traffic, BACKEND_F_PRESENT, MAX_BACKENDS,
-    MAX_SERVICES, RING_SIZE,
+    counter, ring, Backend, Flow, FlowKey, Service, ServiceKey, Traffic, BACKEND_F_DROP_FLOWS,
+    BACKEND_F_PRESENT, FLOW_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, RING_SIZE,
 };
 use serde::Serialize;
 
@@ -62,6 +62,54 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
+/// What the maps should say about one service: its address and its backends,
+/// each with the ring weight it gets (0: no new flows) and whether its
+/// established flows are dropped. The reconciler computes these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    /// Slots in the scheduling ring: 0 takes no new flows.
+    pub ring_weight: u32,
+    pub drop_flows: bool,
+}
+
+impl ServiceSpec {
+    /// Every backend taking new flows as configured (no health or admin state).
+    pub fn from_config(s: &ServiceConfig) -> ServiceSpec {
+        ServiceSpec {
+            name: s.name.clone(),
+            vip: s.vip,
+            port: s.port,
+            protocol: s.protocol,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    name: b.name.clone(),
+                    address: b.address,
+                    port: b.port,
+                    ring_weight: match s.scheduler {
+                        Scheduler::RoundRobin => 1,
+                        Scheduler::WeightedRoundRobin => b.weight,
+                    },
+                    drop_flows: false,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Where a service lives in the maps.
 #[derive(Debug, Clone)]
 struct ServiceSlot {
@@ -69,7 +117,7 @@ struct ServiceSlot {
     key: ServiceKey,
     /// Which ring half (0 or 1) the data path reads now.
     half: u32,
-    config: ServiceConfig,
+    spec: ServiceSpec,
 }
 
 /// An interface the program is attached to, and how.
@@ -110,6 +158,8 @@ pub struct Dataplane {
     backends: HashMap<(String, String), u32>,
     service_ids: Ids,
     backend_ids: Ids,
+    /// Per backend slot: how many backends have held it (see `Backend::generation`).
+    generations: Vec<u32>,
     nr_cpus: usize,
 }
 
@@ -132,6 +182,7 @@ impl Dataplane {
             backends: HashMap::new(),
             service_ids: Ids::default(),
             backend_ids: Ids::default(),
+            generations: vec![0; MAX_BACKENDS as usize],
             nr_cpus,
         })
     }
@@ -196,8 +247,16 @@ impl Dataplane {
 
     /// Makes the maps carry exactly `services`: adds, updates and removes
     /// services and backends, each change atomic for the packets in flight.
-    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<()> {
+    /// A service whose spec did not change is not written at all.
+    pub fn apply(&mut self, services: &[ServiceSpec]) -> Result<()> {
         for s in services {
+            if self
+                .services
+                .get(&s.name)
+                .is_some_and(|slot| &slot.spec == s)
+            {
+                continue;
+            }
             self.apply_service(s)?;
         }
         let gone: Vec<String> = self
@@ -212,7 +271,7 @@ impl Dataplane {
         Ok(())
     }
 
-    fn apply_service(&mut self, s: &ServiceConfig) -> Result<()> {
+    fn apply_service(&mut self, s: &ServiceSpec) -> Result<()> {
         let key = ServiceKey {
             vip: s.vip.octets(),
             port: s.port.to_be_bytes(),
@@ -235,13 +294,32 @@ impl Dataplane {
                 (id, 0, None)
             }
         };
+        let old_backends: HashMap<String, BackendSpec> = self
+            .services
+            .get(&s.name)
+            .map(|slot| {
+                slot.spec
+                    .backends
+                    .iter()
+                    .map(|b| (b.name.clone(), b.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
 
         // Backends first: a ring must only name backends that are already written.
         let mut ids = Vec::with_capacity(s.backends.len());
         for b in &s.backends {
             let bkey = (s.name.clone(), b.name.clone());
-            let bid = match self.backends.get(&bkey) {
-                Some(&bid) => bid,
+            let moved = old_backends
+                .get(&b.name)
+                .is_some_and(|o| (o.address, o.port) != (b.address, b.port));
+            if moved {
+                // Same name, new address: a different server. Its old flows
+                // must not follow the name to the new address.
+                self.remove_backend(&bkey)?;
+            }
+            let (bid, fresh) = match self.backends.get(&bkey) {
+                Some(&bid) => (bid, false),
                 None => {
                     let bid = self.backend_ids.take(MAX_BACKENDS).ok_or_else(|| {
                         DataplaneError::Capacity {
@@ -250,30 +328,36 @@ impl Dataplane {
                         }
                     })?;
                     self.reset_counters("BACKEND_TRAFFIC", bid)?;
+                    self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
                     self.backends.insert(bkey, bid);
-                    bid
+                    (bid, true)
                 }
             };
-            let value = Backend {
-                addr: b.address.octets(),
-                port: b.port.to_be_bytes(),
-                _pad: [0; 2],
-                flags: BACKEND_F_PRESENT,
-            };
-            self.array::<Backend>("BACKENDS")?
-                .set(bid, value, 0)
-                .map_err(map_err("BACKENDS"))?;
+            let unchanged = !fresh
+                && old_backends
+                    .get(&b.name)
+                    .is_some_and(|o| o.drop_flows == b.drop_flows);
+            if !unchanged {
+                let value = Backend {
+                    addr: b.address.octets(),
+                    port: b.port.to_be_bytes(),
+                    _pad: [0; 2],
+                    flags: BACKEND_F_PRESENT
+                        | if b.drop_flows {
+                            BACKEND_F_DROP_FLOWS
+                        } else {
+                            0
+                        },
+                    generation: self.generations[bid as usize],
+                };
+                self.array::<Backend>("BACKENDS")?
+                    .set(bid, value, 0)
+                    .map_err(map_err("BACKENDS"))?;
+            }
             ids.push(bid);
         }
 
-        let weights: Vec<u32> = s
-            .backends
-            .iter()
-            .map(|b| match s.scheduler {
-                Scheduler::RoundRobin => 1,
-                Scheduler::WeightedRoundRobin => b.weight,
-            })
-            .collect();
+        let weights: Vec<u32> = s.backends.iter().map(|b| b.ring_weight).collect();
         let mut slots = vec![0u32; RING_SIZE as usize];
         let len =
             ring::fill_ring(&weights, &mut slots).ok_or_else(|| DataplaneError::Capacity {
@@ -319,11 +403,10 @@ impl Dataplane {
                 id,
                 key,
                 half,
-                config: s.clone(),
+                spec: s.clone(),
             },
         );
-        tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = %s.protocol,
-            backends = s.backends.len(), "service applied");
+        tracing::debug!(service = %s.name, ring = len, backends = s.backends.len(), "service written");
         Ok(())
     }
 
@@ -344,7 +427,7 @@ impl Dataplane {
             self.remove_backend(&bkey)?;
         }
         self.service_ids.give_back(slot.id);
-        tracing::info!(service = %name, "service removed");
+        tracing::debug!(service = %name, "service removed");
         Ok(())
     }
 
@@ -406,43 +489,67 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Everything `lb status` shows.
-    pub fn status(&self) -> Result<Status> {
-        let mut services = Vec::new();
-        for slot in self.services.values() {
-            let s = &slot.config;
-            let mut backends = Vec::new();
-            for b in &s.backends {
-                let bid = self.backends[&(s.name.clone(), b.name.clone())];
-                backends.push(BackendStatus {
-                    name: b.name.clone(),
-                    address: b.address,
-                    port: b.port,
-                    weight: b.weight,
-                    state: "up",
-                    traffic: self.traffic("BACKEND_TRAFFIC", bid)?.into(),
-                });
-            }
-            services.push(ServiceStatus {
-                name: s.name.clone(),
-                vip: s.vip,
-                port: s.port,
-                protocol: s.protocol,
-                scheduler: s.scheduler,
-                traffic: self.traffic("SERVICE_TRAFFIC", slot.id)?.into(),
-                backends,
-            });
+    /// Traffic of a service, summed over CPUs.
+    pub fn service_traffic(&self, service: &str) -> Result<Traffic> {
+        match self.services.get(service) {
+            Some(slot) => self.traffic("SERVICE_TRAFFIC", slot.id),
+            None => Ok(Traffic::default()),
         }
-        Ok(Status {
-            attachments: self.attachments(),
-            services,
-            counters: self
-                .counters()?
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-        })
     }
+
+    /// Traffic of one backend of a service, summed over CPUs.
+    pub fn backend_traffic(&self, service: &str, backend: &str) -> Result<Traffic> {
+        match self.backends.get(&(service.to_owned(), backend.to_owned())) {
+            Some(&bid) => self.traffic("BACKEND_TRAFFIC", bid),
+            None => Ok(Traffic::default()),
+        }
+    }
+
+    /// Flows per (service, backend) in the connection table that have not
+    /// closed and saw a packet within their idle time (TCP: `tcp_idle`, UDP:
+    /// `udp_idle`). It walks the whole table: for status, not for hot loops.
+    pub fn active_flows(
+        &self,
+        tcp_idle: std::time::Duration,
+        udp_idle: std::time::Duration,
+    ) -> Result<HashMap<(String, String), u64>> {
+        let table: BpfHashMap<_, FlowKey, Flow> =
+            BpfHashMap::try_from(self.map_ref("CONNTRACK")?).map_err(map_err("CONNTRACK"))?;
+        let now = monotonic_ns();
+        let mut by_id: HashMap<(u32, u32), u64> = HashMap::new();
+        for entry in table.iter() {
+            let Ok((k, f)) = entry else { continue };
+            let idle = if k.proto == lb_common::IPPROTO_TCP {
+                tcp_idle
+            } else {
+                udp_idle
+            };
+            if f.flags & FLOW_F_CLOSING != 0
+                || now.saturating_sub(f.last_seen_ns) > idle.as_nanos() as u64
+            {
+                continue;
+            }
+            *by_id.entry((f.backend, f.generation)).or_default() += 1;
+        }
+        let mut out = HashMap::new();
+        for (key, &bid) in &self.backends {
+            if let Some(n) = by_id.get(&(bid, self.generations[bid as usize])) {
+                out.insert(key.clone(), *n);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Drop for Dataplane {
@@ -471,32 +578,4 @@ impl From<Traffic> for TrafficStatus {
             reply_bytes: t.reply_bytes,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendStatus {
-    pub name: String,
-    pub address: Ipv4Addr,
-    pub port: u16,
-    pub weight: u32,
-    pub state: &'static str,
-    pub traffic: TrafficStatus,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub scheduler: Scheduler,
-    pub traffic: TrafficStatus,
-    pub backends: Vec<BackendStatus>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub attachments: Vec<Attachment>,
-    pub services: Vec<ServiceStatus>,
-    pub counters: BTreeMap<String, u64>,
 }

@@ -5,4 +5,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod neigh;
+pub mod reconcile;

@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show services, backends and counters of the running daemon.
+    /// Show services, backends (state, weight, flows, last check) and counters.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -46,6 +46,47 @@ enum Command {
         /// The daemon's control socket.
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
+    },
+    /// Re-read the daemon's config file and apply the difference (as SIGHUP);
+    /// an invalid file changes nothing and its error is printed.
+    Reload {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Change a backend now, without a reload (lost on the next reload unless
+    /// the file says the same).
+    Backend {
+        #[command(subcommand)]
+        op: BackendOp,
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET, global = true)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendOp {
+    /// Add a backend: `lb backend add web web3 10.0.2.13[:80] [--weight 2]`.
+    Add {
+        service: String,
+        name: String,
+        /// IPv4 address, optionally with `:port` (default: the service's port).
+        address: String,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove a backend; its established flows are dropped.
+    Remove { service: String, name: String },
+    /// No new flows; established flows continue until they end.
+    Drain { service: String, name: String },
+    /// Back in service (undoes drain and disable).
+    Enable { service: String, name: String },
+    /// Out of service: no new flows.
+    Disable { service: String, name: String },
+    /// Set the weight (weighted-round-robin services).
+    Weight {
+        service: String,
+        name: String,
+        weight: u32,
     },
 }
 
@@ -105,7 +146,66 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Reload { socket } => say(&socket, Request::Reload),
+        Command::Backend { op, socket } => {
+            let req = match op {
+                BackendOp::Add {
+                    service,
+                    name,
+                    address,
+                    weight,
+                } => {
+                    let (address, port) = parse_addr_port(&address)?;
+                    Request::BackendAdd {
+                        service,
+                        name,
+                        address,
+                        port,
+                        weight,
+                    }
+                }
+                BackendOp::Remove { service, name } => Request::BackendRemove { service, name },
+                BackendOp::Drain { service, name } => Request::BackendDrain { service, name },
+                BackendOp::Enable { service, name } => Request::BackendEnable { service, name },
+                BackendOp::Disable { service, name } => Request::BackendDisable { service, name },
+                BackendOp::Weight {
+                    service,
+                    name,
+                    weight,
+                } => Request::BackendWeight {
+                    service,
+                    name,
+                    weight,
+                },
+            };
+            say(&socket, req)
+        }
     }
+}
+
+/// Sends a request and prints the daemon's message.
+fn say(socket: &std::path::Path, req: Request) -> Result<()> {
+    let v = control::request(socket, &req)?;
+    println!("{}", v["message"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// `10.0.2.13` or `10.0.2.13:8080`.
+fn parse_addr_port(s: &str) -> Result<(std::net::Ipv4Addr, Option<u16>)> {
+    let (a, p) = match s.split_once(':') {
+        Some((a, p)) => (
+            a,
+            Some(
+                p.parse::<u16>()
+                    .with_context(|| format!("bad port in {s:?}"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    let a = a
+        .parse()
+        .with_context(|| format!("{a:?} is not an IPv4 address"))?;
+    Ok((a, p))
 }
 
 /// The human form of `lb status`.
@@ -143,18 +243,40 @@ fn render_status(v: &serde_json::Value) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<12} {:<21} {:<8} {:>6} {:>8} {:>10} {:>12} {:>10}",
-            "BACKEND", "ADDRESS", "STATE", "WEIGHT", "FLOWS", "PACKETS", "BYTES", "REPLIES"
+            "  {:<12} {:<21} {:<9} {:>6} {:>7} {:>8} {:>10} {:>12} {:>10}  LAST CHECK",
+            "BACKEND",
+            "ADDRESS",
+            "STATE",
+            "WEIGHT",
+            "ACTIVE",
+            "FLOWS",
+            "PACKETS",
+            "BYTES",
+            "REPLIES"
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             let tr = &b["traffic"];
+            let last = &b["health"]["last"];
+            let check = if b["health"].is_null() {
+                "not checked".to_owned()
+            } else if last.is_null() {
+                "pending".to_owned()
+            } else {
+                format!(
+                    "{} {} in {:.1} ms",
+                    if last["ok"] == true { "ok" } else { "FAILED" },
+                    t(&last["detail"]),
+                    last["latency_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+                )
+            };
             let _ = writeln!(
                 out,
-                "  {:<12} {:<21} {:<8} {:>6} {:>8} {:>10} {:>12} {:>10}",
+                "  {:<12} {:<21} {:<9} {:>6} {:>7} {:>8} {:>10} {:>12} {:>10}  {check}",
                 t(&b["name"]),
                 format!("{}:{}", t(&b["address"]), t(&b["port"])),
                 t(&b["state"]),
                 t(&b["weight"]),
+                t(&b["active_flows"]),
                 t(&tr["new_flows"]),
                 t(&tr["packets"]),
                 t(&tr["bytes"]),

@@ -6,14 +6,15 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
+use lb_common::Traffic;
 use lb_tests::{
-    frames::{checksums_ok, Frame, L4, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN},
+    frames::{checksums_ok, Frame, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     netns::{veth, Netns},
     require_root, unique,
 };
 use lb_userspace::{
-    config::{BackendConfig, Protocol, Scheduler, ServiceConfig},
-    dataplane::Dataplane,
+    config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig},
+    dataplane::{Dataplane, ServiceSpec},
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -79,7 +80,8 @@ impl Env {
     ) -> T {
         self.x.run(move || {
             let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
-            dp.apply(&services()).expect("writing the maps");
+            let specs: Vec<ServiceSpec> = services().iter().map(ServiceSpec::from_config).collect();
+            dp.apply(&specs).expect("writing the maps");
             let mut h = Harness {
                 dp,
                 x0: lb_userspace::config::if_index("x0").unwrap(),
@@ -96,6 +98,7 @@ fn backend(name: &str, address: Ipv4Addr, port: u16) -> BackendConfig {
         address,
         port,
         weight: 1,
+        health: None,
     }
 }
 
@@ -108,6 +111,8 @@ fn services() -> Vec<ServiceConfig> {
             port: 80,
             protocol: Protocol::Tcp,
             scheduler: Scheduler::RoundRobin,
+            on_backend_down: DownPolicy::KeepFlows,
+            health: None,
             backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
         },
         ServiceConfig {
@@ -116,6 +121,8 @@ fn services() -> Vec<ServiceConfig> {
             port: 53,
             protocol: Protocol::Udp,
             scheduler: Scheduler::RoundRobin,
+            on_backend_down: DownPolicy::KeepFlows,
+            health: None,
             backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
         },
     ]
@@ -171,18 +178,8 @@ impl Harness {
         self.dp.counters().unwrap()[name]
     }
 
-    fn backend_traffic(
-        &self,
-        service: &str,
-        backend: &str,
-    ) -> lb_userspace::dataplane::TrafficStatus {
-        let st = self.dp.status().unwrap();
-        let s = st.services.iter().find(|s| s.name == service).unwrap();
-        s.backends
-            .iter()
-            .find(|b| b.name == backend)
-            .unwrap()
-            .traffic
+    fn backend_traffic(&self, service: &str, backend: &str) -> Traffic {
+        self.dp.backend_traffic(service, backend).unwrap()
     }
 }
 
@@ -530,5 +527,74 @@ fn root_malformed_and_truncated_frames_are_never_forwarded() {
             assert_eq!(action, XDP_DROP, "{what}");
         }
         assert_eq!(h.counter("drop_malformed"), before + 4);
+    });
+}
+
+#[test]
+fn root_established_flows_follow_their_backends_state() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let web = |b1: Option<(&str, bool)>| -> Vec<ServiceSpec> {
+            let mut s = ServiceSpec::from_config(&services()[0]);
+            s.backends.retain(|b| b.name != "b1");
+            if let Some((name, drop_flows)) = b1 {
+                let mut b = ServiceSpec::from_config(&services()[0]).backends[0].clone();
+                b.name = name.into();
+                b.drop_flows = drop_flows;
+                b.ring_weight = 0;
+                s.backends.insert(0, b);
+            }
+            vec![s]
+        };
+        let (_, _) = h.send_from_client(&client_frame(45000, TCP_SYN));
+        let ack = client_frame(45000, TCP_ACK);
+        assert_eq!(h.send_from_client(&ack).0, XDP_REDIRECT);
+
+        // b1 out of the ring (drained): its established flow continues.
+        h.dp.apply(&web(Some(("b1", false)))).unwrap();
+        let (action, out) = h.send_from_client(&ack);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, expect_to_backend(&ack, B1, B1_MAC, 8080));
+        assert_eq!(
+            expect_to_backend(&client_frame(45001, TCP_SYN), B2, B2_MAC, 8080),
+            h.send_from_client(&client_frame(45001, TCP_SYN)).1,
+            "new flows avoid it"
+        );
+
+        // Down under the drop-flows policy: its flows are dropped, and counted.
+        h.dp.apply(&web(Some(("b1", true)))).unwrap();
+        assert_eq!(h.send_from_client(&ack).0, XDP_DROP);
+        assert_eq!(h.counter("drop_backend_down"), 1);
+
+        // Removed, and its slot given to a new backend at the same address:
+        // the old flow must not follow the slot.
+        h.dp.apply(&web(None)).unwrap();
+        assert_eq!(h.send_from_client(&ack).0, XDP_DROP);
+        h.dp.apply(&web(Some(("b1-new", false)))).unwrap();
+        assert_eq!(h.send_from_client(&ack).0, XDP_DROP);
+        assert_eq!(h.counter("drop_backend_gone"), 2);
+    });
+}
+
+#[test]
+fn root_a_syn_after_the_client_closed_is_a_new_connection() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let (_, out) = h.send_from_client(&client_frame(46000, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B1.octets());
+        // A retransmitted SYN of a live flow keeps its backend...
+        let (_, out) = h.send_from_client(&client_frame(46000, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B1.octets());
+        assert_eq!(h.counter("new_flows"), 1);
+        // ...but after the client's FIN, a SYN on the same ports is a new
+        // connection and takes the next turn.
+        let fin = client_frame(46000, TCP_FIN | TCP_ACK);
+        assert_eq!(
+            h.send_from_client(&fin).1,
+            expect_to_backend(&fin, B1, B1_MAC, 8080)
+        );
+        let (_, out) = h.send_from_client(&client_frame(46000, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B2.octets());
+        assert_eq!(h.counter("new_flows"), 2);
     });
 }

@@ -1,0 +1,554 @@
+//! The reconciler: the one owner of the data path. Config (file and reloads),
+//! operators (the control socket) and health checkers report what they want
+//! or see; the reconciler keeps that desired state and turns it into map
+//! writes through [`Dataplane::apply`], which writes only what changed.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{
+    config::{BackendConfig, Config, DownPolicy, HealthCheck, Scheduler, ServiceConfig},
+    control::{Request, Response},
+    dataplane::{BackendSpec, Dataplane, ServiceSpec, TrafficStatus},
+    health::{self, Health, Report},
+    neigh,
+};
+
+/// A flow counts as active while it has not closed and saw a packet within this.
+pub const TCP_ACTIVE_IDLE: Duration = Duration::from_secs(300);
+pub const UDP_ACTIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// What an operator said about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Takes new flows when healthy.
+    Enabled,
+    /// Takes no new flows; its established flows continue until they end.
+    Draining,
+    /// Out of service: no new flows (established ones are not cut).
+    Disabled,
+}
+
+#[derive(Debug)]
+struct BackendState {
+    config: BackendConfig,
+    admin: Admin,
+    health: Health,
+    /// Added through the control socket, not from the file.
+    runtime: bool,
+}
+
+impl BackendState {
+    fn new(config: BackendConfig, runtime: bool) -> Self {
+        BackendState {
+            config,
+            admin: Admin::Enabled,
+            health: Health::default(),
+            runtime,
+        }
+    }
+
+    fn takes_new_flows(&self) -> bool {
+        self.admin == Admin::Enabled && self.health.up && self.config.weight > 0
+    }
+
+    /// up, down, draining or disabled: what `lb status` shows.
+    fn state(&self) -> &'static str {
+        match (self.admin, self.health.up) {
+            (Admin::Disabled, _) => "disabled",
+            (Admin::Draining, _) => "draining",
+            (Admin::Enabled, false) => "down",
+            (Admin::Enabled, true) => "up",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ServiceState {
+    config: ServiceConfig,
+    /// In config order (the ring order).
+    backends: Vec<BackendState>,
+}
+
+impl ServiceState {
+    fn backend_mut(&mut self, name: &str) -> Option<&mut BackendState> {
+        self.backends.iter_mut().find(|b| b.config.name == name)
+    }
+
+    fn spec(&self) -> ServiceSpec {
+        let c = &self.config;
+        ServiceSpec {
+            name: c.name.clone(),
+            vip: c.vip,
+            port: c.port,
+            protocol: c.protocol,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    name: b.config.name.clone(),
+                    address: b.config.address,
+                    port: b.config.port,
+                    ring_weight: match (b.takes_new_flows(), c.scheduler) {
+                        (false, _) => 0,
+                        (true, Scheduler::RoundRobin) => 1,
+                        (true, Scheduler::WeightedRoundRobin) => b.config.weight,
+                    },
+                    drop_flows: !b.health.up && c.on_backend_down == DownPolicy::DropFlows,
+                })
+                .collect(),
+        }
+    }
+}
+
+struct Checker {
+    id: u64,
+    what: (Ipv4Addr, u16, HealthCheck),
+    task: JoinHandle<()>,
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The desired state and the data path it is written to.
+pub struct Balancer {
+    file: Config,
+    services: Vec<ServiceState>,
+    dp: Dataplane,
+    reports: mpsc::Sender<Report>,
+    checkers: HashMap<(String, String), Checker>,
+    next_checker: u64,
+    neighbours: HashSet<Ipv4Addr>,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+impl Balancer {
+    /// Takes over a loaded data path and writes `cfg` into it. Health reports
+    /// are to be sent to `reports` and fed back through [`Balancer::on_report`].
+    pub fn new(
+        cfg: Config,
+        dp: Dataplane,
+        reports: mpsc::Sender<Report>,
+    ) -> anyhow::Result<Balancer> {
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| ServiceState {
+                config: s.clone(),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| BackendState::new(b.clone(), false))
+                    .collect(),
+            })
+            .collect();
+        let mut b = Balancer {
+            file: cfg,
+            services,
+            dp,
+            reports,
+            checkers: HashMap::new(),
+            next_checker: 0,
+            neighbours: HashSet::new(),
+        };
+        b.sync().map_err(anyhow::Error::msg)?;
+        Ok(b)
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    pub fn config_file(&self) -> &Config {
+        &self.file
+    }
+
+    /// Writes the desired state to the maps and makes the checkers match it.
+    fn sync(&mut self) -> Result<()> {
+        let specs: Vec<ServiceSpec> = self.services.iter().map(ServiceState::spec).collect();
+        self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
+        self.sync_checkers();
+        if self.file.daemon.manage_neighbours {
+            self.sync_neighbours();
+        }
+        Ok(())
+    }
+
+    fn sync_checkers(&mut self) {
+        let mut wanted = HashMap::new();
+        for s in &self.services {
+            for b in &s.backends {
+                if let Some(h) = &b.config.health {
+                    let port = h.port.unwrap_or(b.config.port);
+                    wanted.insert(
+                        (s.config.name.clone(), b.config.name.clone()),
+                        (b.config.address, port, h.clone()),
+                    );
+                }
+            }
+        }
+        self.checkers
+            .retain(|k, c| wanted.get(k).is_some_and(|w| *w == c.what));
+        for (key, what) in wanted {
+            if self.checkers.contains_key(&key) {
+                continue;
+            }
+            self.next_checker += 1;
+            let id = self.next_checker;
+            let task = health::spawn(
+                key.0.clone(),
+                key.1.clone(),
+                what.0,
+                what.1,
+                what.2.clone(),
+                id,
+                self.reports.clone(),
+            );
+            self.checkers.insert(key, Checker { id, what, task });
+        }
+    }
+
+    /// Keeps every backend's next hop resolved by the kernel (see `neigh`).
+    fn sync_neighbours(&mut self) {
+        for s in &self.services {
+            for b in &s.backends {
+                if !self.neighbours.insert(b.config.address) {
+                    continue;
+                }
+                match neigh::ensure_managed(b.config.address) {
+                    Ok((hop, dev)) => {
+                        tracing::debug!(service = %s.config.name, backend = %b.config.name, next_hop = %hop, dev = %dev, "neighbour managed")
+                    }
+                    Err(e) => {
+                        self.neighbours.remove(&b.config.address);
+                        tracing::warn!(service = %s.config.name, backend = %b.config.name, error = %e, "cannot keep the backend's next hop resolved")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts a health-check result and applies a change of state.
+    pub fn on_report(&mut self, r: Report) {
+        let current = self
+            .checkers
+            .get(&(r.service.clone(), r.backend.clone()))
+            .is_some_and(|c| c.id == r.checker);
+        if !current {
+            return;
+        }
+        let Some(s) = self
+            .services
+            .iter_mut()
+            .find(|s| s.config.name == r.service)
+        else {
+            return;
+        };
+        let Some(b) = s.backend_mut(&r.backend) else {
+            return;
+        };
+        let Some(check) = b.config.health.clone() else {
+            return;
+        };
+        let detail = r.result.detail.clone();
+        if b.health.record(r.result, check.rise, check.fall) {
+            let state = if b.health.up { "up" } else { "down" };
+            if b.health.up {
+                tracing::info!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
+            } else {
+                tracing::warn!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
+            }
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "applying a health change failed");
+            }
+        }
+    }
+
+    /// Makes `new` (a validated file) the configuration, applying only the
+    /// difference. Operators' drain and disable marks on backends that remain
+    /// are kept, and so is their health; backends added at run time that the
+    /// file does not list are removed. `[daemon]` changes need a restart.
+    pub fn reload(&mut self, new: Config) -> Result<String> {
+        if new.daemon != self.file.daemon {
+            return Err(format!(
+                "{}: [daemon] changed (interfaces, xdp_mode, control_socket, manage_neighbours): \
+                 restart lb to apply that; nothing was changed",
+                new.file.display()
+            ));
+        }
+        let mut old: HashMap<(String, String), BackendState> = HashMap::new();
+        for s in self.services.drain(..) {
+            for b in s.backends {
+                old.insert((s.config.name.clone(), b.config.name.clone()), b);
+            }
+        }
+        self.services = new
+            .services
+            .iter()
+            .map(|s| ServiceState {
+                config: s.clone(),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let mut st = BackendState::new(b.clone(), false);
+                        if let Some(prev) = old.remove(&(s.name.clone(), b.name.clone())) {
+                            st.admin = prev.admin;
+                            let same_target =
+                                (prev.config.address, prev.config.port, &prev.config.health)
+                                    == (b.address, b.port, &b.health);
+                            if same_target {
+                                st.health = prev.health;
+                            }
+                        }
+                        st
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.file = new;
+        self.sync()?;
+        let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        let msg = format!(
+            "{}: applied ({} services, {backends} backends)",
+            self.file.file.display(),
+            self.services.len()
+        );
+        tracing::info!(file = %self.file.file.display(), services = self.services.len(), backends, "config applied");
+        Ok(msg)
+    }
+
+    /// Answers a control request.
+    pub fn control(&mut self, req: Request) -> Response {
+        let r = match req {
+            Request::Status => {
+                return self
+                    .status()
+                    .map(Response::Ok)
+                    .unwrap_or_else(Response::Error)
+            }
+            Request::Reload => Config::load(&self.file.file.clone())
+                .map_err(|e| {
+                    tracing::error!(error = %e, "config rejected");
+                    e.to_string()
+                })
+                .and_then(|c| self.reload(c)),
+            Request::BackendAdd {
+                service,
+                name,
+                address,
+                port,
+                weight,
+            } => self.add_backend(&service, &name, address, port, weight),
+            Request::BackendRemove { service, name } => self.remove_backend(&service, &name),
+            Request::BackendDrain { service, name } => {
+                self.set_admin(&service, &name, Admin::Draining)
+            }
+            Request::BackendEnable { service, name } => {
+                self.set_admin(&service, &name, Admin::Enabled)
+            }
+            Request::BackendDisable { service, name } => {
+                self.set_admin(&service, &name, Admin::Disabled)
+            }
+            Request::BackendWeight {
+                service,
+                name,
+                weight,
+            } => self.set_weight(&service, &name, weight),
+        };
+        match r {
+            Ok(msg) => Response::Ok(json!({ "message": msg })),
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    fn service_mut(&mut self, service: &str) -> Result<&mut ServiceState> {
+        self.services
+            .iter_mut()
+            .find(|s| s.config.name == service)
+            .ok_or_else(|| format!("no service {service:?}"))
+    }
+
+    fn add_backend(
+        &mut self,
+        service: &str,
+        name: &str,
+        address: Ipv4Addr,
+        port: Option<u16>,
+        weight: Option<u32>,
+    ) -> Result<String> {
+        let total: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        if total >= lb_common::MAX_BACKENDS as usize {
+            return Err(format!(
+                "at most {} backends are supported",
+                lb_common::MAX_BACKENDS
+            ));
+        }
+        let s = self.service_mut(service)?;
+        if name.is_empty() || s.backends.iter().any(|b| b.config.name == name) {
+            return Err(format!(
+                "service {service:?} already has a backend named {name:?}"
+            ));
+        }
+        if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+            return Err(format!("{address} cannot be a backend address"));
+        }
+        let port = port.unwrap_or(s.config.port);
+        if port == 0 {
+            return Err("port 0 is not a valid port".into());
+        }
+        if weight.is_some() && s.config.scheduler == Scheduler::RoundRobin {
+            return Err("weights need scheduler = \"weighted-round-robin\"".into());
+        }
+        let weight = weight.unwrap_or(1);
+        check_ring(s, |w| w.push(weight))?;
+        let config = BackendConfig {
+            name: name.to_owned(),
+            address,
+            port,
+            weight,
+            health: s.config.health.clone(),
+        };
+        s.backends.push(BackendState::new(config, true));
+        self.sync()?;
+        tracing::info!(service, backend = name, %address, port, "backend added");
+        Ok(format!("{service}/{name} added: {address}:{port}"))
+    }
+
+    fn remove_backend(&mut self, service: &str, name: &str) -> Result<String> {
+        let s = self.service_mut(service)?;
+        let before = s.backends.len();
+        s.backends.retain(|b| b.config.name != name);
+        if s.backends.len() == before {
+            return Err(format!("service {service:?} has no backend {name:?}"));
+        }
+        self.sync()?;
+        tracing::info!(service, backend = name, "backend removed");
+        Ok(format!("{service}/{name} removed"))
+    }
+
+    fn set_admin(&mut self, service: &str, name: &str, admin: Admin) -> Result<String> {
+        let s = self.service_mut(service)?;
+        let b = s
+            .backend_mut(name)
+            .ok_or_else(|| format!("service {service:?} has no backend {name:?}"))?;
+        b.admin = admin;
+        let state = b.state();
+        self.sync()?;
+        tracing::info!(service, backend = name, state, "backend state changed");
+        Ok(format!("{service}/{name} is {state}"))
+    }
+
+    fn set_weight(&mut self, service: &str, name: &str, weight: u32) -> Result<String> {
+        let s = self.service_mut(service)?;
+        if s.config.scheduler == Scheduler::RoundRobin {
+            return Err(format!(
+                "service {service:?} uses round-robin: weights need scheduler = \"weighted-round-robin\""
+            ));
+        }
+        let i = s
+            .backends
+            .iter()
+            .position(|b| b.config.name == name)
+            .ok_or_else(|| format!("service {service:?} has no backend {name:?}"))?;
+        check_ring(s, |w| w[i] = weight)?;
+        s.backends[i].config.weight = weight;
+        self.sync()?;
+        tracing::info!(service, backend = name, weight, "backend weight changed");
+        Ok(format!("{service}/{name} weight {weight}"))
+    }
+
+    /// Everything `lb status` shows, as JSON.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let e = |e: crate::dataplane::DataplaneError| format!("{e:#}");
+        let active = self
+            .dp
+            .active_flows(TCP_ACTIVE_IDLE, UDP_ACTIVE_IDLE)
+            .map_err(e)?;
+        let mut services = Vec::new();
+        for s in &self.services {
+            let c = &s.config;
+            let mut backends = Vec::new();
+            for b in &s.backends {
+                let key = (c.name.clone(), b.config.name.clone());
+                let traffic: TrafficStatus = self
+                    .dp
+                    .backend_traffic(&c.name, &b.config.name)
+                    .map_err(e)?
+                    .into();
+                backends.push(json!({
+                    "name": b.config.name,
+                    "address": b.config.address,
+                    "port": b.config.port,
+                    "weight": b.config.weight,
+                    "state": b.state(),
+                    "admin": b.admin,
+                    "health": b.config.health.as_ref().map(|h| json!({
+                        "kind": h.kind,
+                        "up": b.health.up,
+                        "streak": b.health.streak,
+                        "rise": h.rise,
+                        "fall": h.fall,
+                        "last": b.health.last,
+                    })),
+                    "active_flows": active.get(&key).copied().unwrap_or(0),
+                    "traffic": traffic,
+                    "added_at_runtime": b.runtime,
+                }));
+            }
+            let traffic: TrafficStatus = self.dp.service_traffic(&c.name).map_err(e)?.into();
+            services.push(json!({
+                "name": c.name,
+                "vip": c.vip,
+                "port": c.port,
+                "protocol": c.protocol,
+                "scheduler": c.scheduler,
+                "on_backend_down": c.on_backend_down,
+                "traffic": traffic,
+                "backends": backends,
+            }));
+        }
+        let counters: BTreeMap<String, u64> = self
+            .dp
+            .counters()
+            .map_err(e)?
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        Ok(json!({
+            "config_file": self.file.file,
+            "attachments": self.dp.attachments(),
+            "services": services,
+            "counters": counters,
+        }))
+    }
+}
+
+/// Refuses a weight change that would not fit the service's ring.
+fn check_ring(s: &ServiceState, change: impl FnOnce(&mut Vec<u32>)) -> Result<()> {
+    let mut w: Vec<u32> = s.backends.iter().map(|b| b.config.weight).collect();
+    change(&mut w);
+    if w.iter().any(|&x| x > lb_common::RING_SIZE) {
+        return Err(format!("a weight is above {}", lb_common::RING_SIZE));
+    }
+    let len = lb_common::ring::ring_len(&w);
+    if len > lb_common::RING_SIZE as u64 {
+        return Err(format!(
+            "the weights would need {len} ring slots, at most {} fit",
+            lb_common::RING_SIZE
+        ));
+    }
+    Ok(())
+}
