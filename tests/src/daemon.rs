@@ -35,6 +35,7 @@ pub struct LbDaemon {
     child: Option<Child>,
     pub socket: PathBuf,
     pub log: PathBuf,
+    pub config: PathBuf,
     _dir: TempDir,
 }
 
@@ -68,6 +69,7 @@ impl LbDaemon {
             child: Some(child),
             socket,
             log,
+            config: cfg_path.to_owned(),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -98,6 +100,35 @@ impl LbDaemon {
 
     /// One backend's traffic counters from `lb status`.
     pub fn backend_traffic(&self, service: &str, backend: &str) -> serde_json::Value {
+        self.backend(service, backend)["traffic"].clone()
+    }
+
+    /// Runs the real `lb` CLI against this daemon's socket:
+    /// `cli(&["backend", "drain", "web", "web1"])`. Returns (success, output).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new(lb_binary())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("running lb");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// A backend's entry in `lb status`.
+    pub fn backend(&self, service: &str, backend: &str) -> serde_json::Value {
         let s = self.status();
         s["services"]
             .as_array()
@@ -112,8 +143,29 @@ impl LbDaemon {
                     .find(|b| b["name"] == backend)
                     .cloned()
             })
-            .map(|b| b["traffic"].clone())
             .unwrap_or_else(|| panic!("no backend {service}/{backend} in status: {s}"))
+    }
+
+    /// Polls `lb status` until `cond` holds for the backend, or panics after `within`.
+    pub fn wait_backend(
+        &self,
+        service: &str,
+        backend: &str,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let b = self.backend(service, backend);
+            if cond(&b) {
+                return b;
+            }
+            if Instant::now() > deadline {
+                panic!("{service}/{backend} never became {what} within {within:?}: {b}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

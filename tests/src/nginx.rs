@@ -13,11 +13,24 @@ pub struct Nginx {
     pub name: String,
     child: Child,
     dir: TempDir,
+    ns: String,
+    target: SocketAddrV4,
 }
 
 impl Nginx {
     /// Starts nginx in `ns` listening on `addr:port`, answering "`name`\n".
     pub fn start(ns: &Netns, name: &str, addr: Ipv4Addr, port: u16) -> Nginx {
+        Nginx::start_with_status(ns, name, addr, port, 200)
+    }
+
+    /// Like [`Nginx::start`], answering every request with HTTP `status`.
+    pub fn start_with_status(
+        ns: &Netns,
+        name: &str,
+        addr: Ipv4Addr,
+        port: u16,
+        status: u16,
+    ) -> Nginx {
         let dir = TempDir::new(&format!("nginx-{name}"));
         let d = dir.path().display();
         let conf = format!(
@@ -28,23 +41,32 @@ impl Nginx {
                uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                keepalive_requests 100000;\n\
                server {{\n    listen {addr}:{port} reuseport;\n\
-                 location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n  }}\n}}\n"
+                 location / {{ default_type text/plain; return {status} \"{name}\\n\"; }}\n  }}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");
-        let child = ns
-            .command("nginx")
-            .args(["-e", &format!("{d}/error.log"), "-c"])
-            .arg(&conf_path)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting nginx in {}: {e} (is nginx installed?)", ns.name));
+        let child = spawn(ns, &dir);
         let n = Nginx {
             name: name.to_owned(),
             child,
             dir,
+            ns: ns.name.clone(),
+            target: SocketAddrV4::new(addr, port),
         };
-        let target = SocketAddrV4::new(addr, port);
-        let log = n.dir.path().join("error.log");
+        n.wait_listening(ns);
+        n
+    }
+
+    /// Starts it again after [`Nginx::stop`], with the same config and logs.
+    pub fn restart(&mut self, ns: &Netns) {
+        assert_eq!(ns.name, self.ns, "restart in the namespace it ran in");
+        self.child = spawn(ns, &self.dir);
+        self.wait_listening(ns);
+    }
+
+    fn wait_listening(&self, ns: &Netns) {
+        let target = self.target;
+        let log = self.dir.path().join("error.log");
         ns.run(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             while TcpStream::connect_timeout(&target.into(), Duration::from_millis(200)).is_err() {
@@ -54,10 +76,9 @@ impl Nginx {
                         std::fs::read_to_string(&log).unwrap_or_default()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(20));
             }
         });
-        n
     }
 
     /// Requests this nginx has logged so far.
@@ -77,6 +98,19 @@ impl Nginx {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+fn spawn(ns: &Netns, dir: &TempDir) -> Child {
+    let d = dir.path().display();
+    ns.command("nginx")
+        .args([
+            "-e",
+            &format!("{d}/error.log"),
+            "-c",
+            &format!("{d}/nginx.conf"),
+        ])
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting nginx in {}: {e} (is nginx installed?)", ns.name))
 }
 
 impl Drop for Nginx {
