@@ -172,7 +172,7 @@ fn root_killed_backend_is_routed_around_within_fall_intervals_and_returns_after_
             .collect::<Vec<_>>(),
     );
     assert!(
-        after.get("web1").is_some() && after.get("web2").is_some(),
+        after.contains_key("web1") && after.contains_key("web2"),
         "{after:?}"
     );
 }
