@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod maglev;
 pub mod ring;
 
 /// Most services one program instance carries (size of the service and ring maps).
@@ -41,11 +42,37 @@ pub struct ServiceKey {
 pub struct Service {
     /// Index into the per-service arrays (counters, round-robin position).
     pub id: u32,
-    /// First slot of the live ring half in the ring map.
+    /// First slot of the live ring half in the ring map (the Maglev map for
+    /// `SERVICE_F_MAGLEV` services).
     pub ring_base: u32,
-    /// Slots used in the live ring half; 0 means no backend can take new flows.
+    /// Slots used in the live ring half (the Maglev table size); 0 means no
+    /// backend can take new flows.
     pub ring_len: u32,
+    /// `SERVICE_F_*` bits.
     pub flags: u32,
+    /// Seed of the flow hash (Maglev services).
+    pub hash_seed: u32,
+    pub _pad: u32,
+}
+
+/// New flows are placed by Maglev consistent hashing of their 5-tuple, and a
+/// mid-flow TCP packet of an unknown flow is placed the same way (it lands on
+/// the backend it started on, while the backend set is unchanged).
+pub const SERVICE_F_MAGLEV: u32 = 1;
+
+/// Most Maglev services (each owns two tables of up to `maglev::MAX_TABLE_SIZE`).
+pub const MAX_MAGLEV_SERVICES: u32 = 8;
+/// Entries of the Maglev map: two halves per Maglev service.
+pub const MAGLEV_MAP_SIZE: u32 = MAX_MAGLEV_SERVICES * 2 * maglev::MAX_TABLE_SIZE;
+
+/// Key of the backend-address map: a backend as it appears in its replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// Value of the backend array, indexed by backend id.
@@ -57,6 +84,8 @@ pub struct Backend {
     pub _pad: [u8; 2],
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// The service id it belongs to (lets a restarted daemon adopt the maps).
+    pub service: u32,
     /// Bumped each time the slot is given to a new backend: a flow remembers
     /// the generation it was scheduled with, so a flow of a removed backend is
     /// never sent to whichever backend reuses its id.
@@ -171,11 +200,14 @@ pub mod counter {
     pub const DROP_BACKEND_GONE: u32 = 14;
     /// A packet of a flow whose backend is down, under the `drop-flows` policy: dropped.
     pub const DROP_BACKEND_DOWN: u32 = 15;
+    /// A mid-flow TCP packet of a flow the table did not know, placed by
+    /// Maglev on the backend it hashes to (and the flow tracked again).
+    pub const FLOWS_RECOVERED: u32 = 16;
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 17] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -192,13 +224,15 @@ pub mod counter {
         "new_flows",
         "drop_backend_gone",
         "drop_backend_down",
+        "flows_recovered",
     ];
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::size_of::<Service>() == 16);
-const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<Service>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
@@ -212,6 +246,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseFlow {}

@@ -1,9 +1,9 @@
 //! The connection table: which backend each flow is on, and how to reverse it.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Backend, Flow, FlowKey, ReverseFlow, FLOW_F_CLOSING};
+use lb_common::{Backend, BackendKey, Flow, FlowKey, ReverseFlow, FLOW_F_CLOSING};
 
-use crate::maps::{CONNTRACK, REVERSE};
+use crate::maps::{BACKEND_VIPS, CONNTRACK, REVERSE};
 
 /// A known flow's backend id and the backend generation it was scheduled with.
 pub struct Known {
@@ -65,9 +65,22 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
     CONNTRACK.insert(key, flow, 0).is_ok() && REVERSE.insert(reply_key, rev, 0).is_ok()
 }
 
-/// The VIP side of a backend's reply, if the reply belongs to a tracked flow.
+/// The VIP side of a backend's reply: from the flow's own entry if this
+/// instance tracked it, else from the backend's address when the backend serves
+/// one VIP only (a flow that came through another balancer instance).
 #[inline(always)]
 pub fn reverse(key: &FlowKey) -> Option<ReverseFlow> {
-    // SAFETY: the value is copied out at once.
-    unsafe { REVERSE.get(key).copied() }
+    // SAFETY: the values are copied out at once.
+    unsafe {
+        if let Some(r) = REVERSE.get(key) {
+            return Some(*r);
+        }
+        let b = BackendKey {
+            addr: key.src,
+            port: key.sport,
+            proto: key.proto,
+            _pad: 0,
+        };
+        BACKEND_VIPS.get(b).copied()
+    }
 }

@@ -1,5 +1,10 @@
-//! Sending a rewritten packet on: route lookup in the kernel's FIB, next-hop
-//! MACs, then XDP_TX (same interface) or XDP_REDIRECT (another one).
+//! Where a packet goes next: a route lookup in the kernel's FIB gives the
+//! egress interface and both MACs; the frame then leaves with XDP_TX (same
+//! interface) or XDP_REDIRECT (another one).
+//!
+//! The lookup is made before the packet is rewritten, with the addresses it
+//! will carry, so that a packet whose destination is this host (say, the reply
+//! to the balancer's own health check) is recognised and left alone.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
@@ -13,35 +18,50 @@ use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// How the packet leaves, and the outcome counter if it did not go out.
-pub enum Sent {
-    Out(u32),
-    Pass(u32),
-    Drop(u32),
+/// What the FIB says about a destination.
+pub enum Route {
+    /// Forward out of `ifindex` with these MACs.
+    Via {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// The destination is this host (or not forwardable: broadcast, multicast).
+    Local,
+    /// The next hop's MAC is not resolved yet: the kernel must forward it.
+    NoNeigh,
+    /// No usable route.
+    Unreachable,
 }
 
-/// Looks up the route to the packet's (already rewritten) destination as the
-/// kernel would forward it, fills in the MACs and picks the action.
+/// Looks up the route from `src` to `dst` (network order) for this packet's
+/// protocol and ports (`ports` as they will be after any rewrite), as the kernel
+/// would forward a packet arriving on this interface.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, p: &Packet) -> Sent {
-    let ingress = ctx.ingress_ifindex() as u32;
+pub fn route(
+    ctx: &XdpContext,
+    p: &Packet,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: ([u8; 2], [u8; 2]),
+) -> Route {
     // SAFETY: an all-zero bpf_fib_lookup is valid input; the fields set below
     // are the ones the helper reads for an IPv4 forward lookup.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let (sport, dport) = p.ports();
     // SAFETY: parse() checked the IPv4 header is inside the frame.
     unsafe {
         fib.family = AF_INET;
         fib.l4_protocol = p.proto;
-        fib.sport = u16::from_ne_bytes(sport);
-        fib.dport = u16::from_ne_bytes(dport);
+        fib.sport = u16::from_ne_bytes(ports.0);
+        fib.dport = u16::from_ne_bytes(ports.1);
         fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*p.ip).tot_len);
-        fib.ifindex = ingress;
+        fib.ifindex = ctx.ingress_ifindex() as u32;
         fib.__bindgen_anon_2.tos = (*p.ip).tos;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*p.ip).src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*p.ip).dst_addr);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     }
     // SAFETY: fib is a valid, fully sized bpf_fib_lookup on the stack.
     let rc = unsafe {
@@ -53,22 +73,43 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Sent {
         )
     };
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Via {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+        },
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
+        _ => Route::Unreachable,
+    }
+}
+
+/// Sends the (rewritten) packet along `route`; returns the action and the
+/// outcome counter (`sent` when it went out).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, p: &Packet, route: Route, sent: u32) -> (u32, u32) {
+    match route {
+        Route::Via {
+            ifindex,
+            smac,
+            dmac,
+        } => {
             // SAFETY: parse() checked the Ethernet header is inside the frame.
             unsafe {
-                (*p.eth).dst_addr = fib.dmac;
-                (*p.eth).src_addr = fib.smac;
+                (*p.eth).dst_addr = dmac;
+                (*p.eth).src_addr = smac;
             }
-            if fib.ifindex == ingress {
-                Sent::Out(xdp_action::XDP_TX)
+            if ifindex == ctx.ingress_ifindex() as u32 {
+                (xdp_action::XDP_TX, sent)
             } else {
                 // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED.
-                Sent::Out(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+                (unsafe { bpf_redirect(ifindex, 0) } as u32, sent)
             }
         }
         // The kernel resolves the neighbour and forwards the rewritten packet
         // (the daemon keeps backends' neighbours resolved, so this is rare).
-        BPF_FIB_LKUP_RET_NO_NEIGH => Sent::Pass(counter::PASS_NO_NEIGH),
-        _ => Sent::Drop(counter::DROP_NO_ROUTE),
+        Route::NoNeigh => (xdp_action::XDP_PASS, counter::PASS_NO_NEIGH),
+        Route::Local => (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE),
+        Route::Unreachable => (xdp_action::XDP_DROP, counter::DROP_NO_ROUTE),
     }
 }

@@ -16,10 +16,11 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, IPPROTO_TCP,
+    SERVICE_F_MAGLEV,
 };
 
 use crate::{
-    forward::Sent,
+    forward::Route,
     maps::{BACKENDS, SERVICES},
     parse::{Packet, Parsed},
     stats::Direction,
@@ -67,10 +68,14 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
                 None => {
                     if p.proto == IPPROTO_TCP && !opening {
                         // Mid-flow segment of a flow we do not know (evicted, or
-                        // from before we started): never guess a backend for it.
-                        return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
+                        // it came through another balancer). Maglev knows where
+                        // it belongs; a round-robin service never guesses.
+                        if svc.flags & SERVICE_F_MAGLEV == 0 {
+                            return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
+                        }
+                        stats::count(counter::FLOWS_RECOVERED);
                     }
-                    let Some(b) = select::next_backend(&svc) else {
+                    let Some(b) = select::pick(&svc, &key) else {
                         return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
                     };
                     (b, None, true)
@@ -97,17 +102,24 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
         if !nat::decrement_ttl(p.ip) {
             return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
         }
+        let route = forward::route(ctx, p, src, backend.addr, (sport, backend.port));
         nat::rewrite_dst(p, backend.addr, backend.port);
         stats::traffic(svc.id, backend_id, Direction::Forward { new_flow }, bytes);
-        return send(ctx, p, counter::FORWARDED);
+        return forward::send(ctx, p, route, counter::FORWARDED);
     }
     if let Some(rev) = conntrack::reverse(&key) {
+        let route = forward::route(ctx, p, rev.vip, dst, (rev.vport, dport));
+        if let Route::Local = route {
+            // Addressed to this host (the reply to its own health check, say):
+            // not a client's reply, whatever port it comes from.
+            return (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE);
+        }
         if !nat::decrement_ttl(p.ip) {
             return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
         }
         nat::rewrite_src(p, rev.vip, rev.vport);
         stats::traffic(rev.service, rev.backend, Direction::Reply, bytes);
-        return send(ctx, p, counter::REPLIES);
+        return forward::send(ctx, p, route, counter::REPLIES);
     }
     (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE)
 }
@@ -119,15 +131,6 @@ fn backend(id: u32) -> Option<Backend> {
         return None;
     }
     Some(*b)
-}
-
-#[inline(always)]
-fn send(ctx: &XdpContext, p: &Packet, sent_counter: u32) -> (u32, u32) {
-    match forward::forward(ctx, p) {
-        Sent::Out(action) => (action, sent_counter),
-        Sent::Pass(c) => (xdp_action::XDP_PASS, c),
-        Sent::Drop(c) => (xdp_action::XDP_DROP, c),
-    }
 }
 
 #[cfg(not(test))]

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic, CONNTRACK_SIZE,
-    MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
+    counter, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
+    CONNTRACK_SIZE, MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
 };
 
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
@@ -20,6 +20,17 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Scheduling rings of backend ids, two halves per service (see `lb_common::RING_MAP_SIZE`).
 #[map(name = "RINGS")]
 pub static RINGS: Array<u32> = Array::with_max_entries(RING_MAP_SIZE, 0);
+
+/// Maglev lookup tables of backend ids, two halves per Maglev service.
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_MAP_SIZE, 0);
+
+/// A backend's address, port and protocol -> the VIP side of its service, for
+/// backends that serve one VIP only: any balancer instance can then rewrite any
+/// reply, whether or not it saw the flow's first packet (active-active).
+#[map(name = "BACKEND_VIPS")]
+pub static BACKEND_VIPS: HashMap<BackendKey, ReverseFlow> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 /// Service id -> position in its ring, advanced atomically by every new flow on any CPU.
 #[map(name = "RR_POSITION")]

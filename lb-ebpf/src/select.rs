@@ -5,15 +5,46 @@ use core::{
     num::NonZeroU64,
 };
 
-use lb_common::{Service, RING_MAP_SIZE, RING_SIZE};
+use lb_common::{
+    maglev, FlowKey, Service, MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE, SERVICE_F_MAGLEV,
+};
 
-use crate::maps::{RINGS, RR_POSITION};
+use crate::maps::{MAGLEV, RINGS, RR_POSITION};
+
+/// The backend id for a new flow `key` of `svc`, or `None` if it has none.
+#[inline(always)]
+pub fn pick(svc: &Service, key: &FlowKey) -> Option<u32> {
+    if svc.flags & SERVICE_F_MAGLEV != 0 {
+        maglev_backend(svc, key)
+    } else {
+        next_backend(svc)
+    }
+}
+
+/// The backend Maglev assigns to the flow: its hash indexes the service's table.
+#[inline(always)]
+pub fn maglev_backend(svc: &Service, key: &FlowKey) -> Option<u32> {
+    let len = svc.ring_len;
+    if len == 0 || len > maglev::MAX_TABLE_SIZE || svc.ring_base > MAGLEV_MAP_SIZE - len {
+        return None;
+    }
+    let h = maglev::flow_hash(
+        key.src,
+        key.dst,
+        key.sport,
+        key.dport,
+        key.proto,
+        svc.hash_seed,
+    );
+    let slot = svc.ring_base + h % len;
+    MAGLEV.get(slot).copied()
+}
 
 /// The backend id for the next new flow of `svc`, or `None` if it has none.
 /// The position is one counter shared by all CPUs (an atomic add), so new flows
 /// walk the ring in order whichever CPU they arrive on.
 #[inline(always)]
-pub fn next_backend(svc: &Service) -> Option<u32> {
+fn next_backend(svc: &Service) -> Option<u32> {
     // NonZero: the remainder below can then never divide by zero (and the
     // compiler emits no panic path, which the verifier would reject).
     let len = NonZeroU64::new(svc.ring_len as u64)?;

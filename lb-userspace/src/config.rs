@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 /// Where `lb` listens for `lb status` and friends when the config does not say.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Where maps and links are pinned when the config does not say.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 /// One problem in a config file: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +100,9 @@ pub enum Scheduler {
     RoundRobin,
     /// Each backend in turn, `weight` new flows each, interleaved.
     WeightedRoundRobin,
+    /// Maglev consistent hashing of the flow's 5-tuple, weights honoured: every
+    /// balancer with the same config sends a flow to the same backend.
+    Maglev,
 }
 
 /// The file as written (before validation).
@@ -118,6 +123,9 @@ struct RawDaemon {
     control_socket: Option<PathBuf>,
     #[serde(default = "yes")]
     manage_neighbours: bool,
+    pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    maglev_seed: u32,
 }
 
 fn yes() -> bool {
@@ -135,6 +143,7 @@ struct RawService {
     scheduler: Scheduler,
     #[serde(default)]
     on_backend_down: DownPolicy,
+    maglev_table_size: Option<u32>,
     health: Option<RawHealth>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
@@ -245,6 +254,11 @@ pub struct DaemonConfig {
     /// Keep a kernel-managed neighbour entry for each backend's next hop, so
     /// the data path always finds its MAC (`ip neigh ... managed`).
     pub manage_neighbours: bool,
+    /// Where maps and links are pinned (bpffs), so they outlive the daemon.
+    pub pin_dir: PathBuf,
+    /// Seed of the Maglev flow hash and tables: the same on every balancer of
+    /// an active-active group.
+    pub maglev_seed: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +269,8 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub scheduler: Scheduler,
     pub on_backend_down: DownPolicy,
+    /// Maglev only: the lookup table's size (prime).
+    pub maglev_table_size: u32,
     /// The service's `[service.health]`: what backends added at run time get.
     pub health: Option<HealthCheck>,
     pub backends: Vec<BackendConfig>,
@@ -329,6 +345,7 @@ impl Config {
         let mut endpoints = HashMap::new();
         let mut services = Vec::new();
         let mut total_backends = 0;
+        let mut maglev_services = 0;
         for (si, s) in raw.services.iter().enumerate() {
             let key = format!("service[{si}]");
             if s.name.is_empty() {
@@ -448,6 +465,40 @@ impl Config {
                     });
                 }
             }
+            let maglev_table_size = s
+                .maglev_table_size
+                .unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE);
+            if s.maglev_table_size.is_some() && s.scheduler != Scheduler::Maglev {
+                bad(
+                    format!("{key}.maglev_table_size"),
+                    "needs scheduler = \"maglev\"".into(),
+                );
+            }
+            if !lb_common::maglev::is_prime(maglev_table_size)
+                || maglev_table_size > lb_common::maglev::MAX_TABLE_SIZE
+            {
+                bad(
+                    format!("{key}.maglev_table_size"),
+                    format!(
+                        "{maglev_table_size} must be a prime no larger than {}",
+                        lb_common::maglev::MAX_TABLE_SIZE
+                    ),
+                );
+            } else if s.scheduler == Scheduler::Maglev
+                && (maglev_table_size as usize) < 100 * s.backends.len()
+            {
+                bad(
+                    format!("{key}.maglev_table_size"),
+                    format!(
+                        "{maglev_table_size} is too small for {} backends: Maglev needs at least \
+                         100 slots per backend to spread evenly",
+                        s.backends.len()
+                    ),
+                );
+            }
+            if s.scheduler == Scheduler::Maglev {
+                maglev_services += 1;
+            }
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             if !backends.is_empty() && lb_common::ring::ring_len(&weights) == 0 {
                 bad(
@@ -455,7 +506,9 @@ impl Config {
                     "every backend has weight 0: the service could take no flow".into(),
                 );
             }
-            if lb_common::ring::ring_len(&weights) > lb_common::RING_SIZE as u64 {
+            if s.scheduler != Scheduler::Maglev
+                && lb_common::ring::ring_len(&weights) > lb_common::RING_SIZE as u64
+            {
                 bad(
                     format!("{key}.backend"),
                     format!(
@@ -475,9 +528,27 @@ impl Config {
                     protocol: s.protocol,
                     scheduler: s.scheduler,
                     on_backend_down: s.on_backend_down,
+                    maglev_table_size,
                     health: svc_health,
                     backends,
                 });
+            }
+        }
+        if maglev_services > lb_common::MAX_MAGLEV_SERVICES {
+            bad(
+                "service".into(),
+                format!(
+                    "{maglev_services} Maglev services, at most {} are supported",
+                    lb_common::MAX_MAGLEV_SERVICES
+                ),
+            );
+        }
+        if let Some(p) = &raw.daemon.pin_dir {
+            if !p.starts_with("/sys/fs/bpf/") {
+                bad(
+                    "daemon.pin_dir".into(),
+                    format!("{} is not under /sys/fs/bpf/ (bpffs)", p.display()),
+                );
             }
         }
         if total_backends > lb_common::MAX_BACKENDS as usize {
@@ -505,6 +576,11 @@ impl Config {
                     .control_socket
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
                 manage_neighbours: raw.daemon.manage_neighbours,
+                pin_dir: raw
+                    .daemon
+                    .pin_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+                maglev_seed: raw.daemon.maglev_seed,
             },
             services,
         })

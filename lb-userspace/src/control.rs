@@ -20,6 +20,13 @@ use tokio::{
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Stop the daemon. `keep_datapath`: leave the program attached and the
+    /// maps pinned, so forwarding continues and the next `lb run` adopts them
+    /// (restarts, upgrades); otherwise detach and remove the pins.
+    Stop {
+        #[serde(default)]
+        keep_datapath: bool,
+    },
     /// Re-read the config file; apply it whole or not at all.
     Reload,
     BackendAdd {

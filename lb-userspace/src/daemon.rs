@@ -36,10 +36,16 @@ pub fn preflight(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the config file.
-pub async fn run(cfg: Config) -> Result<()> {
+/// Runs the daemon until SIGINT, SIGTERM or `lb stop`; SIGHUP reloads the
+/// config file. Maps and links are pinned: state an earlier daemon left is
+/// adopted unless `fresh`.
+pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     preflight(&cfg)?;
-    let dp = Dataplane::load().context("loading the data path")?;
+    let pin_dir = cfg.daemon.pin_dir.clone();
+    let (dp, adopted) = Dataplane::load_pinned(&pin_dir, fresh).context("loading the data path")?;
+    if adopted {
+        tracing::info!(pins = %pin_dir.display(), "adopted the pinned maps and links of an earlier daemon: established flows continue");
+    }
     let (report_tx, mut reports) = mpsc::channel::<health::Report>(1024);
     let socket = cfg.daemon.control_socket.clone();
     let interfaces = cfg.daemon.interfaces.clone();
@@ -53,6 +59,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("attaching to {iface}"))?;
         tracing::info!(iface = %iface, mode = used, "XDP attached");
     }
+    lb.dataplane_mut().drop_stale_links(&interfaces);
     let _logger = start_program_logs(lb.dataplane_mut());
 
     let (tx, mut requests) = mpsc::channel::<Envelope>(64);
@@ -62,10 +69,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    loop {
+    let keep = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file");
                 if let Response::Error(e) = lb.control(Request::Reload) {
@@ -73,13 +80,26 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
             }
             Some((req, reply)) = requests.recv() => {
+                if let Request::Stop { keep_datapath } = req {
+                    let msg = if keep_datapath {
+                        "stopping; the data path keeps forwarding and the next `lb run` adopts it"
+                    } else {
+                        "stopping; detaching XDP and removing the pins"
+                    };
+                    let _ = reply.send(Response::Ok(serde_json::json!({ "message": msg })));
+                    break keep_datapath;
+                }
                 let _ = reply.send(lb.control(req));
             }
             Some(report) = reports.recv() => lb.on_report(report),
         }
+    };
+    if keep {
+        tracing::info!(pins = %pin_dir.display(), "stopping: the data path stays attached and pinned");
+    } else {
+        tracing::info!("stopping: detaching XDP and removing the pins");
     }
-    tracing::info!("stopping: detaching XDP");
-    lb.dataplane_mut().detach_all();
+    lb.dataplane_mut().shutdown(keep);
     Ok(())
 }
 

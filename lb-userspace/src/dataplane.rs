@@ -1,23 +1,35 @@
 //! The only code that touches the BPF program and its maps.
 //!
-//! `apply` turns service specs (computed by the reconciler) into map writes. Each service's ring is
-//! written into the half of its ring space the data path is not reading, and
-//! then switched in by one update of the service entry, so a packet sees the
-//! old backend set or the new one, never a mix or an empty set.
+//! `apply` turns service specs (computed by the reconciler) into map writes.
+//! Each service's ring (or Maglev table) is written into the half of its space
+//! the data path is not reading, and then switched in by one update of the
+//! service entry, so a packet sees the old backend set or the new one, never a
+//! mix or an empty set.
+//!
+//! With a pin directory, maps and XDP links are pinned in bpffs: they outlive
+//! the daemon, forwarding continues while it is down, and the next daemon
+//! adopts them (the connection table included) instead of starting over. A
+//! newer program replaces the old one on the pinned links atomically.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, ProgramError, Xdp, XdpMode as AyaXdpMode},
-    Ebpf, EbpfError,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, Xdp, XdpMode as AyaXdpMode,
+    },
+    Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    counter, ring, Backend, Flow, FlowKey, Service, ServiceKey, Traffic, BACKEND_F_DROP_FLOWS,
-    BACKEND_F_PRESENT, FLOW_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, RING_SIZE,
+    counter, maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey,
+    Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, FLOW_F_CLOSING, MAX_BACKENDS,
+    MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_MAGLEV,
 };
 use serde::Serialize;
 
@@ -28,6 +40,25 @@ pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Name of the XDP function in the object.
 pub const PROGRAM_NAME: &str = "lb";
+
+/// Every map of the program (each is pinned under the pin directory by name).
+pub const MAPS: &[&str] = &[
+    "SERVICES",
+    "BACKENDS",
+    "RINGS",
+    "MAGLEV",
+    "BACKEND_VIPS",
+    "RR_POSITION",
+    "CONNTRACK",
+    "REVERSE",
+    "COUNTERS",
+    "SERVICE_TRAFFIC",
+    "BACKEND_TRAFFIC",
+];
+
+/// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
+/// maps of another layout (bump it whenever a map's type or size changes).
+pub const LAYOUT_VERSION: u64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -54,6 +85,8 @@ pub enum DataplaneError {
     Capacity { service: String, problem: String },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error("pinned state in {}: {problem}", dir.display())]
+    Pins { dir: PathBuf, problem: String },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -71,6 +104,8 @@ pub struct ServiceSpec {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    /// Maglev table size and hash seed; None: the round-robin ring.
+    pub maglev: Option<(u32, u32)>,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -79,19 +114,21 @@ pub struct BackendSpec {
     pub name: String,
     pub address: Ipv4Addr,
     pub port: u16,
-    /// Slots in the scheduling ring: 0 takes no new flows.
+    /// Slots in the scheduling ring, or Maglev weight: 0 takes no new flows.
     pub ring_weight: u32,
     pub drop_flows: bool,
 }
 
 impl ServiceSpec {
     /// Every backend taking new flows as configured (no health or admin state).
-    pub fn from_config(s: &ServiceConfig) -> ServiceSpec {
+    pub fn from_config(s: &ServiceConfig, maglev_seed: u32) -> ServiceSpec {
         ServiceSpec {
             name: s.name.clone(),
             vip: s.vip,
             port: s.port,
             protocol: s.protocol,
+            maglev: (s.scheduler == Scheduler::Maglev)
+                .then_some((s.maglev_table_size, maglev_seed)),
             backends: s
                 .backends
                 .iter()
@@ -101,7 +138,7 @@ impl ServiceSpec {
                     port: b.port,
                     ring_weight: match s.scheduler {
                         Scheduler::RoundRobin => 1,
-                        Scheduler::WeightedRoundRobin => b.weight,
+                        Scheduler::WeightedRoundRobin | Scheduler::Maglev => b.weight,
                     },
                     drop_flows: false,
                 })
@@ -115,9 +152,15 @@ impl ServiceSpec {
 struct ServiceSlot {
     id: u32,
     key: ServiceKey,
-    /// Which ring half (0 or 1) the data path reads now.
+    /// Which half (0 or 1) of its ring or table space the data path reads now.
     half: u32,
-    spec: ServiceSpec,
+    /// Its slot in the Maglev map, for Maglev services.
+    maglev_slot: Option<u32>,
+    /// What each half of its Maglev space holds (empty: unknown), so a new
+    /// table only writes the entries that differ.
+    tables: [Vec<u32>; 2],
+    /// None after adoption: written in full at the first apply.
+    spec: Option<ServiceSpec>,
 }
 
 /// An interface the program is attached to, and how.
@@ -125,6 +168,15 @@ struct ServiceSlot {
 pub struct Attachment {
     pub interface: String,
     pub mode: &'static str,
+    /// Taken over from an earlier daemon (the link was pinned).
+    pub adopted: bool,
+}
+
+enum Link {
+    /// Owned by the program: detached when it is dropped.
+    Owned(XdpLinkId),
+    /// Pinned in bpffs: outlives the daemon until unpinned.
+    Pinned { fd: FdLink, pin: PathBuf },
 }
 
 /// Hands out small integer ids and takes them back.
@@ -147,26 +199,107 @@ impl Ids {
     fn give_back(&mut self, id: u32) {
         self.free.push(id);
     }
+
+    /// Marks `id` used (adoption); ids below it not yet used become free.
+    fn claim(&mut self, id: u32) {
+        if let Some(i) = self.free.iter().position(|&f| f == id) {
+            self.free.remove(i);
+            return;
+        }
+        while self.next <= id {
+            if self.next != id {
+                self.free.push(self.next);
+            }
+            self.next += 1;
+        }
+    }
+}
+
+/// What an earlier daemon left in pinned maps, matched at the first apply.
+#[derive(Debug, Default)]
+struct Adoption {
+    services: HashMap<ServiceKey, Service>,
+    /// Present backends: id and value.
+    backends: Vec<(u32, Backend)>,
 }
 
 /// The loaded program, its maps and what has been written to them.
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: Vec<(Attachment, XdpLinkId)>,
+    attached: Vec<(Attachment, Link)>,
     services: BTreeMap<String, ServiceSlot>,
     /// (service name, backend name) -> backend id.
     backends: HashMap<(String, String), u32>,
     service_ids: Ids,
     backend_ids: Ids,
+    maglev_ids: Ids,
     /// Per backend slot: how many backends have held it (see `Backend::generation`).
     generations: Vec<u32>,
+    backend_vips: HashMap<BackendKey, ReverseFlow>,
+    pin_dir: Option<PathBuf>,
+    adopting: Option<Adoption>,
     nr_cpus: usize,
 }
 
 impl Dataplane {
-    /// Loads the program into the kernel (verifier included) without attaching it.
+    /// Loads the program into the kernel (verifier included) with private
+    /// maps, without attaching it: for tests and one-off use.
     pub fn load() -> Result<Dataplane> {
-        let mut ebpf = Ebpf::load(PROGRAM).map_err(DataplaneError::Load)?;
+        let ebpf = Ebpf::load(PROGRAM).map_err(DataplaneError::Load)?;
+        Dataplane::finish_load(ebpf, None, None)
+    }
+
+    /// Loads the program with its maps pinned under `dir` (bpffs, mounted if
+    /// needed). Maps pinned there by an earlier daemon are adopted, with
+    /// their contents, unless `fresh`, which removes them first. Returns the
+    /// data path and whether it adopted earlier state.
+    pub fn load_pinned(dir: &Path, fresh: bool) -> Result<(Dataplane, bool)> {
+        let pins = |problem: String| DataplaneError::Pins {
+            dir: dir.to_owned(),
+            problem,
+        };
+        ensure_bpffs(dir).map_err(pins)?;
+        if fresh {
+            remove_pins(dir).map_err(pins)?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| pins(format!("creating it: {e}")))?;
+        let layout_pin = dir.join("LAYOUT");
+        let adopted = layout_pin.exists();
+        if adopted {
+            let m = MapData::from_pin(&layout_pin).map_err(|e| pins(format!("LAYOUT: {e}")))?;
+            let a: Array<_, u64> = Array::try_from(aya::maps::Map::Array(m))
+                .map_err(|e| pins(format!("LAYOUT: {e}")))?;
+            let v = a.get(&0, 0).map_err(|e| pins(format!("LAYOUT: {e}")))?;
+            if v != LAYOUT_VERSION {
+                return Err(pins(format!(
+                    "its maps have layout {v}, this build uses {LAYOUT_VERSION}: they cannot be \
+                     adopted; start with `lb run --fresh` (established flows will be lost)"
+                )));
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
+        let adoption = if adopted {
+            Some(read_adoption(&ebpf)?)
+        } else {
+            None
+        };
+        let dp = Dataplane::finish_load(ebpf, Some(dir.to_owned()), adoption)?;
+        if !adopted {
+            write_layout(&layout_pin).map_err(pins)?;
+        }
+        Ok((dp, adopted))
+    }
+
+    fn finish_load(
+        mut ebpf: Ebpf,
+        pin_dir: Option<PathBuf>,
+        adoption: Option<Adoption>,
+    ) -> Result<Dataplane> {
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DataplaneError::MissingMap("program lb"))?
@@ -175,16 +308,33 @@ impl Dataplane {
         prog.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             attached: Vec::new(),
             services: BTreeMap::new(),
             backends: HashMap::new(),
             service_ids: Ids::default(),
             backend_ids: Ids::default(),
+            maglev_ids: Ids::default(),
             generations: vec![0; MAX_BACKENDS as usize],
+            backend_vips: HashMap::new(),
+            pin_dir,
+            adopting: None,
             nr_cpus,
-        })
+        };
+        if let Some(a) = adoption {
+            // Generations survive in every slot, present or not.
+            let all: Vec<Backend> = {
+                let arr: Array<_, Backend> =
+                    Array::try_from(dp.map_ref("BACKENDS")?).map_err(map_err("BACKENDS"))?;
+                arr.iter().filter_map(|r| r.ok()).collect()
+            };
+            for (i, b) in all.iter().enumerate() {
+                dp.generations[i] = b.generation;
+            }
+            dp.adopting = Some(a);
+        }
+        Ok(dp)
     }
 
     /// The program's aya-log reader (only if it was built with log statements).
@@ -201,8 +351,49 @@ impl Dataplane {
     }
 
     /// Attaches to `iface`; in `auto` mode tries native first, then generic.
-    /// Returns the mode it runs in.
+    /// With a pin directory, a link an earlier daemon pinned for `iface` is
+    /// taken over instead: this program replaces the old one on it atomically
+    /// (no packet goes unprocessed), and the new link is pinned. Returns the
+    /// mode it runs in.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<&'static str> {
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link-{iface}")));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let attach_err = |source| DataplaneError::Attach {
+                iface: iface.to_owned(),
+                mode: "adopted",
+                source,
+            };
+            let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Pins {
+                dir: pin.clone(),
+                problem: e.to_string(),
+            })?;
+            let old: FdLink = pinned.into();
+            let xdp_link = XdpLink::try_from(old).map_err(|e| DataplaneError::Pins {
+                dir: pin.clone(),
+                problem: format!("not an XDP link: {e}"),
+            })?;
+            let id = self
+                .program_mut()
+                .attach_to_link(xdp_link)
+                .map_err(attach_err)?;
+            let fd = self.take_fd_link(id).map_err(attach_err)?;
+            let used = xdp_mode_of(iface);
+            self.attached.push((
+                Attachment {
+                    interface: iface.to_owned(),
+                    mode: used,
+                    adopted: true,
+                },
+                Link::Pinned {
+                    fd,
+                    pin: pin.clone(),
+                },
+            ));
+            return Ok(used);
+        }
         let tries: &[(AyaXdpMode, &'static str)] = match mode {
             XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
             XdpMode::Native => &[(AyaXdpMode::Driver, "native")],
@@ -211,10 +402,31 @@ impl Dataplane {
         let mut last = None;
         for &(aya_mode, name) in tries {
             match self.program_mut().attach(iface, aya_mode) {
-                Ok(link) => {
+                Ok(id) => {
                     let a = Attachment {
                         interface: iface.to_owned(),
                         mode: name,
+                        adopted: false,
+                    };
+                    let link = match &pin {
+                        None => Link::Owned(id),
+                        Some(pin) => {
+                            let attach_err = |source| DataplaneError::Attach {
+                                iface: iface.to_owned(),
+                                mode: name,
+                                source,
+                            };
+                            let fd = self.take_fd_link(id).map_err(attach_err)?;
+                            let pinned = fd.pin(pin).map_err(|e| DataplaneError::Pins {
+                                dir: pin.clone(),
+                                problem: format!("pinning the link: {e}"),
+                            })?;
+                            // Keep our handle; the pin stays until removed.
+                            Link::Pinned {
+                                fd: pinned.into(),
+                                pin: pin.clone(),
+                            }
+                        }
                     };
                     self.attached.push((a, link));
                     return Ok(name);
@@ -232,17 +444,66 @@ impl Dataplane {
         Err(last.expect("at least one mode is tried"))
     }
 
-    /// Detaches from every interface (also done when the Dataplane is dropped).
-    pub fn detach_all(&mut self) {
+    fn take_fd_link(&mut self, id: XdpLinkId) -> std::result::Result<FdLink, ProgramError> {
+        let link = self.program_mut().take_link(id)?;
+        FdLink::try_from(link)
+            .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))
+    }
+
+    /// Ends this daemon's hold on the data path. `keep`: leave everything
+    /// pinned and attached (forwarding continues; the next daemon adopts it).
+    /// Otherwise detach from every interface and remove the pins.
+    pub fn shutdown(&mut self, keep: bool) {
         for (a, link) in std::mem::take(&mut self.attached) {
-            if let Err(e) = self.program_mut().detach(link) {
-                tracing::warn!(iface = %a.interface, error = %e, "detach failed");
+            match link {
+                Link::Owned(id) => {
+                    if let Err(e) = self.program_mut().detach(id) {
+                        tracing::warn!(iface = %a.interface, error = %e, "detach failed");
+                    }
+                }
+                // Dropping our fd leaves the pinned link (and the program) in place.
+                Link::Pinned { fd, pin } if keep => drop((fd, pin)),
+                Link::Pinned { fd, pin } => {
+                    if let Err(e) = std::fs::remove_file(&pin) {
+                        tracing::warn!(iface = %a.interface, error = %e, "unpinning the link failed");
+                    }
+                    // The last reference: the link detaches as the fd closes.
+                    drop(fd);
+                }
+            }
+        }
+        if !keep {
+            if let Some(dir) = self.pin_dir.take() {
+                if let Err(e) = remove_pins(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing pins failed");
+                }
             }
         }
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {
         self.attached.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Detaches pinned links of interfaces that are not in `keep` (an
+    /// earlier daemon's config attached to more interfaces than this one's).
+    pub fn drop_stale_links(&mut self, keep: &[String]) {
+        let Some(dir) = &self.pin_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix("link-") {
+                if !keep.iter().any(|k| k == iface) {
+                    tracing::info!(
+                        iface,
+                        "detaching from an interface the config no longer lists"
+                    );
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Makes the maps carry exactly `services`: adds, updates and removes
@@ -253,7 +514,7 @@ impl Dataplane {
             if self
                 .services
                 .get(&s.name)
-                .is_some_and(|slot| &slot.spec == s)
+                .is_some_and(|slot| slot.spec.as_ref() == Some(s))
             {
                 continue;
             }
@@ -268,6 +529,100 @@ impl Dataplane {
         for name in gone {
             self.remove_service(&name)?;
         }
+        if let Some(a) = self.adopting.take() {
+            self.forget_unadopted(a)?;
+        }
+        self.sync_backend_vips(services)
+    }
+
+    /// After the first apply that follows an adoption: whatever the earlier
+    /// daemon left that this config does not have is removed.
+    fn forget_unadopted(&mut self, a: Adoption) -> Result<()> {
+        for (key, _) in a.services {
+            tracing::info!(
+                ?key,
+                "removing a service the earlier daemon had and this config does not"
+            );
+            let _ = self.services_map()?.remove(&key);
+        }
+        for (bid, b) in a.backends {
+            self.array::<Backend>("BACKENDS")?
+                .set(
+                    bid,
+                    Backend {
+                        generation: b.generation,
+                        ..Backend::default()
+                    },
+                    0,
+                )
+                .map_err(map_err("BACKENDS"))?;
+        }
+        // Existing reply entries are rewritten or removed by sync_backend_vips.
+        let keys: Vec<BackendKey> = {
+            let m: BpfHashMap<_, BackendKey, ReverseFlow> =
+                BpfHashMap::try_from(self.map_ref("BACKEND_VIPS")?)
+                    .map_err(map_err("BACKEND_VIPS"))?;
+            m.keys().filter_map(|k| k.ok()).collect()
+        };
+        for k in keys {
+            self.backend_vips.entry(k).or_insert(ReverseFlow {
+                vip: [0; 4],
+                vport: [0; 2],
+                _pad: [0; 2],
+                backend: u32::MAX,
+                service: u32::MAX,
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps BACKEND_VIPS equal to the backends that serve exactly one VIP.
+    fn sync_backend_vips(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        let mut seen: HashMap<BackendKey, Vec<ReverseFlow>> = HashMap::new();
+        for s in services {
+            let Some(slot) = self.services.get(&s.name) else {
+                continue;
+            };
+            for b in &s.backends {
+                let Some(&bid) = self.backends.get(&(s.name.clone(), b.name.clone())) else {
+                    continue;
+                };
+                let key = BackendKey {
+                    addr: b.address.octets(),
+                    port: b.port.to_be_bytes(),
+                    proto: s.protocol.number(),
+                    _pad: 0,
+                };
+                seen.entry(key).or_default().push(ReverseFlow {
+                    vip: s.vip.octets(),
+                    vport: s.port.to_be_bytes(),
+                    _pad: [0; 2],
+                    backend: bid,
+                    service: slot.id,
+                });
+            }
+        }
+        let want: HashMap<BackendKey, ReverseFlow> = seen
+            .into_iter()
+            .filter(|(_, v)| {
+                v.iter().all(|r| (r.vip, r.vport) == (v[0].vip, v[0].vport)) && v.len() == 1
+            })
+            .map(|(k, v)| (k, v[0]))
+            .collect();
+        let have = std::mem::take(&mut self.backend_vips);
+        let mut m: BpfHashMap<_, BackendKey, ReverseFlow> =
+            BpfHashMap::try_from(self.map("BACKEND_VIPS")?).map_err(map_err("BACKEND_VIPS"))?;
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                m.insert(k, v, 0).map_err(map_err("BACKEND_VIPS"))?;
+            }
+        }
+        for k in have.keys() {
+            if !want.contains_key(k) {
+                let _ = m.remove(k);
+            }
+        }
+        self.backend_vips = want;
         Ok(())
     }
 
@@ -278,28 +633,53 @@ impl Dataplane {
             proto: s.protocol.number(),
             _pad: 0,
         };
-        let (id, half, old_key) = match self.services.get(&s.name) {
-            Some(slot) => (slot.id, 1 - slot.half, Some(slot.key)),
-            None => {
-                let id = self.service_ids.take(MAX_SERVICES).ok_or_else(|| {
-                    DataplaneError::Capacity {
-                        service: s.name.clone(),
-                        problem: format!("more than {MAX_SERVICES} services"),
-                    }
-                })?;
-                self.reset_counters("SERVICE_TRAFFIC", id)?;
-                self.array::<u64>("RR_POSITION")?
-                    .set(id, 0, 0)
-                    .map_err(map_err("RR_POSITION"))?;
-                (id, 0, None)
-            }
+        let capacity = |problem: String| DataplaneError::Capacity {
+            service: s.name.clone(),
+            problem,
         };
+        let adopted = self.adopting.as_mut().and_then(|a| a.services.remove(&key));
+        let (id, half, old_key, mut maglev_slot, tables) =
+            match (self.services.get(&s.name), adopted) {
+                (Some(slot), _) => (
+                    slot.id,
+                    1 - slot.half,
+                    Some(slot.key),
+                    slot.maglev_slot,
+                    slot.tables.clone(),
+                ),
+                (None, Some(svc)) => {
+                    // The earlier daemon's service: same id and counters, and the
+                    // half it was not reading gets the new ring.
+                    self.service_ids.claim(svc.id);
+                    let maglev = svc.flags & SERVICE_F_MAGLEV != 0;
+                    let (unit, slot) = if maglev {
+                        let slot = svc.ring_base / (2 * maglev::MAX_TABLE_SIZE);
+                        self.maglev_ids.claim(slot);
+                        (maglev::MAX_TABLE_SIZE, Some(slot))
+                    } else {
+                        (RING_SIZE, None)
+                    };
+                    let half = (svc.ring_base / unit) % 2;
+                    (svc.id, 1 - half, Some(key), slot, Default::default())
+                }
+                (None, None) => {
+                    let id = self
+                        .service_ids
+                        .take(MAX_SERVICES)
+                        .ok_or_else(|| capacity(format!("more than {MAX_SERVICES} services")))?;
+                    self.reset_counters("SERVICE_TRAFFIC", id)?;
+                    self.array::<u64>("RR_POSITION")?
+                        .set(id, 0, 0)
+                        .map_err(map_err("RR_POSITION"))?;
+                    (id, 0, None, None, Default::default())
+                }
+            };
         let old_backends: HashMap<String, BackendSpec> = self
             .services
             .get(&s.name)
-            .map(|slot| {
-                slot.spec
-                    .backends
+            .and_then(|slot| slot.spec.as_ref())
+            .map(|spec| {
+                spec.backends
                     .iter()
                     .map(|b| (b.name.clone(), b.clone()))
                     .collect()
@@ -318,15 +698,27 @@ impl Dataplane {
                 // must not follow the name to the new address.
                 self.remove_backend(&bkey)?;
             }
-            let (bid, fresh) = match self.backends.get(&bkey) {
-                Some(&bid) => (bid, false),
-                None => {
-                    let bid = self.backend_ids.take(MAX_BACKENDS).ok_or_else(|| {
-                        DataplaneError::Capacity {
-                            service: s.name.clone(),
-                            problem: format!("more than {MAX_BACKENDS} backends"),
-                        }
-                    })?;
+            let adopted = self.adopting.as_mut().and_then(|a| {
+                let i = a.backends.iter().position(|(_, v)| {
+                    v.service == id
+                        && v.addr == b.address.octets()
+                        && v.port == b.port.to_be_bytes()
+                })?;
+                Some(a.backends.remove(i).0)
+            });
+            let (bid, fresh) = match (self.backends.get(&bkey), adopted) {
+                (Some(&bid), _) => (bid, false),
+                (None, Some(bid)) => {
+                    // Same slot and generation: its flows keep going.
+                    self.backend_ids.claim(bid);
+                    self.backends.insert(bkey, bid);
+                    (bid, true)
+                }
+                (None, None) => {
+                    let bid = self
+                        .backend_ids
+                        .take(MAX_BACKENDS)
+                        .ok_or_else(|| capacity(format!("more than {MAX_BACKENDS} backends")))?;
                     self.reset_counters("BACKEND_TRAFFIC", bid)?;
                     self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
                     self.backends.insert(bkey, bid);
@@ -348,6 +740,7 @@ impl Dataplane {
                         } else {
                             0
                         },
+                    service: id,
                     generation: self.generations[bid as usize],
                 };
                 self.array::<Backend>("BACKENDS")?
@@ -358,26 +751,74 @@ impl Dataplane {
         }
 
         let weights: Vec<u32> = s.backends.iter().map(|b| b.ring_weight).collect();
-        let mut slots = vec![0u32; RING_SIZE as usize];
-        let len =
-            ring::fill_ring(&weights, &mut slots).ok_or_else(|| DataplaneError::Capacity {
-                service: s.name.clone(),
-                problem: format!("the weights need more than {RING_SIZE} ring slots"),
-            })?;
-        let base = (id * 2 + half) * RING_SIZE;
-        {
-            let mut rings = self.array::<u32>("RINGS")?;
-            for (i, &slot) in slots[..len].iter().enumerate() {
-                rings
-                    .set(base + i as u32, ids[slot as usize], 0)
-                    .map_err(map_err("RINGS"))?;
+        let mut tables = tables;
+        let (base, len, flags, seed) = match s.maglev {
+            None => {
+                if let Some(slot) = maglev_slot.take() {
+                    self.maglev_ids.give_back(slot);
+                }
+                let mut slots = vec![0u32; RING_SIZE as usize];
+                let len = ring::fill_ring(&weights, &mut slots).ok_or_else(|| {
+                    capacity(format!("the weights need more than {RING_SIZE} ring slots"))
+                })?;
+                let base = (id * 2 + half) * RING_SIZE;
+                let mut rings = self.array::<u32>("RINGS")?;
+                for (i, &slot) in slots[..len].iter().enumerate() {
+                    rings
+                        .set(base + i as u32, ids[slot as usize], 0)
+                        .map_err(map_err("RINGS"))?;
+                }
+                (base, len as u32, 0, 0)
             }
-        }
+            Some((m, seed)) => {
+                let slot = match maglev_slot {
+                    Some(slot) => slot,
+                    None => {
+                        let slot = self.maglev_ids.take(MAX_MAGLEV_SERVICES).ok_or_else(|| {
+                            capacity(format!("more than {MAX_MAGLEV_SERVICES} Maglev services"))
+                        })?;
+                        maglev_slot = Some(slot);
+                        slot
+                    }
+                };
+                let base = (slot * 2 + half) * maglev::MAX_TABLE_SIZE;
+                let names: Vec<(&[u8], u32)> = s
+                    .backends
+                    .iter()
+                    .map(|b| (b.name.as_bytes(), b.ring_weight))
+                    .collect();
+                let mut table = vec![0u32; m as usize];
+                let len = if maglev::fill_table(&names, seed, &mut table) {
+                    for e in table.iter_mut() {
+                        *e = ids[*e as usize];
+                    }
+                    // Write only what differs from what this half holds.
+                    let known = &tables[half as usize];
+                    let mut maglev_map = self.array::<u32>("MAGLEV")?;
+                    for (i, &b) in table.iter().enumerate() {
+                        if known.len() != table.len() || known[i] != b {
+                            maglev_map
+                                .set(base + i as u32, b, 0)
+                                .map_err(map_err("MAGLEV"))?;
+                        }
+                    }
+                    m
+                } else {
+                    // No backend can take new flows.
+                    table.clear();
+                    0
+                };
+                tables[half as usize] = table;
+                (base, len, SERVICE_F_MAGLEV, seed)
+            }
+        };
         let value = Service {
             id,
             ring_base: base,
-            ring_len: len as u32,
-            flags: 0,
+            ring_len: len,
+            flags,
+            hash_seed: seed,
+            _pad: 0,
         };
         {
             let mut svcs = self.services_map()?;
@@ -403,10 +844,12 @@ impl Dataplane {
                 id,
                 key,
                 half,
-                spec: s.clone(),
+                maglev_slot,
+                tables,
+                spec: Some(s.clone()),
             },
         );
-        tracing::debug!(service = %s.name, ring = len, backends = s.backends.len(), "service written");
+        tracing::debug!(service = %s.name, slots = len, backends = s.backends.len(), "service written");
         Ok(())
     }
 
@@ -427,14 +870,23 @@ impl Dataplane {
             self.remove_backend(&bkey)?;
         }
         self.service_ids.give_back(slot.id);
+        if let Some(m) = slot.maglev_slot {
+            self.maglev_ids.give_back(m);
+        }
         tracing::debug!(service = %name, "service removed");
         Ok(())
     }
 
     fn remove_backend(&mut self, bkey: &(String, String)) -> Result<()> {
         if let Some(bid) = self.backends.remove(bkey) {
+            // The generation stays in the slot: flows that remember it must
+            // never match whichever backend takes the slot next.
+            let cleared = Backend {
+                generation: self.generations[bid as usize],
+                ..Backend::default()
+            };
             self.array::<Backend>("BACKENDS")?
-                .set(bid, Backend::default(), 0)
+                .set(bid, cleared, 0)
                 .map_err(map_err("BACKENDS"))?;
             self.backend_ids.give_back(bid);
         }
@@ -552,12 +1004,6 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.detach_all();
-    }
-}
-
 /// Traffic counters as `lb status --json` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TrafficStatus {
@@ -578,4 +1024,139 @@ impl From<Traffic> for TrafficStatus {
             reply_bytes: t.reply_bytes,
         }
     }
+}
+
+/// The mode an attached XDP program runs in, as `ip link` reports it.
+fn xdp_mode_of(iface: &str) -> &'static str {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", iface])
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdpgeneric") => "generic",
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdp") => "native",
+        _ => "unknown",
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs at /sys/fs/bpf if `dir` is not on a bpffs yet.
+fn ensure_bpffs(dir: &Path) -> std::result::Result<(), String> {
+    let on_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: c is a valid path and st a valid out-parameter.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return Err("the pin directory must be under /sys/fs/bpf".into());
+    }
+    if on_bpffs(root) {
+        return Ok(());
+    }
+    let _ = std::fs::create_dir_all(root);
+    // SAFETY: all arguments are valid NUL-terminated strings or null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "mounting bpffs on /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes every pin in `dir` (maps, links) and the directory: whatever was
+/// attached through a removed link pin detaches once no process holds it.
+pub fn remove_pins(dir: &Path) -> std::result::Result<(), String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("reading it: {e}")),
+    };
+    for e in entries.flatten() {
+        std::fs::remove_file(e.path())
+            .map_err(|err| format!("removing {}: {err}", e.path().display()))?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| format!("removing it: {e}"))
+}
+
+/// Creates the LAYOUT pin: a one-entry array holding [`LAYOUT_VERSION`].
+fn write_layout(pin: &Path) -> std::result::Result<(), String> {
+    let fd = create_array_map(8, 1).map_err(|e| format!("creating LAYOUT: {e}"))?;
+    let m = MapData::from_fd(fd).map_err(|e| format!("LAYOUT: {e}"))?;
+    m.pin(pin).map_err(|e| format!("pinning LAYOUT: {e}"))?;
+    let mut a: Array<_, u64> =
+        Array::try_from(aya::maps::Map::Array(m)).map_err(|e| format!("LAYOUT: {e}"))?;
+    a.set(0, LAYOUT_VERSION, 0)
+        .map_err(|e| format!("LAYOUT: {e}"))
+}
+
+/// A plain BPF array map (for LAYOUT, which the program does not use).
+fn create_array_map(value_size: u32, max_entries: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let attr = MapCreate {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    let mut buf = [0u8; 128];
+    // SAFETY: MapCreate is plain data no larger than buf.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            &attr as *const MapCreate as *const u8,
+            buf.as_mut_ptr(),
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a zero-padded bpf_attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, buf.as_ptr(), buf.len() as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// What pinned maps hold that a new daemon needs to carry on: the services
+/// and the backends present.
+fn read_adoption(ebpf: &Ebpf) -> Result<Adoption> {
+    let svcs: BpfHashMap<_, ServiceKey, Service> = BpfHashMap::try_from(
+        ebpf.map("SERVICES")
+            .ok_or(DataplaneError::MissingMap("SERVICES"))?,
+    )
+    .map_err(map_err("SERVICES"))?;
+    let services = svcs.iter().filter_map(|r| r.ok()).collect();
+    let arr: Array<_, Backend> = Array::try_from(
+        ebpf.map("BACKENDS")
+            .ok_or(DataplaneError::MissingMap("BACKENDS"))?,
+    )
+    .map_err(map_err("BACKENDS"))?;
+    let backends = arr
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.ok().map(|b| (i as u32, b)))
+        .filter(|(_, b)| b.flags & BACKEND_F_PRESENT != 0)
+        .collect();
+    Ok(Adoption { services, backends })
 }

@@ -28,10 +28,23 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it and balance until SIGINT/SIGTERM (root).
+    /// Load the XDP program, attach it and balance until SIGINT/SIGTERM or
+    /// `lb stop` (root). Adopts the pinned state of an earlier daemon.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Remove pinned state of an earlier daemon and start clean
+        /// (established flows are forgotten).
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Stop the daemon: detach XDP and remove the pins (as SIGTERM), or with
+    /// --keep-datapath leave it forwarding for the next `lb run` to adopt.
+    Stop {
+        #[arg(long)]
+        keep_datapath: bool,
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
     },
     /// Validate a config file and exit: 0 if valid, 1 with the problems if not.
     Check {
@@ -127,7 +140,11 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Run { config } => {
+        Command::Stop {
+            keep_datapath,
+            socket,
+        } => say(&socket, Request::Stop { keep_datapath }),
+        Command::Run { config, fresh } => {
             // Validate the whole file before anything touches the kernel.
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -135,7 +152,7 @@ fn run(command: Command) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(daemon::run(cfg))
+            rt.block_on(daemon::run(cfg, fresh))
         }
         Command::Status { json, socket } => {
             let v = control::request(&socket, &Request::Status)?;

@@ -83,13 +83,15 @@ impl ServiceState {
         self.backends.iter_mut().find(|b| b.config.name == name)
     }
 
-    fn spec(&self) -> ServiceSpec {
+    fn spec(&self, maglev_seed: u32) -> ServiceSpec {
         let c = &self.config;
         ServiceSpec {
             name: c.name.clone(),
             vip: c.vip,
             port: c.port,
             protocol: c.protocol,
+            maglev: (c.scheduler == Scheduler::Maglev)
+                .then_some((c.maglev_table_size, maglev_seed)),
             backends: self
                 .backends
                 .iter()
@@ -100,7 +102,9 @@ impl ServiceState {
                     ring_weight: match (b.takes_new_flows(), c.scheduler) {
                         (false, _) => 0,
                         (true, Scheduler::RoundRobin) => 1,
-                        (true, Scheduler::WeightedRoundRobin) => b.config.weight,
+                        (true, Scheduler::WeightedRoundRobin | Scheduler::Maglev) => {
+                            b.config.weight
+                        }
                     },
                     drop_flows: !b.health.up && c.on_backend_down == DownPolicy::DropFlows,
                 })
@@ -177,7 +181,8 @@ impl Balancer {
 
     /// Writes the desired state to the maps and makes the checkers match it.
     fn sync(&mut self) -> Result<()> {
-        let specs: Vec<ServiceSpec> = self.services.iter().map(ServiceState::spec).collect();
+        let seed = self.file.daemon.maglev_seed;
+        let specs: Vec<ServiceSpec> = self.services.iter().map(|s| s.spec(seed)).collect();
         self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
         self.sync_checkers();
         if self.file.daemon.manage_neighbours {
@@ -339,6 +344,8 @@ impl Balancer {
                     .map(Response::Ok)
                     .unwrap_or_else(Response::Error)
             }
+            // The daemon's loop handles it: it owns the process's lifetime.
+            Request::Stop { .. } => Err("stop is handled by the daemon".into()),
             Request::Reload => Config::load(&self.file.file.clone())
                 .map_err(|e| {
                     tracing::error!(error = %e, "config rejected");

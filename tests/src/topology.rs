@@ -134,12 +134,25 @@ pub fn parse_nft_packets(out: &str) -> u64 {
 }
 
 /// The balancer config for this topology: XDP on both of the balancer's
-/// interfaces, one service per entry of `services`.
+/// interfaces, one service per entry of `services`. Its pins go to a bpffs
+/// directory named after the socket's (unique) directory: bpffs is shared by
+/// every namespace on the machine.
 pub fn lb_config(control_socket: &std::path::Path, services: &str) -> String {
     format!(
-        "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\n\n{services}",
-        control_socket.display()
+        "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\npin_dir = \"{}\"\n\n{services}",
+        control_socket.display(),
+        pin_dir_for(control_socket).display()
     )
+}
+
+/// The pin directory `lb_config` gives a daemon with this control socket.
+pub fn pin_dir_for(control_socket: &std::path::Path) -> std::path::PathBuf {
+    let tag = control_socket
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lb-test".into());
+    std::path::Path::new("/sys/fs/bpf").join(tag)
 }
 
 /// A `[[service]]` block over backends `1..=n` of the topology.

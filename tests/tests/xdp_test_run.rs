@@ -80,7 +80,10 @@ impl Env {
     ) -> T {
         self.x.run(move || {
             let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
-            let specs: Vec<ServiceSpec> = services().iter().map(ServiceSpec::from_config).collect();
+            let specs: Vec<ServiceSpec> = services()
+                .iter()
+                .map(|s| ServiceSpec::from_config(s, 0))
+                .collect();
             dp.apply(&specs).expect("writing the maps");
             let mut h = Harness {
                 dp,
@@ -112,6 +115,7 @@ fn services() -> Vec<ServiceConfig> {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::RoundRobin,
             on_backend_down: DownPolicy::KeepFlows,
+            maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
             health: None,
             backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
         },
@@ -122,6 +126,7 @@ fn services() -> Vec<ServiceConfig> {
             protocol: Protocol::Udp,
             scheduler: Scheduler::RoundRobin,
             on_backend_down: DownPolicy::KeepFlows,
+            maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
             health: None,
             backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
         },
@@ -286,10 +291,31 @@ fn root_backend_reply_is_rewritten_back_to_the_vip() {
         assert_eq!(h.counter("replies"), 1);
         assert_eq!(h.backend_traffic("web", "b1").reply_packets, 1);
 
-        // A backend packet that belongs to no tracked flow is not ours: passed untouched.
-        let stray = Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK).build();
-        let (action, out) = h.send_from_backend(&Frame::tcp((B2, 8080), (CLIENT, 41000), TCP_ACK));
-        assert_eq!((action, out), (XDP_PASS, stray));
+        // A reply this instance did not track (its flow came through another
+        // balancer of an active-active group) is rewritten too: B2:8080 serves
+        // one VIP only, so its address says which.
+        let mut other = Frame::tcp((B2, 8080), (CLIENT, 41001), TCP_ACK);
+        other.dst_mac = X1_MAC;
+        let (action, out) = h.send_from_backend(&other);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(&out[14 + 12..14 + 16], &VIP.octets());
+        assert_eq!(&out[14 + 20..14 + 22], &80u16.to_be_bytes());
+        checksums_ok(&out).unwrap();
+
+        // From a port no service uses: not a reply of ours, passed untouched.
+        let stray = Frame::tcp((B2, 9999), (CLIENT, 41000), TCP_ACK);
+        let (action, out) = h.send_from_backend(&stray);
+        assert_eq!((action, out), (XDP_PASS, stray.build()));
+
+        // To the balancer's own address (the answer to its health check): the
+        // kernel's, even from a backend's service port.
+        let check_reply = Frame::tcp(
+            (B1, 8080),
+            (Ipv4Addr::new(10, 0, 2, 1), 50000),
+            TCP_SYN | TCP_ACK,
+        );
+        let (action, out) = h.send_from_backend(&check_reply);
+        assert_eq!((action, out), (XDP_PASS, check_reply.build()));
     });
 }
 
@@ -535,10 +561,10 @@ fn root_established_flows_follow_their_backends_state() {
     let env = Env::new();
     env.with_dataplane(|h| {
         let web = |b1: Option<(&str, bool)>| -> Vec<ServiceSpec> {
-            let mut s = ServiceSpec::from_config(&services()[0]);
+            let mut s = ServiceSpec::from_config(&services()[0], 0);
             s.backends.retain(|b| b.name != "b1");
             if let Some((name, drop_flows)) = b1 {
-                let mut b = ServiceSpec::from_config(&services()[0]).backends[0].clone();
+                let mut b = ServiceSpec::from_config(&services()[0], 0).backends[0].clone();
                 b.name = name.into();
                 b.drop_flows = drop_flows;
                 b.ring_weight = 0;
