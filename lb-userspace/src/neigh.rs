@@ -56,3 +56,28 @@ pub fn ensure_managed(addr: Ipv4Addr) -> Result<(Ipv4Addr, String), NeighError> 
     }
     Ok((hop, dev))
 }
+
+/// The IPv4 gateways the kernel routes through on `interfaces` (every `via`
+/// of the main table, ECMP next hops included): replies to clients behind a
+/// router go through them, so they are kept resolved as well.
+pub fn gateways(interfaces: &[String]) -> Result<Vec<Ipv4Addr>, NeighError> {
+    let out = ip(&["-4", "route", "show"])?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let mut gws = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if *w != "via" {
+            continue;
+        }
+        let Some(Ok(gw)) = words.get(i + 1).map(|a| a.parse::<Ipv4Addr>()) else {
+            continue;
+        };
+        let on_ours = words.get(i + 2) == Some(&"dev")
+            && words
+                .get(i + 3)
+                .is_some_and(|d| interfaces.iter().any(|x| x == d));
+        if on_ours && !gws.contains(&gw) {
+            gws.push(gw);
+        }
+    }
+    Ok(gws)
+}

@@ -225,8 +225,22 @@ impl Balancer {
         }
     }
 
-    /// Keeps every backend's next hop resolved by the kernel (see `neigh`).
+    /// Keeps every backend's next hop, and the gateways towards clients,
+    /// resolved by the kernel (see `neigh`).
     fn sync_neighbours(&mut self) {
+        match neigh::gateways(&self.file.daemon.interfaces) {
+            Ok(gws) => {
+                for gw in gws {
+                    if self.neighbours.insert(gw) {
+                        if let Err(e) = neigh::ensure_managed(gw) {
+                            self.neighbours.remove(&gw);
+                            tracing::warn!(gateway = %gw, error = %e, "cannot keep a gateway resolved");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the routes"),
+        }
         for s in &self.services {
             for b in &s.backends {
                 if !self.neighbours.insert(b.config.address) {

@@ -36,6 +36,7 @@ pub struct LbDaemon {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub config: PathBuf,
+    ns: String,
     _dir: TempDir,
 }
 
@@ -53,43 +54,90 @@ impl LbDaemon {
     /// Starts `lb run --config cfg_path` in `ns`, whose config names `socket`
     /// as its control socket; its log goes into `dir`.
     pub fn start_file(ns: &Netns, cfg_path: &Path, socket: &Path, dir: TempDir) -> LbDaemon {
-        let socket = socket.to_owned();
-        let log = dir.path().join("lb.log");
-        let child = ns
-            .command(lb_binary().to_str().expect("utf-8 path"))
-            .arg("run")
-            .arg("--config")
-            .arg(cfg_path)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("creating lb.log"))
-            .spawn()
-            .expect("starting lb");
         let mut d = LbDaemon {
-            child: Some(child),
-            socket,
-            log,
+            child: None,
+            socket: socket.to_owned(),
+            log: dir.path().join("lb.log"),
             config: cfg_path.to_owned(),
+            ns: ns.name.clone(),
             _dir: dir,
         };
+        d.spawn(&[]);
+        d
+    }
+
+    /// Starts `lb run` again (after [`LbDaemon::kill`] or a stop), with the same
+    /// config, socket and log (appended), plus `extra` arguments.
+    pub fn restart(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn(extra);
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("opening lb.log");
+        let child = Netns::attach(&self.ns)
+            .command_same_mounts(lb_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting lb");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if control::request(&d.socket, &Request::Status).is_ok() {
+            if control::request(&self.socket, &Request::Status).is_ok() {
                 break;
             }
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("lb exited with {status} during start-up:\n{}", d.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "lb exited with {status} during start-up:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
                 panic!(
                     "lb did not answer on {} in 20 s:\n{}",
-                    d.socket.display(),
-                    d.log_text()
+                    self.socket.display(),
+                    self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        d
+    }
+
+    /// SIGKILLs the daemon, as a crash would: nothing of it gets to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits for the daemon to exit on its own (after `lb stop`).
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("lb did not exit within {within:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `lb status --json`, through the control socket.
@@ -194,5 +242,8 @@ impl LbDaemon {
 impl Drop for LbDaemon {
     fn drop(&mut self) {
         self.stop();
+        // A daemon killed and not restarted leaves its pins: remove them
+        // (bpffs is shared by every namespace; the test's must not linger).
+        let _ = lb_userspace::dataplane::remove_pins(&crate::topology::pin_dir_for(&self.socket));
     }
 }

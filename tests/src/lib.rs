@@ -81,3 +81,13 @@ pub fn require_root() {
         );
     }
 }
+
+/// Sends `n` requests, each on a new connection, from `ns` to `target`;
+/// returns how many were answered with 200.
+pub fn burst_ok(ns: &netns::Netns, target: std::net::SocketAddr, n: usize) -> usize {
+    ns.run(move || {
+        (0..n)
+            .filter(|_| matches!(http::get(target, "/"), Ok((200, _))))
+            .count()
+    })
+}

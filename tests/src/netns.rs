@@ -8,6 +8,8 @@ use crate::{sh, try_sh};
 /// A named network namespace, deleted (with everything in it) on drop.
 pub struct Netns {
     pub name: String,
+    /// Created (and so deleted on drop) by this guard.
+    owned: bool,
 }
 
 impl Netns {
@@ -21,9 +23,18 @@ impl Netns {
         sh("ip", &["netns", "add", name]);
         let ns = Netns {
             name: name.to_owned(),
+            owned: true,
         };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on an existing namespace that does not delete it on drop.
+    pub fn attach(name: &str) -> Netns {
+        Netns {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// `ip -n <ns> ...`
@@ -51,6 +62,27 @@ impl Netns {
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// A `Command` that runs `program` in this network namespace but, unlike
+    /// `ip netns exec`, in the caller's mount namespace: it sees the host's
+    /// bpffs, so pins it makes outlive it (as a daemon's under systemd do).
+    pub fn command_same_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let path = format!("/var/run/netns/{}", self.name);
+        let f = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        let mut c = Command::new(program);
+        // SAFETY: the closure only calls setns(2), which is async-signal-safe;
+        // `f` stays open in the parent until the child has exec'd.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c
     }
 
@@ -95,7 +127,9 @@ pub fn enter(name: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = try_sh("ip", &["netns", "del", &self.name]);
+        if self.owned {
+            let _ = try_sh("ip", &["netns", "del", &self.name]);
+        }
     }
 }
 

@@ -168,3 +168,129 @@ pub fn service_block(name: &str, port: u16, protocol: &str, n: usize, backend_po
     }
     s + "\n"
 }
+
+/// Two balancers, active-active, behind a router that spreads flows over both
+/// with an ECMP route to the VIP (as BGP would, with each balancer announcing
+/// it); the backends send replies through either balancer the same way.
+///
+/// ```text
+///                      ┌─ lb1 (10.0.5.2 / 10.0.2.1) ─┐
+///  client ── router ──┤                               ├── switch ── web1, web2
+///  10.0.1.2  10.0.1.1  └─ lb2 (10.0.6.2 / 10.0.2.2) ─┘
+/// ```
+pub struct ActiveActive {
+    pub client: Netns,
+    pub router: Netns,
+    pub lbs: Vec<Netns>,
+    pub switch: Netns,
+    pub backends: Vec<Netns>,
+}
+
+/// The router-side address of balancer `i` (0-based) and its backend-side one.
+pub fn lb_addrs(i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    (
+        Ipv4Addr::new(10, 0, 5 + i as u8, 2),
+        Ipv4Addr::new(10, 0, 2, 1 + i as u8),
+    )
+}
+
+impl ActiveActive {
+    pub fn new(prefix: &str, n_backends: usize) -> ActiveActive {
+        let client = Netns::new(&format!("{prefix}-cli"));
+        let router = Netns::new(&format!("{prefix}-rt"));
+        let switch = Netns::new(&format!("{prefix}-sw"));
+        let lbs: Vec<Netns> = (1..=2)
+            .map(|i| Netns::new(&format!("{prefix}-lb{i}")))
+            .collect();
+        let backends: Vec<Netns> = (1..=n_backends)
+            .map(|i| Netns::new(&format!("{prefix}-web{i}")))
+            .collect();
+
+        veth(&client, "eth0", &router, "r0");
+        client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_SIDE.to_string(),
+        ]);
+        router.ip(&["addr", "add", &format!("{LB_CLIENT_SIDE}/24"), "dev", "r0"]);
+        switch.ip(&["link", "add", "name", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut hops = Vec::new();
+        for (i, lb) in lbs.iter().enumerate() {
+            let (front, back) = lb_addrs(i);
+            let rif = format!("r{}", i + 1);
+            veth(lb, "eth0", &router, &rif);
+            lb.ip(&["addr", "add", &format!("{front}/24"), "dev", "eth0"]);
+            let gw = Ipv4Addr::new(10, 0, 5 + i as u8, 1);
+            router.ip(&["addr", "add", &format!("{gw}/24"), "dev", &rif]);
+            lb.ip(&["route", "add", "default", "via", &gw.to_string()]);
+            let port = format!("p-lb{}", i + 1);
+            veth(lb, "eth1", &switch, &port);
+            switch.ip(&["link", "set", &port, "master", "br0"]);
+            lb.ip(&["addr", "add", &format!("{back}/24"), "dev", "eth1"]);
+            lb.sysctl("net.ipv4.ip_forward", "1");
+            lb.exec(
+                "nft",
+                &["add table inet lbtest; \
+                   add chain inet lbtest forward { type filter hook forward priority 0; policy drop; }"],
+            );
+            hops.push((front, back));
+        }
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        let mut vip_route = vec!["route".to_owned(), "add".into(), format!("{VIP}/32")];
+        for (front, _) in &hops {
+            vip_route.extend(["nexthop".into(), "via".into(), front.to_string()]);
+        }
+        router.ip(&vip_route.iter().map(String::as_str).collect::<Vec<_>>());
+
+        for (i, b) in backends.iter().enumerate() {
+            let port = format!("p-web{}", i + 1);
+            veth(b, "eth0", &switch, &port);
+            switch.ip(&["link", "set", &port, "master", "br0"]);
+            b.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", backend_addr(i + 1)),
+                "dev",
+                "eth0",
+            ]);
+            b.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+            let mut r = vec!["route".to_owned(), "add".into(), "default".into()];
+            for (_, back) in &hops {
+                r.extend(["nexthop".into(), "via".into(), back.to_string()]);
+            }
+            b.ip(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        for ns in std::iter::once(&client).chain(&backends) {
+            ns.sysctl("net.ipv4.tcp_timestamps", "2");
+        }
+        ActiveActive {
+            client,
+            router,
+            lbs,
+            switch,
+            backends,
+        }
+    }
+
+    /// Takes balancer `i` out of both routes, as a withdrawn BGP announcement
+    /// (router) and a dead gateway (backends) would.
+    pub fn withdraw(&self, i: usize) {
+        let keep = 1 - i;
+        let (front, back) = lb_addrs(keep);
+        self.router.ip(&[
+            "route",
+            "replace",
+            &format!("{VIP}/32"),
+            "via",
+            &front.to_string(),
+        ]);
+        for b in &self.backends {
+            b.ip(&["route", "replace", "default", "via", &back.to_string()]);
+        }
+    }
+}

@@ -624,3 +624,59 @@ fn root_a_syn_after_the_client_closed_is_a_new_connection() {
         assert_eq!(h.counter("new_flows"), 2);
     });
 }
+
+#[test]
+fn root_maglev_places_new_and_unknown_mid_flow_packets_where_the_table_says() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        const SEED: u32 = 7;
+        let mut web = ServiceSpec::from_config(&services()[0], SEED);
+        web.maglev = Some((lb_common::maglev::DEFAULT_TABLE_SIZE, SEED));
+        h.dp.apply(&[web]).unwrap();
+        // The same table, built independently here.
+        let mut table = vec![0u32; lb_common::maglev::DEFAULT_TABLE_SIZE as usize];
+        assert!(lb_common::maglev::fill_table(
+            &[(b"b1", 1), (b"b2", 1)],
+            SEED,
+            &mut table
+        ));
+        let expect = |sport: u16| {
+            let hsh = lb_common::maglev::flow_hash(
+                CLIENT.octets(),
+                VIP.octets(),
+                sport.to_be_bytes(),
+                80u16.to_be_bytes(),
+                6,
+                SEED,
+            );
+            match table[(hsh % lb_common::maglev::DEFAULT_TABLE_SIZE) as usize] {
+                0 => (B1, B1_MAC),
+                _ => (B2, B2_MAC),
+            }
+        };
+        let mut seen = [0; 2];
+        for sport in 50000..50100u16 {
+            let (to, mac) = expect(sport);
+            seen[(to == B2) as usize] += 1;
+            let syn = client_frame(sport, TCP_SYN);
+            let (action, out) = h.send_from_client(&syn);
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(out, expect_to_backend(&syn, to, mac, 8080), "sport {sport}");
+        }
+        assert!(
+            seen[0] > 25 && seen[1] > 25,
+            "both backends take flows: {seen:?}"
+        );
+        // A mid-flow segment of a flow this table never saw (a restarted
+        // daemon's, another balancer's) goes where Maglev says, and is tracked.
+        for sport in 51000..51020u16 {
+            let (to, mac) = expect(sport);
+            let ack = client_frame(sport, TCP_ACK | TCP_PSH);
+            let (action, out) = h.send_from_client(&ack);
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(out, expect_to_backend(&ack, to, mac, 8080));
+        }
+        assert_eq!(h.counter("flows_recovered"), 20);
+        assert_eq!(h.counter("drop_tcp_no_flow"), 0);
+    });
+}

@@ -1,0 +1,239 @@
+//! End-to-end (root): the data path outlives the daemon. A SIGKILLed daemon
+//! breaks no connection and its successor adopts the connection table; a new
+//! program replaces the old one atomically on the pinned links; two balancers
+//! with the same Maglev config carry each other's flows.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use lb_tests::{
+    daemon::LbDaemon,
+    http,
+    load::{Load, Sample},
+    nginx::Nginx,
+    require_root,
+    topology::{backend_addr, lb_config, pin_dir_for, service_block, ActiveActive, Topology, VIP},
+    unique,
+};
+
+fn prefix() -> String {
+    format!("r{}{}", std::process::id() % 10_000, unique())
+}
+
+fn vip() -> SocketAddr {
+    SocketAddrV4::new(VIP, 80).into()
+}
+
+/// Long-lived keep-alive connections exercised in a loop until stopped; each
+/// must keep answering from the backend it started on. Returns the rounds done.
+struct Holders {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<String>, usize)>,
+}
+
+impl Holders {
+    fn start(ns: &lb_tests::netns::Netns, n: usize) -> Holders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = ns.spawn(move || {
+            let mut conns: Vec<http::Conn> = (0..n)
+                .map(|i| http::Conn::open(vip()).unwrap_or_else(|e| panic!("opening {i}: {e}")))
+                .collect();
+            let first: Vec<String> = conns.iter_mut().map(|c| c.get("/").unwrap().1).collect();
+            let mut rounds = 0;
+            while !s.load(Ordering::Relaxed) {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    match c.get("/") {
+                        Ok((200, b)) if b == first[i] => {}
+                        other => panic!("long-lived connection {i} broke or moved after {rounds} rounds: {other:?}"),
+                    }
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (first, rounds)
+        });
+        Holders { stop, thread }
+    }
+
+    fn finish(self) -> (Vec<String>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("a long-lived connection broke")
+    }
+}
+
+fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.answer.is_err()).collect()
+}
+
+#[test]
+fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
+        .collect();
+    // Round robin: only the connection table can keep a mid-flow packet on
+    // its backend, so surviving connections prove the table survived.
+    let mut lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    let holders = Holders::start(&t.client, 50);
+    let load = Load::start(&t.client, vip(), Duration::from_millis(5));
+    std::thread::sleep(Duration::from_millis(500));
+
+    lb.kill();
+    println!("daemon SIGKILLed; down for 5 s");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        pin_dir_for(&lb.socket).join("CONNTRACK").exists(),
+        "maps stay pinned"
+    );
+    lb.restart(&[]);
+    assert!(
+        lb.log_text().contains("adopted the pinned maps"),
+        "{}",
+        lb.log_text()
+    );
+    let web1 = lb.backend("web", "web1");
+    let web2 = lb.backend("web", "web2");
+    let active = web1["active_flows"].as_u64().unwrap() + web2["active_flows"].as_u64().unwrap();
+    println!("after the restart the connection table holds {active} active flows");
+    assert!(
+        active >= 50,
+        "the old flows are still in the table: {web1} {web2}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let samples = load.stop();
+    let (first, rounds) = holders.finish();
+    println!(
+        "{} new connections across the kill, {} failed; 50 long-lived connections ({} on web1), {rounds} rounds each",
+        samples.len(),
+        failures(&samples).len(),
+        first.iter().filter(|b| b.trim() == "web1").count()
+    );
+    assert!(
+        failures(&samples).is_empty(),
+        "{:?}",
+        &failures(&samples)[..failures(&samples).len().min(5)]
+    );
+    assert!(
+        rounds >= 50,
+        "the connections were exercised while the daemon was down"
+    );
+
+    // A clean stop detaches and removes the pins.
+    let (ok, out) = lb.cli(&["stop"]);
+    assert!(ok, "{out}");
+    lb.wait_exit(Duration::from_secs(10));
+    assert!(
+        !pin_dir_for(&lb.socket).exists(),
+        "lb stop removes the pins"
+    );
+    assert!(!t.lb.ip(&["link", "show"]).contains("xdp"), "and detaches");
+}
+
+#[test]
+fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_flows() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
+        .collect();
+    let mut lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    let prog_id = |t: &Topology| -> String {
+        let out = t.lb.ip(&["-d", "link", "show", "dev", "eth0"]);
+        let w: Vec<&str> = out.split_whitespace().collect();
+        let i = w
+            .iter()
+            .position(|x| *x == "prog/xdp")
+            .expect("XDP attached");
+        w[i + 2].to_owned()
+    };
+    let before = prog_id(&t);
+    let holders = Holders::start(&t.client, 20);
+    let load = Load::start(&t.client, vip(), Duration::from_millis(5));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The upgrade path: stop leaving the data path in place, start the
+    // (new) build, which loads its program and swaps it in on the links.
+    let (ok, out) = lb.cli(&["stop", "--keep-datapath"]);
+    assert!(ok, "{out}");
+    lb.wait_exit(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    lb.restart(&[]);
+    let after = prog_id(&t);
+    println!("XDP program on eth0: id {before} before, {after} after the upgrade");
+    assert_ne!(before, after, "a new program instance runs on the link");
+    let st = lb.status();
+    assert!(
+        st["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["adopted"] == true),
+        "{st}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let samples = load.stop();
+    let (_, rounds) = holders.finish();
+    println!(
+        "{} new connections across the upgrade, {} failed; 20 long-lived, {rounds} rounds",
+        samples.len(),
+        failures(&samples).len()
+    );
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+}
+
+#[test]
+fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
+    require_root();
+    let t = ActiveActive::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
+        .collect();
+    let svc = service_block("web", 80, "tcp", 2, 80).replace("round-robin", "maglev");
+    let cfg = |sock: &std::path::Path| {
+        lb_config(sock, &svc).replace("[daemon]\n", "[daemon]\nmaglev_seed = 42\n")
+    };
+    let lb1 = LbDaemon::start(&t.lbs[0], cfg);
+    let lb2 = LbDaemon::start(&t.lbs[1], cfg);
+
+    let holders = Holders::start(&t.client, 40);
+    std::thread::sleep(Duration::from_millis(500));
+    let fwd = |lb: &LbDaemon| lb.status()["counters"]["forwarded"].as_u64().unwrap();
+    let (f1, f2) = (fwd(&lb1), fwd(&lb2));
+    println!("before: lb1 forwarded {f1} packets, lb2 {f2}");
+    assert!(
+        f1 > 0 && f2 > 0,
+        "the router spreads flows over both balancers"
+    );
+
+    // lb1 goes away: withdrawn from the routes, its daemon stopped (XDP detached).
+    t.withdraw(0);
+    drop(lb1);
+    assert!(!t.lbs[0].ip(&["link", "show"]).contains("xdp"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let recovered = lb2.status()["counters"]["flows_recovered"]
+        .as_u64()
+        .unwrap();
+    let (first, rounds) = holders.finish();
+    println!(
+        "after lb1 went away: {rounds} rounds on 40 long-lived connections ({} on web1), \
+         lb2 took over {recovered} flows it had never seen",
+        first.iter().filter(|b| b.trim() == "web1").count()
+    );
+    assert!(recovered > 0, "lb2 carried flows that had come through lb1");
+    let more = lb_tests::burst_ok(&t.client, vip(), 20);
+    assert_eq!(more, 20, "new connections go through lb2");
+}
