@@ -288,10 +288,17 @@ impl Dataplane {
         } else {
             None
         };
-        let dp = Dataplane::finish_load(ebpf, Some(dir.to_owned()), adoption)?;
+        let mut dp = Dataplane::finish_load(ebpf, Some(dir.to_owned()), adoption)?;
         if !adopted {
             write_layout(&layout_pin).map_err(pins)?;
         }
+        // The running program, pinned for inspection (`bpftool prog show pinned`);
+        // the links hold it attached either way.
+        let prog_pin = dir.join("prog-lb");
+        let _ = std::fs::remove_file(&prog_pin);
+        dp.program_mut()
+            .pin(&prog_pin)
+            .map_err(|e| pins(format!("pinning the program: {e}")))?;
         Ok((dp, adopted))
     }
 
