@@ -34,6 +34,10 @@ pub fn lb(ctx: XdpContext) -> u32 {
         Parsed::Packet(p) => handle(&ctx, &p),
     };
     stats::count(outcome);
+    #[cfg(feature = "verbose-logs")]
+    if action == xdp_action::XDP_DROP {
+        aya_log_ebpf::debug!(&ctx, "dropped: outcome {}", outcome);
+    }
     action
 }
 

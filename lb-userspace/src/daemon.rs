@@ -100,6 +100,9 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
         tracing::info!("stopping: detaching XDP and removing the pins");
     }
     lb.dataplane_mut().shutdown(keep);
+    // Let the connection task of an `lb stop` finish writing its answer
+    // before the runtime (and with it that task) goes away.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     Ok(())
 }
 

@@ -38,6 +38,23 @@ use crate::config::{Protocol, Scheduler, ServiceConfig, XdpMode};
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
+/// The object to load: the embedded one, or the file `$LB_XDP_OBJECT` names
+/// (an operator's or a test's way to load another build of the program, e.g.
+/// one built with lb-ebpf's `verbose-logs` feature, without rebuilding `lb`).
+fn program_object() -> Result<std::borrow::Cow<'static, [u8]>> {
+    match std::env::var_os("LB_XDP_OBJECT") {
+        None => Ok(std::borrow::Cow::Borrowed(PROGRAM)),
+        Some(p) => {
+            std::fs::read(&p)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| DataplaneError::Pins {
+                    dir: PathBuf::from(&p),
+                    problem: format!("LB_XDP_OBJECT: {e}"),
+                })
+        }
+    }
+}
+
 /// Name of the XDP function in the object.
 pub const PROGRAM_NAME: &str = "lb";
 
@@ -245,7 +262,7 @@ impl Dataplane {
     /// Loads the program into the kernel (verifier included) with private
     /// maps, without attaching it: for tests and one-off use.
     pub fn load() -> Result<Dataplane> {
-        let ebpf = Ebpf::load(PROGRAM).map_err(DataplaneError::Load)?;
+        let ebpf = Ebpf::load(&program_object()?).map_err(DataplaneError::Load)?;
         Dataplane::finish_load(ebpf, None, None)
     }
 
@@ -282,7 +299,12 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
+        if std::env::var_os("LB_XDP_OBJECT").is_some() {
+            tracing::info!(object = ?std::env::var_os("LB_XDP_OBJECT"), "loading the XDP object from LB_XDP_OBJECT");
+        }
+        let ebpf = loader
+            .load(&program_object()?)
+            .map_err(DataplaneError::Load)?;
         let adoption = if adopted {
             Some(read_adoption(&ebpf)?)
         } else {

@@ -37,6 +37,7 @@ pub struct LbDaemon {
     pub log: PathBuf,
     pub config: PathBuf,
     ns: String,
+    object: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -60,6 +61,7 @@ impl LbDaemon {
             log: dir.path().join("lb.log"),
             config: cfg_path.to_owned(),
             ns: ns.name.clone(),
+            object: None,
             _dir: dir,
         };
         d.spawn(&[]);
@@ -73,14 +75,25 @@ impl LbDaemon {
         self.spawn(extra);
     }
 
+    /// Like [`LbDaemon::restart`], loading the XDP object at `object` instead
+    /// of the one built into `lb` (`LB_XDP_OBJECT`): an upgrade.
+    pub fn restart_with_object(&mut self, object: &Path) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.object = Some(object.to_owned());
+        self.spawn(&[]);
+    }
+
     fn spawn(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("opening lb.log");
-        let child = Netns::attach(&self.ns)
-            .command_same_mounts(lb_binary())
+        let mut cmd = Netns::attach(&self.ns).command_same_mounts(lb_binary());
+        if let Some(o) = &self.object {
+            cmd.env("LB_XDP_OBJECT", o);
+        }
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&self.config)

@@ -150,6 +150,8 @@ fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_
     let mut lb = LbDaemon::start(&t.lb, |sock| {
         lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
     });
+    // "prog/xdp id N name lb tag T": the tag hashes the instructions, so a
+    // different build shows a different tag, not only a new id.
     let prog_id = |t: &Topology| -> String {
         let out = t.lb.ip(&["-d", "link", "show", "dev", "eth0"]);
         let w: Vec<&str> = out.split_whitespace().collect();
@@ -157,23 +159,42 @@ fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_
             .iter()
             .position(|x| *x == "prog/xdp")
             .expect("XDP attached");
-        w[i + 2].to_owned()
+        let tag = w
+            .iter()
+            .position(|x| *x == "tag")
+            .map(|j| w[j + 1])
+            .unwrap_or("?");
+        format!("id {} tag {tag}", w[i + 2])
     };
+    let variant = std::env::var_os("LB_TEST_UPGRADE_OBJECT").map(std::path::PathBuf::from).expect(
+        "LB_TEST_UPGRADE_OBJECT names a second build of the XDP program: run this through `cargo xtask test`",
+    );
+    assert!(variant.exists(), "{} is missing", variant.display());
     let before = prog_id(&t);
     let holders = Holders::start(&t.client, 20);
     let load = Load::start(&t.client, vip(), Duration::from_millis(5));
     std::thread::sleep(Duration::from_millis(300));
 
-    // The upgrade path: stop leaving the data path in place, start the
-    // (new) build, which loads its program and swaps it in on the links.
+    // The upgrade path: stop leaving the data path in place, start the new
+    // build (here a second build of the program, with verbose-logs), which
+    // loads its program and swaps it in on the links.
     let (ok, out) = lb.cli(&["stop", "--keep-datapath"]);
     assert!(ok, "{out}");
     lb.wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
-    lb.restart(&[]);
+    lb.restart_with_object(&variant);
     let after = prog_id(&t);
-    println!("XDP program on eth0: id {before} before, {after} after the upgrade");
-    assert_ne!(before, after, "a new program instance runs on the link");
+    println!("XDP program on eth0: {before} before, {after} after the upgrade");
+    let tag = |s: &str| s.split(" tag ").nth(1).unwrap_or("").to_owned();
+    assert_ne!(
+        tag(&before),
+        tag(&after),
+        "the new build's program runs on the link"
+    );
+    assert!(
+        lb.log_text().contains("LB_XDP_OBJECT"),
+        "the daemon loaded the new object"
+    );
     let st = lb.status();
     assert!(
         st["attachments"]

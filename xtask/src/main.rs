@@ -94,24 +94,45 @@ fn build_ebpf() -> Result<()> {
     setup::ensure_nightly()?;
     setup::ensure_bpf_linker()?;
     println!("build: the XDP program (lb-ebpf)");
-    let mut c = cmd(
-        "cargo",
-        &[
-            "+nightly",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ],
-    );
+    run(&mut ebpf_cargo("build", &[]))
+}
+
+/// `cargo +nightly <verb>` for the eBPF crate, with its target and flags.
+fn ebpf_cargo(verb: &str, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "+nightly",
+        verb,
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ];
+    args.extend_from_slice(extra);
+    let mut c = cmd("cargo", &args);
     // v3: the round-robin position needs the atomic fetch-and-add instruction.
     c.current_dir(root().join("lb-ebpf")).env(
         "RUSTFLAGS",
         "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
     );
-    run(&mut c)
+    c
+}
+
+/// A second build of the program, with `verbose-logs`: the upgrade test swaps
+/// it in for the embedded one, as a new release would be.
+fn build_ebpf_variant() -> Result<PathBuf> {
+    let dir = root().join("target/ebpf-verbose");
+    println!("build: a second build of the XDP program (verbose-logs) for the upgrade test");
+    run(&mut ebpf_cargo(
+        "build",
+        &[
+            "--features",
+            "verbose-logs",
+            "--target-dir",
+            dir.to_str().expect("utf-8 path"),
+        ],
+    ))?;
+    Ok(dir.join("bpfel-unknown-none/release/lb-ebpf"))
 }
 
 fn build_all() -> Result<()> {
@@ -182,26 +203,12 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ],
     ))?;
-    let mut c = cmd(
-        "cargo",
-        &[
-            "+nightly",
-            "clippy",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    );
-    c.current_dir(root().join("lb-ebpf")).env(
-        "RUSTFLAGS",
-        "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
-    );
-    run(&mut c)?;
+    run(&mut ebpf_cargo("clippy", &["--", "-D", "warnings"]))?;
+    run(&mut ebpf_cargo(
+        "clippy",
+        &["--features", "verbose-logs", "--", "-D", "warnings"],
+    ))?;
+    let variant = build_ebpf_variant()?;
     println!("test: building lb");
     run(&mut cmd(
         "cargo",
@@ -215,5 +222,7 @@ fn test(extra: &[String]) -> Result<()> {
         // on a 2-core machine.
         args.extend(["--", "--test-threads=1"]);
     }
-    run(&mut cmd("cargo", &args))
+    let mut c = cmd("cargo", &args);
+    c.env("LB_TEST_UPGRADE_OBJECT", &variant);
+    run(&mut c)
 }
