@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod maglev;
+pub mod reset;
 pub mod ring;
 
 /// Most services one program instance carries (size of the service and ring maps).
@@ -59,6 +60,10 @@ pub struct Service {
 /// mid-flow TCP packet of an unknown flow is placed the same way (it lands on
 /// the backend it started on, while the backend set is unchanged).
 pub const SERVICE_F_MAGLEV: u32 = 1;
+/// A TCP connection the service cannot take (no backend) is refused at once
+/// with a reset from the VIP, so clients fail fast instead of retrying SYNs
+/// (the write VIP while there is no primary).
+pub const SERVICE_F_RESET_IF_EMPTY: u32 = 2;
 
 /// Most Maglev services (each owns two tables of up to `maglev::MAX_TABLE_SIZE`).
 pub const MAX_MAGLEV_SERVICES: u32 = 8;
@@ -97,6 +102,9 @@ pub const BACKEND_F_PRESENT: u32 = 1;
 /// Packets of established flows on this backend are dropped (it is down and
 /// its service's policy is `drop-flows`); by default they keep flowing.
 pub const BACKEND_F_DROP_FLOWS: u32 = 2;
+/// Client packets of established TCP flows on this backend are answered with
+/// a reset (a demoted MySQL primary: clients reconnect, to the new primary).
+pub const BACKEND_F_RESET_FLOWS: u32 = 4;
 
 /// A flow as the load balancer sees it on the wire, in one direction.
 /// Client to VIP in the connection table, backend to client in the reverse table.
@@ -203,11 +211,15 @@ pub mod counter {
     /// A mid-flow TCP packet of a flow the table did not know, placed by
     /// Maglev on the backend it hashes to (and the flow tracked again).
     pub const FLOWS_RECOVERED: u32 = 16;
+    /// A new TCP connection refused with a reset: its service had no backend.
+    pub const RESET_NO_BACKEND: u32 = 17;
+    /// A packet of a flow whose backend resets its flows, answered with a reset.
+    pub const RESET_FLOW: u32 = 18;
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 17] = [
+    pub const NAMES: [&str; 19] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -225,6 +237,8 @@ pub mod counter {
         "drop_backend_gone",
         "drop_backend_down",
         "flows_recovered",
+        "reset_no_backend",
+        "reset_flow",
     ];
 }
 

@@ -10,13 +10,14 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    counter, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, IPPROTO_TCP,
-    SERVICE_F_MAGLEV,
+    counter, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT,
+    BACKEND_F_RESET_FLOWS, IPPROTO_TCP, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 
 use crate::{
@@ -80,6 +81,9 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
                         stats::count(counter::FLOWS_RECOVERED);
                     }
                     let Some(b) = select::pick(&svc, &key) else {
+                        if p.proto == IPPROTO_TCP && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
+                            return (reset::reset(ctx), counter::RESET_NO_BACKEND);
+                        }
                         return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
                     };
                     (b, None, true)
@@ -95,6 +99,9 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
             }
             if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
                 return (xdp_action::XDP_DROP, counter::DROP_BACKEND_DOWN);
+            }
+            if backend.flags & BACKEND_F_RESET_FLOWS != 0 && p.proto == IPPROTO_TCP {
+                return (reset::reset(ctx), counter::RESET_FLOW);
             }
         }
         if new_flow {

@@ -28,8 +28,9 @@ use aya::{
 };
 use lb_common::{
     counter, maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey,
-    Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, FLOW_F_CLOSING, MAX_BACKENDS,
-    MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_MAGLEV,
+    Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING,
+    MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_MAGLEV,
+    SERVICE_F_RESET_IF_EMPTY,
 };
 use serde::Serialize;
 
@@ -75,7 +76,7 @@ pub const MAPS: &[&str] = &[
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
 /// maps of another layout (bump it whenever a map's type or size changes).
-pub const LAYOUT_VERSION: u64 = 3;
+pub const LAYOUT_VERSION: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -123,6 +124,8 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     /// Maglev table size and hash seed; None: the round-robin ring.
     pub maglev: Option<(u32, u32)>,
+    /// Refuse TCP connections with a reset while no backend can take them.
+    pub reset_if_empty: bool,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -134,6 +137,8 @@ pub struct BackendSpec {
     /// Slots in the scheduling ring, or Maglev weight: 0 takes no new flows.
     pub ring_weight: u32,
     pub drop_flows: bool,
+    /// Answer its established TCP flows' packets with resets.
+    pub reset_flows: bool,
 }
 
 impl ServiceSpec {
@@ -146,6 +151,7 @@ impl ServiceSpec {
             protocol: s.protocol,
             maglev: (s.scheduler == Scheduler::Maglev)
                 .then_some((s.maglev_table_size, maglev_seed)),
+            reset_if_empty: false,
             backends: s
                 .backends
                 .iter()
@@ -158,6 +164,7 @@ impl ServiceSpec {
                         Scheduler::WeightedRoundRobin | Scheduler::Maglev => b.weight,
                     },
                     drop_flows: false,
+                    reset_flows: false,
                 })
                 .collect(),
         }
@@ -755,9 +762,9 @@ impl Dataplane {
                 }
             };
             let unchanged = !fresh
-                && old_backends
-                    .get(&b.name)
-                    .is_some_and(|o| o.drop_flows == b.drop_flows);
+                && old_backends.get(&b.name).is_some_and(|o| {
+                    (o.drop_flows, o.reset_flows) == (b.drop_flows, b.reset_flows)
+                });
             if !unchanged {
                 let value = Backend {
                     addr: b.address.octets(),
@@ -766,6 +773,11 @@ impl Dataplane {
                     flags: BACKEND_F_PRESENT
                         | if b.drop_flows {
                             BACKEND_F_DROP_FLOWS
+                        } else {
+                            0
+                        }
+                        | if b.reset_flows {
+                            BACKEND_F_RESET_FLOWS
                         } else {
                             0
                         },
@@ -845,7 +857,12 @@ impl Dataplane {
             id,
             ring_base: base,
             ring_len: len,
-            flags,
+            flags: flags
+                | if s.reset_if_empty {
+                    SERVICE_F_RESET_IF_EMPTY
+                } else {
+                    0
+                },
             hash_seed: seed,
             _pad: 0,
         };

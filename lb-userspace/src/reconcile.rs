@@ -92,6 +92,7 @@ impl ServiceState {
             protocol: c.protocol,
             maglev: (c.scheduler == Scheduler::Maglev)
                 .then_some((c.maglev_table_size, maglev_seed)),
+            reset_if_empty: false,
             backends: self
                 .backends
                 .iter()
@@ -107,6 +108,7 @@ impl ServiceState {
                         }
                     },
                     drop_flows: !b.health.up && c.on_backend_down == DownPolicy::DropFlows,
+                    reset_flows: false,
                 })
                 .collect(),
         }

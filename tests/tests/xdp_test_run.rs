@@ -20,6 +20,7 @@ use lb_userspace::{
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -678,5 +679,63 @@ fn root_maglev_places_new_and_unknown_mid_flow_packets_where_the_table_says() {
         }
         assert_eq!(h.counter("flows_recovered"), 20);
         assert_eq!(h.counter("drop_tcp_no_flow"), 0);
+    });
+}
+
+#[test]
+fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let spec = |weights: u32, reset_flows: bool| {
+            let mut s = ServiceSpec::from_config(&services()[0], 0);
+            s.reset_if_empty = true;
+            for b in &mut s.backends {
+                b.ring_weight = weights;
+                b.reset_flows = reset_flows;
+            }
+            vec![s]
+        };
+        // No backend can take the connection: refused at once, not dropped.
+        h.dp.apply(&spec(0, false)).unwrap();
+        let mut syn = client_frame(47000, TCP_SYN);
+        syn.payload.clear();
+        let (action, out) = h.send_from_client(&syn);
+        assert_eq!(
+            action, XDP_TX,
+            "the reset goes back out where the SYN came in"
+        );
+        assert_eq!(out.len(), 14 + 40, "bare headers");
+        assert_eq!(&out[0..6], &CLIENT_MAC);
+        assert_eq!(&out[6..12], &X0_MAC);
+        assert_eq!(&out[14 + 12..14 + 16], &VIP.octets(), "from the VIP");
+        assert_eq!(&out[14 + 16..14 + 20], &CLIENT.octets());
+        let tcp = &out[34..54];
+        assert_eq!(&tcp[0..2], &80u16.to_be_bytes());
+        assert_eq!(&tcp[2..4], &47000u16.to_be_bytes());
+        assert_eq!(tcp[13], TCP_RST | TCP_ACK);
+        assert_eq!(&tcp[8..12], &1001u32.to_be_bytes(), "acknowledges the SYN");
+        checksums_ok(&out).unwrap();
+        assert_eq!(h.counter("reset_no_backend"), 1);
+
+        // An established flow on a backend whose flows are to be reset.
+        h.dp.apply(&spec(1, false)).unwrap();
+        let (action, _) = h.send_from_client(&client_frame(47001, TCP_SYN));
+        assert_eq!(action, XDP_REDIRECT);
+        h.dp.apply(&spec(1, true)).unwrap();
+        let data = client_frame(47001, TCP_ACK | TCP_PSH);
+        let (action, out) = h.send_from_client(&data);
+        assert_eq!(action, XDP_TX);
+        let tcp = &out[34..54];
+        assert_eq!(tcp[13], TCP_RST);
+        assert_eq!(
+            &tcp[4..8],
+            &2000u32.to_be_bytes(),
+            "at the segment's ack number"
+        );
+        checksums_ok(&out).unwrap();
+        assert_eq!(h.counter("reset_flow"), 1);
+        // A reset from the client is never answered.
+        let (action, _) = h.send_from_client(&client_frame(47001, TCP_RST));
+        assert_eq!(action, XDP_DROP);
     });
 }
