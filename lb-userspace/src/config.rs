@@ -144,6 +144,9 @@ struct RawService {
     #[serde(default)]
     on_backend_down: DownPolicy,
     maglev_table_size: Option<u32>,
+    #[serde(default)]
+    steering: Steering,
+    mysql: Option<RawMysql>,
     health: Option<RawHealth>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
@@ -157,6 +160,79 @@ struct RawBackend {
     port: Option<u16>,
     weight: Option<u32>,
     health: Option<RawHealth>,
+}
+
+/// `[service.mysql]`: how to monitor the servers of a steered service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMysql {
+    user: String,
+    password_file: PathBuf,
+    #[serde(default = "default_mysql_interval")]
+    interval_ms: u64,
+    #[serde(default = "default_mysql_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_max_lag")]
+    max_replica_lag_s: u64,
+    #[serde(default)]
+    on_demotion: OnDemotion,
+}
+
+fn default_mysql_interval() -> u64 {
+    250
+}
+fn default_mysql_timeout() -> u64 {
+    200
+}
+fn default_max_lag() -> u64 {
+    5
+}
+
+/// Where a service's new connections go, beyond health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Steering {
+    /// Any healthy backend, by the scheduler.
+    #[default]
+    None,
+    /// A write VIP: every new connection to the one current MySQL primary.
+    MysqlPrimary,
+    /// A read VIP: healthy replicas within the lag limit; the primary if none.
+    MysqlReplica,
+}
+
+/// What happens to the connections of a primary that stops being one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDemotion {
+    /// Reset them (TCP reset from the balancer), so clients reconnect to the
+    /// new primary instead of writing to a server that refuses writes.
+    #[default]
+    Reset,
+    /// Leave them be.
+    Keep,
+}
+
+/// A password read from a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A validated `[service.mysql]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MysqlMonitor {
+    pub user: String,
+    pub password_file: PathBuf,
+    pub password: Secret,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub max_replica_lag_s: u64,
+    pub on_demotion: OnDemotion,
 }
 
 /// `[service.health]`, and `[service.backend.health]` overriding it key by key.
@@ -271,6 +347,9 @@ pub struct ServiceConfig {
     pub on_backend_down: DownPolicy,
     /// Maglev only: the lookup table's size (prime).
     pub maglev_table_size: u32,
+    pub steering: Steering,
+    /// Set exactly when `steering` is a MySQL mode.
+    pub mysql: Option<MysqlMonitor>,
     /// The service's `[service.health]`: what backends added at run time get.
     pub health: Option<HealthCheck>,
     pub backends: Vec<BackendConfig>,
@@ -499,6 +578,66 @@ impl Config {
             if s.scheduler == Scheduler::Maglev {
                 maglev_services += 1;
             }
+            let mysql = match (&s.mysql, s.steering) {
+                (None, Steering::None) => None,
+                (Some(_), Steering::None) => {
+                    bad(
+                        format!("{key}.mysql"),
+                        "needs steering = \"mysql-primary\" or \"mysql-replica\"".into(),
+                    );
+                    None
+                }
+                (None, _) => {
+                    bad(
+                        format!("{key}.mysql"),
+                        "MySQL steering needs a [service.mysql] section (user, password_file)"
+                            .into(),
+                    );
+                    None
+                }
+                (Some(m), _) => {
+                    if s.protocol != Protocol::Tcp {
+                        bad(
+                            format!("{key}.steering"),
+                            "MySQL steering needs protocol = \"tcp\"".into(),
+                        );
+                    }
+                    if !(10..=60_000).contains(&m.interval_ms) {
+                        bad(
+                            format!("{key}.mysql.interval_ms"),
+                            format!("{} is outside 10..=60000", m.interval_ms),
+                        );
+                    }
+                    if m.timeout_ms == 0 || m.timeout_ms > m.interval_ms {
+                        bad(
+                            format!("{key}.mysql.timeout_ms"),
+                            format!(
+                                "{} must be at least 1 and at most interval_ms ({})",
+                                m.timeout_ms, m.interval_ms
+                            ),
+                        );
+                    }
+                    match std::fs::read_to_string(&m.password_file) {
+                        Ok(p) => Some(MysqlMonitor {
+                            user: m.user.clone(),
+                            password_file: m.password_file.clone(),
+                            // A trailing newline is the file's, not the password's.
+                            password: Secret(p.trim_end_matches(['\n', '\r']).to_owned()),
+                            interval_ms: m.interval_ms,
+                            timeout_ms: m.timeout_ms,
+                            max_replica_lag_s: m.max_replica_lag_s,
+                            on_demotion: m.on_demotion,
+                        }),
+                        Err(e) => {
+                            bad(
+                                format!("{key}.mysql.password_file"),
+                                format!("cannot read {}: {e}", m.password_file.display()),
+                            );
+                            None
+                        }
+                    }
+                }
+            };
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             if !backends.is_empty() && lb_common::ring::ring_len(&weights) == 0 {
                 bad(
@@ -529,6 +668,8 @@ impl Config {
                     scheduler: s.scheduler,
                     on_backend_down: s.on_backend_down,
                     maglev_table_size,
+                    steering: s.steering,
+                    mysql,
                     health: svc_health,
                     backends,
                 });

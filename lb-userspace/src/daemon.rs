@@ -14,8 +14,8 @@ use crate::{
     config::Config,
     control::{self, Envelope, Request, Response},
     dataplane::Dataplane,
-    health,
-    reconcile::Balancer,
+    health, mysql,
+    reconcile::{self, Balancer},
 };
 
 /// Checks what the kernel must provide before anything is loaded: the route
@@ -51,7 +51,10 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     let interfaces = cfg.daemon.interfaces.clone();
     let mode = cfg.daemon.xdp_mode;
     // Maps first, then attach: the first packet already sees every service.
-    let mut lb = Balancer::new(cfg, dp, report_tx).context("writing the service maps")?;
+    let (mysql_tx, mut mysql_reports) = mpsc::channel::<mysql::Report>(1024);
+    let first_look = first_mysql_look(&cfg).await;
+    let mut lb = Balancer::new(cfg, dp, report_tx, mysql_tx, first_look)
+        .context("writing the service maps")?;
     for iface in &interfaces {
         let used = lb
             .dataplane_mut()
@@ -92,6 +95,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
                 let _ = reply.send(lb.control(req));
             }
             Some(report) = reports.recv() => lb.on_report(report),
+            Some(report) = mysql_reports.recv() => lb.on_mysql_report(report),
         }
     };
     if keep {
@@ -104,6 +108,32 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     // before the runtime (and with it that task) goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// One observation of every server of every MySQL-steered service, all at
+/// once (each bounded by its timeout), so the first maps written already send
+/// writes to the primary instead of refusing them until the monitors report.
+async fn first_mysql_look(cfg: &Config) -> reconcile::FirstLook {
+    let mut set = tokio::task::JoinSet::new();
+    for s in &cfg.services {
+        let Some(m) = &s.mysql else { continue };
+        for b in &s.backends {
+            let (key, addr, port, m) = (
+                (s.name.clone(), b.name.clone()),
+                b.address,
+                b.port,
+                m.clone(),
+            );
+            set.spawn(async move { (key, mysql::observe_once(addr, port, &m).await) });
+        }
+    }
+    let mut out = reconcile::FirstLook::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok((k, o)) = r {
+            out.insert(k, o);
+        }
+    }
+    out
 }
 
 /// Forwards the program's aya-log lines to tracing, if it was built with them

@@ -6,5 +6,6 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod mysql;
 pub mod neigh;
 pub mod reconcile;

@@ -301,6 +301,37 @@ fn render_status(v: &serde_json::Value) -> String {
             );
         }
     }
+    for s in v["services"].as_array().into_iter().flatten() {
+        if s["mysql"].is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\nmysql {} ({}): primary {}{}",
+            t(&s["name"]),
+            t(&s["steering"]),
+            t(&s["mysql"]["primary"]),
+            match s["mysql"]["alarm"].as_str() {
+                Some(a) => format!("  ALARM: {a}"),
+                None => String::new(),
+            }
+        );
+        for b in s["backends"].as_array().into_iter().flatten() {
+            let m = &b["mysql"];
+            let o = &m["observation"];
+            let _ = writeln!(
+                out,
+                "  {:<12} role {:<11} read_only {:<5} io {:<10} sql {:<5} lag {:<4} {}",
+                t(&b["name"]),
+                t(&m["role"]),
+                t(&o["read_only"]),
+                t(&o["io_running"]),
+                t(&o["sql_running"]),
+                t(&o["lag_s"]),
+                o["error"].as_str().unwrap_or_default(),
+            );
+        }
+    }
     let _ = writeln!(out, "\npackets by outcome:");
     for name in lb_common::counter::NAMES {
         let _ = writeln!(out, "  {name:<18} {}", t(&v["counters"][name]));

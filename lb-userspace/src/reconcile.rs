@@ -14,10 +14,14 @@ use serde_json::json;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    config::{BackendConfig, Config, DownPolicy, HealthCheck, Scheduler, ServiceConfig},
+    config::{
+        BackendConfig, Config, DownPolicy, HealthCheck, MysqlMonitor, OnDemotion, Scheduler,
+        ServiceConfig, Steering,
+    },
     control::{Request, Response},
     dataplane::{BackendSpec, Dataplane, ServiceSpec, TrafficStatus},
     health::{self, Health, Report},
+    mysql::{self, Observation, Roles},
     neigh,
 };
 
@@ -44,6 +48,11 @@ struct BackendState {
     health: Health,
     /// Added through the control socket, not from the file.
     runtime: bool,
+    /// The latest MySQL observation (steered services).
+    mysql: Option<Observation>,
+    /// It was this service's primary and lost the role: its connections are
+    /// reset (under `on_demotion = "reset"`) until it is primary again.
+    demoted: bool,
 }
 
 impl BackendState {
@@ -53,6 +62,8 @@ impl BackendState {
             admin: Admin::Enabled,
             health: Health::default(),
             runtime,
+            mysql: None,
+            demoted: false,
         }
     }
 
@@ -76,6 +87,8 @@ struct ServiceState {
     config: ServiceConfig,
     /// In config order (the ring order).
     backends: Vec<BackendState>,
+    /// MySQL roles (steered services).
+    roles: Roles,
 }
 
 impl ServiceState {
@@ -83,8 +96,78 @@ impl ServiceState {
         self.backends.iter_mut().find(|b| b.config.name == name)
     }
 
+    /// Re-decides MySQL roles from the latest observations; returns true if
+    /// the primary changed. Logs every change of primary and of alarm.
+    fn steer(&mut self) -> bool {
+        if self.config.steering == Steering::None {
+            return false;
+        }
+        let observed: Vec<(&str, Option<&Observation>)> = self
+            .backends
+            .iter()
+            .map(|b| (b.config.name.as_str(), b.mysql.as_ref()))
+            .collect();
+        let next = mysql::decide(&self.roles, &observed);
+        let svc = self.config.name.clone();
+        if next.alarm != self.roles.alarm {
+            match &next.alarm {
+                Some(a) => tracing::error!(service = %svc, alarm = %a, "MySQL alarm"),
+                None => tracing::info!(service = %svc, "MySQL alarm cleared"),
+            }
+        }
+        let changed = next.primary != self.roles.primary;
+        if changed {
+            tracing::warn!(service = %svc, from = ?self.roles.primary, to = ?next.primary, "primary changed");
+            if let Some(old) = self.roles.primary.clone() {
+                if let Some(b) = self.backend_mut(&old) {
+                    b.demoted = true;
+                }
+            }
+            if let Some(new) = next.primary.clone() {
+                if let Some(b) = self.backend_mut(&new) {
+                    b.demoted = false;
+                }
+            }
+        }
+        self.roles = next;
+        changed
+    }
+
+    /// Whether backend `b` may take new flows of this service right now.
+    fn eligible(&self, b: &BackendState) -> bool {
+        if !b.takes_new_flows() {
+            return false;
+        }
+        match self.config.steering {
+            Steering::None => true,
+            Steering::MysqlPrimary => self.roles.primary.as_deref() == Some(&b.config.name),
+            Steering::MysqlReplica => {
+                let max = self
+                    .config
+                    .mysql
+                    .as_ref()
+                    .map_or(0, |m| m.max_replica_lag_s);
+                let fit = |x: &BackendState| {
+                    x.takes_new_flows()
+                        && x.mysql.as_ref().is_some_and(|o| mysql::fit_replica(o, max))
+                };
+                if self.backends.iter().any(fit) {
+                    fit(b)
+                } else {
+                    // No replica fit for reads: they fall back to the primary.
+                    self.roles.primary.as_deref() == Some(&b.config.name)
+                }
+            }
+        }
+    }
+
     fn spec(&self, maglev_seed: u32) -> ServiceSpec {
         let c = &self.config;
+        let reset_demoted = c
+            .mysql
+            .as_ref()
+            .is_some_and(|m| m.on_demotion == OnDemotion::Reset)
+            && c.steering == Steering::MysqlPrimary;
         ServiceSpec {
             name: c.name.clone(),
             vip: c.vip,
@@ -92,7 +175,9 @@ impl ServiceState {
             protocol: c.protocol,
             maglev: (c.scheduler == Scheduler::Maglev)
                 .then_some((c.maglev_table_size, maglev_seed)),
-            reset_if_empty: false,
+            // Steered services refuse what they cannot place: a write with no
+            // primary fails fast instead of hanging.
+            reset_if_empty: c.steering != Steering::None,
             backends: self
                 .backends
                 .iter()
@@ -100,7 +185,7 @@ impl ServiceState {
                     name: b.config.name.clone(),
                     address: b.config.address,
                     port: b.config.port,
-                    ring_weight: match (b.takes_new_flows(), c.scheduler) {
+                    ring_weight: match (self.eligible(b), c.scheduler) {
                         (false, _) => 0,
                         (true, Scheduler::RoundRobin) => 1,
                         (true, Scheduler::WeightedRoundRobin | Scheduler::Maglev) => {
@@ -108,24 +193,30 @@ impl ServiceState {
                         }
                     },
                     drop_flows: !b.health.up && c.on_backend_down == DownPolicy::DropFlows,
-                    reset_flows: false,
+                    reset_flows: reset_demoted && b.demoted,
                 })
                 .collect(),
         }
     }
 }
 
-struct Checker {
+struct Checker<W> {
     id: u64,
-    what: (Ipv4Addr, u16, HealthCheck),
+    what: W,
     task: JoinHandle<()>,
 }
 
-impl Drop for Checker {
+impl<W> Drop for Checker<W> {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
+
+/// What a MySQL monitor watches, and as whom.
+type MonitorTarget = (Ipv4Addr, u16, MysqlMonitor);
+
+/// Observations made before the first map write, by (service, backend).
+pub type FirstLook = HashMap<(String, String), Observation>;
 
 /// The desired state and the data path it is written to.
 pub struct Balancer {
@@ -133,7 +224,9 @@ pub struct Balancer {
     services: Vec<ServiceState>,
     dp: Dataplane,
     reports: mpsc::Sender<Report>,
-    checkers: HashMap<(String, String), Checker>,
+    mysql_reports: mpsc::Sender<mysql::Report>,
+    checkers: HashMap<(String, String), Checker<(Ipv4Addr, u16, HealthCheck)>>,
+    monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
     neighbours: HashSet<Ipv4Addr>,
 }
@@ -147,17 +240,28 @@ impl Balancer {
         cfg: Config,
         dp: Dataplane,
         reports: mpsc::Sender<Report>,
+        mysql_reports: mpsc::Sender<mysql::Report>,
+        first_look: FirstLook,
     ) -> anyhow::Result<Balancer> {
         let services = cfg
             .services
             .iter()
-            .map(|s| ServiceState {
-                config: s.clone(),
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| BackendState::new(b.clone(), false))
-                    .collect(),
+            .map(|s| {
+                let mut st = ServiceState {
+                    config: s.clone(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let mut st = BackendState::new(b.clone(), false);
+                            st.mysql = first_look.get(&(s.name.clone(), b.name.clone())).cloned();
+                            st
+                        })
+                        .collect(),
+                    roles: Roles::default(),
+                };
+                st.steer();
+                st
             })
             .collect();
         let mut b = Balancer {
@@ -165,7 +269,9 @@ impl Balancer {
             services,
             dp,
             reports,
+            mysql_reports,
             checkers: HashMap::new(),
+            monitors: HashMap::new(),
             next_checker: 0,
             neighbours: HashSet::new(),
         };
@@ -208,6 +314,36 @@ impl Balancer {
         }
         self.checkers
             .retain(|k, c| wanted.get(k).is_some_and(|w| *w == c.what));
+        let mut watch: HashMap<(String, String), MonitorTarget> = HashMap::new();
+        for s in &self.services {
+            if let Some(m) = &s.config.mysql {
+                for b in &s.backends {
+                    watch.insert(
+                        (s.config.name.clone(), b.config.name.clone()),
+                        (b.config.address, b.config.port, m.clone()),
+                    );
+                }
+            }
+        }
+        self.monitors
+            .retain(|k, c| watch.get(k).is_some_and(|w| *w == c.what));
+        for (key, what) in watch {
+            if self.monitors.contains_key(&key) {
+                continue;
+            }
+            self.next_checker += 1;
+            let id = self.next_checker;
+            let task = mysql::spawn(
+                key.0.clone(),
+                key.1.clone(),
+                what.0,
+                what.1,
+                what.2.clone(),
+                id,
+                self.mysql_reports.clone(),
+            );
+            self.monitors.insert(key, Checker { id, what, task });
+        }
         for (key, what) in wanted {
             if self.checkers.contains_key(&key) {
                 continue;
@@ -297,6 +433,38 @@ impl Balancer {
         }
     }
 
+    /// Takes a MySQL observation: re-decides the service's roles and applies
+    /// what changed (a new primary, a replica in or out of the read set).
+    pub fn on_mysql_report(&mut self, r: mysql::Report) {
+        let current = self
+            .monitors
+            .get(&(r.service.clone(), r.backend.clone()))
+            .is_some_and(|c| c.id == r.monitor);
+        if !current {
+            return;
+        }
+        let Some(s) = self
+            .services
+            .iter_mut()
+            .find(|s| s.config.name == r.service)
+        else {
+            return;
+        };
+        let Some(b) = s.backend_mut(&r.backend) else {
+            return;
+        };
+        let was_reachable = b.mysql.as_ref().map(|o| o.reachable);
+        if was_reachable.is_some_and(|w| w != r.observation.reachable) {
+            tracing::warn!(service = %r.service, backend = %r.backend, reachable = r.observation.reachable,
+                error = ?r.observation.error, "MySQL server reachability changed");
+        }
+        b.mysql = Some(r.observation);
+        s.steer();
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "applying a MySQL change failed");
+        }
+    }
+
     /// Makes `new` (a validated file) the configuration, applying only the
     /// difference. Operators' drain and disable marks on backends that remain
     /// are kept, and so is their health; backends added at run time that the
@@ -310,7 +478,9 @@ impl Balancer {
             ));
         }
         let mut old: HashMap<(String, String), BackendState> = HashMap::new();
+        let mut old_roles: HashMap<String, Roles> = HashMap::new();
         for s in self.services.drain(..) {
+            old_roles.insert(s.config.name.clone(), s.roles);
             for b in s.backends {
                 old.insert((s.config.name.clone(), b.config.name.clone()), b);
             }
@@ -327,6 +497,8 @@ impl Balancer {
                         let mut st = BackendState::new(b.clone(), false);
                         if let Some(prev) = old.remove(&(s.name.clone(), b.name.clone())) {
                             st.admin = prev.admin;
+                            st.mysql = prev.mysql;
+                            st.demoted = prev.demoted;
                             let same_target =
                                 (prev.config.address, prev.config.port, &prev.config.health)
                                     == (b.address, b.port, &b.health);
@@ -337,8 +509,12 @@ impl Balancer {
                         st
                     })
                     .collect(),
+                roles: old_roles.remove(&s.name).unwrap_or_default(),
             })
             .collect();
+        for s in &mut self.services {
+            s.steer();
+        }
         self.file = new;
         self.sync()?;
         let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
@@ -527,6 +703,10 @@ impl Balancer {
                         "last": b.health.last,
                     })),
                     "active_flows": active.get(&key).copied().unwrap_or(0),
+                    "mysql": b.mysql.as_ref().map(|o| json!({
+                        "role": mysql_role(&s.roles, &b.config.name, o),
+                        "observation": o,
+                    })),
                     "traffic": traffic,
                     "added_at_runtime": b.runtime,
                 }));
@@ -539,6 +719,11 @@ impl Balancer {
                 "protocol": c.protocol,
                 "scheduler": c.scheduler,
                 "on_backend_down": c.on_backend_down,
+                "steering": c.steering,
+                "mysql": (c.steering != Steering::None).then(|| json!({
+                    "primary": s.roles.primary,
+                    "alarm": s.roles.alarm,
+                })),
                 "traffic": traffic,
                 "backends": backends,
             }));
@@ -556,6 +741,21 @@ impl Balancer {
             "services": services,
             "counters": counters,
         }))
+    }
+}
+
+/// A server's role as `lb status` names it.
+fn mysql_role(roles: &Roles, name: &str, o: &Observation) -> &'static str {
+    if roles.primary.as_deref() == Some(name) {
+        "primary"
+    } else if !o.reachable {
+        "unreachable"
+    } else if o.replicating {
+        "replica"
+    } else if !o.read_only {
+        "writable"
+    } else {
+        "read-only"
     }
 }
 

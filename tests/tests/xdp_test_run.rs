@@ -13,7 +13,7 @@ use lb_tests::{
     require_root, unique,
 };
 use lb_userspace::{
-    config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig},
+    config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig, Steering},
     dataplane::{Dataplane, ServiceSpec},
 };
 
@@ -117,6 +117,8 @@ fn services() -> Vec<ServiceConfig> {
             scheduler: Scheduler::RoundRobin,
             on_backend_down: DownPolicy::KeepFlows,
             maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+            steering: Steering::None,
+            mysql: None,
             health: None,
             backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
         },
@@ -128,6 +130,8 @@ fn services() -> Vec<ServiceConfig> {
             scheduler: Scheduler::RoundRobin,
             on_backend_down: DownPolicy::KeepFlows,
             maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+            steering: Steering::None,
+            mysql: None,
             health: None,
             backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
         },
