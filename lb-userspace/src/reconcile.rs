@@ -212,6 +212,9 @@ impl<W> Drop for Checker<W> {
     }
 }
 
+/// What a health checker probes, and how.
+type CheckTarget = (Ipv4Addr, u16, HealthCheck);
+
 /// What a MySQL monitor watches, and as whom.
 type MonitorTarget = (Ipv4Addr, u16, MysqlMonitor);
 
@@ -225,7 +228,7 @@ pub struct Balancer {
     dp: Dataplane,
     reports: mpsc::Sender<Report>,
     mysql_reports: mpsc::Sender<mysql::Report>,
-    checkers: HashMap<(String, String), Checker<(Ipv4Addr, u16, HealthCheck)>>,
+    checkers: HashMap<(String, String), Checker<CheckTarget>>,
     monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
     neighbours: HashSet<Ipv4Addr>,
