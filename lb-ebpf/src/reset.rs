@@ -3,7 +3,9 @@
 //! the interface it came in on.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_tail},
+    programs::XdpContext,
 };
 use lb_common::reset::tcp_reset;
 use network_types::eth::EthHdr;
@@ -13,8 +15,15 @@ use crate::parse::ptr_at;
 const HEADERS: usize = EthHdr::LEN + 20 + 20;
 
 /// Turns the frame (a TCP segment with a 20-byte IPv4 header) into the reset
-/// that refuses it and returns XDP_TX; XDP_DROP if it cannot (IP options, a
-/// reset itself, or the frame cannot be trimmed).
+/// that refuses it and sends it back out of the interface it came in on;
+/// XDP_DROP if it cannot (IP options, a reset itself, or the frame cannot be
+/// trimmed).
+///
+/// It leaves by XDP_REDIRECT to the ingress interface rather than XDP_TX: the
+/// same wire, but a redirect flushes at once on every driver, while veth holds
+/// XDP_TX frames until its peer's next poll unless the peer runs XDP itself
+/// (seen here: resets arriving seconds late). Resets are rare; this path is
+/// not the one to optimise.
 #[inline(always)]
 pub fn reset(ctx: &XdpContext) -> u32 {
     let (Some(eth), Some(ip), Some(tcp)) = (
@@ -58,5 +67,6 @@ pub fn reset(ctx: &XdpContext) -> u32 {
         *ip = ip_out;
         *tcp = tcp_out;
     }
-    xdp_action::XDP_TX
+    // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED.
+    unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) as u32 }
 }

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod frames;
 pub mod http;
 pub mod load;
+pub mod mariadb;
 pub mod netns;
 pub mod nginx;
 pub mod topology;

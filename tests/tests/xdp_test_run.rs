@@ -20,7 +20,6 @@ use lb_userspace::{
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -705,7 +704,7 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
         syn.payload.clear();
         let (action, out) = h.send_from_client(&syn);
         assert_eq!(
-            action, XDP_TX,
+            action, XDP_REDIRECT,
             "the reset goes back out where the SYN came in"
         );
         assert_eq!(out.len(), 14 + 40, "bare headers");
@@ -728,7 +727,7 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
         h.dp.apply(&spec(1, true)).unwrap();
         let data = client_frame(47001, TCP_ACK | TCP_PSH);
         let (action, out) = h.send_from_client(&data);
-        assert_eq!(action, XDP_TX);
+        assert_eq!(action, XDP_REDIRECT);
         let tcp = &out[34..54];
         assert_eq!(tcp[13], TCP_RST);
         assert_eq!(

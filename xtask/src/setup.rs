@@ -32,6 +32,8 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("nginx", "nginx"),
     ("sysctl", "procps"),
+    ("mariadbd", "mariadb-server"),
+    ("mariadb", "mariadb-client"),
 ];
 
 /// Installs the Debian packages whose program is missing.
