@@ -211,3 +211,66 @@ pub fn client(ns: &Netns, host: Ipv4Addr, port: u16, q: &str) -> Result<String, 
     )
     .map(|s| s.trim().to_owned())
 }
+
+/// One MySQL connection held open from a namespace (a pooled application
+/// connection): queries go over the same TCP flow until it breaks.
+pub struct Session {
+    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<String, String>>)>,
+}
+
+impl Session {
+    /// Connects from `ns` to `host:port` as the application's user.
+    pub fn open(ns: &Netns, host: Ipv4Addr, port: u16) -> Result<Session, String> {
+        use mysql_async::prelude::Queryable;
+        type Job = (String, std::sync::mpsc::Sender<Result<String, String>>);
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let opts = mysql_async::OptsBuilder::default()
+                    .ip_or_hostname(host.to_string())
+                    .tcp_port(port)
+                    .user(Some(APP_USER))
+                    .pass(Some(APP_PASSWORD))
+                    .prefer_socket(false);
+                let mut conn = match mysql_async::Conn::new(opts).await {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                while let Ok((q, reply)) = rx.recv() {
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(5), conn.query::<String, _>(q))
+                            .await
+                            .map_err(|_| "timed out".to_owned())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                            .map(|rows| rows.join("\n"));
+                    let _ = reply.send(r);
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| e.to_string())??;
+        Ok(Session { tx })
+    }
+
+    /// Runs a query whose rows are single strings; their lines joined.
+    pub fn query(&self, q: &str) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send((q.to_owned(), tx))
+            .map_err(|e| e.to_string())?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?
+    }
+}

@@ -12,7 +12,7 @@ use std::{
 
 use lb_tests::{
     daemon::LbDaemon,
-    mariadb::{client, MariaDb, MONITOR_PASSWORD, MONITOR_USER},
+    mariadb::{client, MariaDb, Session, MONITOR_PASSWORD, MONITOR_USER},
     require_root,
     topology::{backend_addr, lb_config, Topology, VIP},
     unique, TempDir,
@@ -140,6 +140,35 @@ fn root_writes_reach_the_primary_and_its_replica_and_reads_are_served_by_the_rep
     assert!(
         ok && text.contains("role primary") && text.contains("role replica"),
         "{text}"
+    );
+    assert!(
+        !b.lb.log_text().contains(MONITOR_PASSWORD),
+        "the monitor's password is never logged"
+    );
+}
+
+#[test]
+fn root_connections_to_a_demoted_primary_are_reset_and_reconnect_to_the_new_one() {
+    let b = bed();
+    let held = Session::open(&b.t.client, VIP, WRITE).expect("connecting through the write VIP");
+    assert_eq!(held.query("SELECT CAST(@@server_id AS CHAR)").unwrap(), "1");
+    let (_, promoted) = b.db2.take_over_from(&b.db1);
+    b.wait_primary(Some("db2"), Duration::from_secs(3));
+    let r = held.query("SELECT CAST(@@server_id AS CHAR)");
+    println!(
+        "the connection held on the old primary, {:?} after the promotion: {r:?}",
+        promoted.elapsed()
+    );
+    assert!(
+        r.is_err(),
+        "the demoted primary's connection is reset, not left writing into a read-only server"
+    );
+    assert!(b.lb.status()["counters"]["reset_flow"].as_u64().unwrap() >= 1);
+    let again = Session::open(&b.t.client, VIP, WRITE).expect("reconnecting");
+    assert_eq!(
+        again.query("SELECT CAST(@@server_id AS CHAR)").unwrap(),
+        "2",
+        "the reconnect reaches the new primary"
     );
 }
 
