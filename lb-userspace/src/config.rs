@@ -617,10 +617,15 @@ impl Config {
                             ),
                         );
                     }
-                    match std::fs::read_to_string(&m.password_file) {
+                    // A relative path is the config file's neighbour.
+                    let password_file = file
+                        .parent()
+                        .map(|d| d.join(&m.password_file))
+                        .unwrap_or_else(|| m.password_file.clone());
+                    match std::fs::read_to_string(&password_file) {
                         Ok(p) => Some(MysqlMonitor {
                             user: m.user.clone(),
-                            password_file: m.password_file.clone(),
+                            password_file: password_file.clone(),
                             // A trailing newline is the file's, not the password's.
                             password: Secret(p.trim_end_matches(['\n', '\r']).to_owned()),
                             interval_ms: m.interval_ms,
@@ -631,7 +636,7 @@ impl Config {
                         Err(e) => {
                             bad(
                                 format!("{key}.mysql.password_file"),
-                                format!("cannot read {}: {e}", m.password_file.display()),
+                                format!("cannot read {}: {e}", password_file.display()),
                             );
                             None
                         }

@@ -113,11 +113,12 @@ impl MariaDb {
             .unwrap_or_else(|e| panic!("{}: {q}: {e}", self.name))
     }
 
-    /// Creates the users and the application's table (on the primary; a replica
-    /// gets them through replication).
-    pub fn create_users_and_schema(&self) {
+    /// Creates the users (the balancer's monitor with `monitor_password`) and
+    /// the application's table (on the primary; a replica gets them through
+    /// replication).
+    pub fn create_users_and_schema(&self, monitor_password: &str) {
         self.sql(&format!(
-            "CREATE USER '{MONITOR_USER}'@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\
+            "CREATE USER '{MONITOR_USER}'@'%' IDENTIFIED BY '{monitor_password}';\
              GRANT REPLICA MONITOR ON *.* TO '{MONITOR_USER}'@'%';\
              CREATE USER 'repl'@'%' IDENTIFIED BY '{REPL_PASSWORD}';\
              GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%';\

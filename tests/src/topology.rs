@@ -36,11 +36,22 @@ impl Topology {
     /// Builds the picture with `n` backends; namespace names start with `prefix`
     /// (keep it short and unique per test, e.g. "lbt3").
     pub fn new(prefix: &str, n: usize) -> Topology {
+        let names: Vec<String> = (1..=n).map(|i| format!("web{i}")).collect();
+        Topology::with_backends(
+            prefix,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Like [`Topology::new`], with backends named `names` (namespace
+    /// `<prefix>-<name>`), addressed 10.0.2.11, .12, ... in that order.
+    pub fn with_backends(prefix: &str, names: &[&str]) -> Topology {
         let client = Netns::new(&format!("{prefix}-cli"));
         let lb = Netns::new(&format!("{prefix}-lb"));
         let switch = Netns::new(&format!("{prefix}-sw"));
-        let backends: Vec<Netns> = (1..=n)
-            .map(|i| Netns::new(&format!("{prefix}-web{i}")))
+        let backends: Vec<Netns> = names
+            .iter()
+            .map(|n| Netns::new(&format!("{prefix}-{n}")))
             .collect();
 
         veth(&client, "eth0", &lb, "eth0");

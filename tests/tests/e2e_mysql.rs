@@ -35,7 +35,7 @@ fn bed() -> Bed {
     let t = Topology::new(&format!("m{}{}", std::process::id() % 10_000, unique()), 2);
     let db1 = MariaDb::start(&t.backends[0], "db1", backend_addr(1), 1);
     let db2 = MariaDb::start(&t.backends[1], "db2", backend_addr(2), 2);
-    db1.create_users_and_schema();
+    db1.create_users_and_schema(MONITOR_PASSWORD);
     db1.make_writable();
     db2.replicate_from(&db1);
     db2.catch_up(&db1);
