@@ -36,7 +36,7 @@ pub fn lb(ctx: XdpContext) -> u32 {
     };
     stats::count(outcome);
     #[cfg(feature = "verbose-logs")]
-    if action == xdp_action::XDP_DROP {
+    if action == xdp_action::XDP_DROP && stats::log_allowed() {
         aya_log_ebpf::debug!(&ctx, "dropped: outcome {}", outcome);
     }
     action

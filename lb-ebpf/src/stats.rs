@@ -51,3 +51,36 @@ pub fn traffic(service: u32, backend: u32, dir: Direction, bytes: u64) {
         add(t, dir, bytes);
     }
 }
+
+/// At most this many data-path log lines per second per CPU (`verbose-logs`):
+/// a flood of bad packets must not become a flood of log lines.
+#[cfg(feature = "verbose-logs")]
+const LOG_LINES_PER_SEC: u64 = 10;
+
+/// Per-CPU log budget: [current second, lines logged in it].
+#[cfg(feature = "verbose-logs")]
+#[aya_ebpf::macros::map(name = "LOG_BUDGET")]
+static LOG_BUDGET: aya_ebpf::maps::PerCpuArray<[u64; 2]> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+
+/// Whether one more log line fits this second's budget (and spends it).
+#[cfg(feature = "verbose-logs")]
+#[inline(always)]
+pub fn log_allowed() -> bool {
+    let Some(b) = LOG_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: plain helper call; b is this CPU's slot.
+    unsafe {
+        let now = aya_ebpf::helpers::bpf_ktime_get_ns() / 1_000_000_000;
+        if (*b)[0] != now {
+            (*b)[0] = now;
+            (*b)[1] = 0;
+        }
+        if (*b)[1] >= LOG_LINES_PER_SEC {
+            return false;
+        }
+        (*b)[1] += 1;
+    }
+    true
+}

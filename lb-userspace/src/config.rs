@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 /// Where `lb` listens for `lb status` and friends when the config does not say.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+/// Where metrics and the status page listen when the config does not say:
+/// loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9100";
 /// Where maps and links are pinned when the config does not say.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
@@ -126,6 +129,7 @@ struct RawDaemon {
     pin_dir: Option<PathBuf>,
     #[serde(default)]
     maglev_seed: u32,
+    metrics_listen: Option<String>,
 }
 
 fn yes() -> bool {
@@ -335,6 +339,8 @@ pub struct DaemonConfig {
     /// Seed of the Maglev flow hash and tables: the same on every balancer of
     /// an active-active group.
     pub maglev_seed: u32,
+    /// Where `/metrics` and the status page listen; None: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -697,6 +703,20 @@ impl Config {
                 );
             }
         }
+        let metrics_listen = match raw.daemon.metrics_listen.as_deref() {
+            None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            Some("off") => None,
+            Some(a) => match a.parse::<std::net::SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    bad(
+                        "daemon.metrics_listen".into(),
+                        format!("{a:?} is not an address:port (or \"off\")"),
+                    );
+                    None
+                }
+            },
+        };
         if total_backends > lb_common::MAX_BACKENDS as usize {
             bad(
                 "service".into(),
@@ -727,6 +747,7 @@ impl Config {
                     .pin_dir
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
                 maglev_seed: raw.daemon.maglev_seed,
+                metrics_listen,
             },
             services,
         })

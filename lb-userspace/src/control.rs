@@ -20,6 +20,8 @@ use tokio::{
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The Prometheus text exposition, as `{"text": ...}`.
+    Metrics,
     /// Stop the daemon. `keep_datapath`: leave the program attached and the
     /// maps pinned, so forwarding continues and the next `lb run` adopts them
     /// (restarts, upgrades); otherwise detach and remove the pins.

@@ -66,6 +66,17 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     let _logger = start_program_logs(lb.dataplane_mut());
 
     let (tx, mut requests) = mpsc::channel::<Envelope>(64);
+    let metrics_listen = lb.config_file().daemon.metrics_listen;
+    let _web = match metrics_listen {
+        Some(addr) => {
+            let task = crate::web::serve(addr, tx.clone()).await.with_context(|| {
+                format!("listening for metrics on {addr} ([daemon] metrics_listen)")
+            })?;
+            tracing::info!(%addr, "metrics and status page listening");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let _control = control::serve(&socket, tx)?;
     tracing::info!(socket = %socket.display(), "running");
 
@@ -108,6 +119,15 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     // before the runtime (and with it that task) goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// Aborts a task when dropped (the daemon's listeners end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One observation of every server of every MySQL-steered service, all at

@@ -1003,6 +1003,16 @@ impl Dataplane {
         }
     }
 
+    /// Entries in the connection table, and its capacity.
+    pub fn conntrack_entries(&self) -> Result<(u64, u64)> {
+        let table: BpfHashMap<_, FlowKey, Flow> =
+            BpfHashMap::try_from(self.map_ref("CONNTRACK")?).map_err(map_err("CONNTRACK"))?;
+        Ok((
+            table.keys().count() as u64,
+            lb_common::CONNTRACK_SIZE as u64,
+        ))
+    }
+
     /// Flows per (service, backend) in the connection table that have not
     /// closed and saw a packet within their idle time (TCP: `tcp_idle`, UDP:
     /// `udp_idle`). It walks the whole table: for status, not for hot loops.

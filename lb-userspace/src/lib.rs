@@ -6,6 +6,8 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod mysql;
 pub mod neigh;
 pub mod reconcile;
+pub mod web;

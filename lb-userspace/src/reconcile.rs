@@ -53,7 +53,12 @@ struct BackendState {
     /// It was this service's primary and lost the role: its connections are
     /// reset (under `on_demotion = "reset"`) until it is primary again.
     demoted: bool,
+    /// The last health checks, oldest first (for the status page).
+    history: std::collections::VecDeque<health::CheckResult>,
 }
+
+/// Health checks kept per backend for `lb status` and the status page.
+const HISTORY: usize = 30;
 
 impl BackendState {
     fn new(config: BackendConfig, runtime: bool) -> Self {
@@ -64,6 +69,7 @@ impl BackendState {
             runtime,
             mysql: None,
             demoted: false,
+            history: std::collections::VecDeque::with_capacity(HISTORY),
         }
     }
 
@@ -229,6 +235,7 @@ pub struct Balancer {
     reports: mpsc::Sender<Report>,
     mysql_reports: mpsc::Sender<mysql::Report>,
     checkers: HashMap<(String, String), Checker<CheckTarget>>,
+    metrics: crate::metrics::Metrics,
     monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
     neighbours: HashSet<Ipv4Addr>,
@@ -274,6 +281,7 @@ impl Balancer {
             reports,
             mysql_reports,
             checkers: HashMap::new(),
+            metrics: crate::metrics::Metrics::new(),
             monitors: HashMap::new(),
             next_checker: 0,
             neighbours: HashSet::new(),
@@ -423,6 +431,12 @@ impl Balancer {
             return;
         };
         let detail = r.result.detail.clone();
+        self.metrics
+            .observe_check(&r.service, &r.backend, r.result.ok, r.result.latency_us);
+        if b.history.len() == HISTORY {
+            b.history.pop_front();
+        }
+        b.history.push_back(r.result.clone());
         if b.health.record(r.result, check.rise, check.fall) {
             let state = if b.health.up { "up" } else { "down" };
             if b.health.up {
@@ -538,6 +552,13 @@ impl Balancer {
                     .status()
                     .map(Response::Ok)
                     .unwrap_or_else(Response::Error)
+            }
+            Request::Metrics => {
+                let r = self.status().and_then(|st| {
+                    let table = self.dp.conntrack_entries().map_err(|e| format!("{e:#}"))?;
+                    Ok(json!({ "text": self.metrics.render(&st, table) }))
+                });
+                return r.map(Response::Ok).unwrap_or_else(Response::Error);
             }
             // The daemon's loop handles it: it owns the process's lifetime.
             Request::Stop { .. } => Err("stop is handled by the daemon".into()),
@@ -704,6 +725,7 @@ impl Balancer {
                         "rise": h.rise,
                         "fall": h.fall,
                         "last": b.health.last,
+                        "history": b.history,
                     })),
                     "active_flows": active.get(&key).copied().unwrap_or(0),
                     "mysql": b.mysql.as_ref().map(|o| json!({

@@ -34,6 +34,7 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("mariadbd", "mariadb-server"),
     ("mariadb", "mariadb-client"),
+    ("chromium", "chromium"),
 ];
 
 /// Installs the Debian packages whose program is missing.
