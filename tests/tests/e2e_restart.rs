@@ -88,6 +88,8 @@ fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
     let load = Load::start(&t.client, vip(), Duration::from_millis(5));
     std::thread::sleep(Duration::from_millis(500));
 
+    let forwarded = |lb: &LbDaemon| lb.status()["counters"]["forwarded"].as_u64().unwrap();
+    let before_kill = forwarded(&lb);
     lb.kill();
     println!("daemon SIGKILLed; down for 5 s");
     std::thread::sleep(Duration::from_secs(5));
