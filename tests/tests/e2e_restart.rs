@@ -103,6 +103,12 @@ fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
         "{}",
         lb.log_text()
     );
+    let after_restart = forwarded(&lb);
+    println!("packets forwarded: {before_kill} before the kill, {after_restart} after the restart");
+    assert!(
+        after_restart > before_kill,
+        "counters are monotonic across the restart (and counted while it was down)"
+    );
     let web1 = lb.backend("web", "web1");
     let web2 = lb.backend("web", "web2");
     let active = web1["active_flows"].as_u64().unwrap() + web2["active_flows"].as_u64().unwrap();
