@@ -368,6 +368,19 @@ impl Dataplane {
             for (i, b) in all.iter().enumerate() {
                 dp.generations[i] = b.generation;
             }
+            // Every id the earlier daemon used stays taken until the first
+            // apply has matched it or let it go: a new service or backend must
+            // never be handed an id an adopted one still holds.
+            for svc in a.services.values() {
+                dp.service_ids.claim(svc.id);
+                if svc.flags & SERVICE_F_MAGLEV != 0 {
+                    dp.maglev_ids
+                        .claim(svc.ring_base / (2 * maglev::MAX_TABLE_SIZE));
+                }
+            }
+            for (bid, _) in &a.backends {
+                dp.backend_ids.claim(*bid);
+            }
             dp.adopting = Some(a);
         }
         Ok(dp)
@@ -397,38 +410,15 @@ impl Dataplane {
             .as_ref()
             .map(|d| d.join(format!("link-{iface}")));
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
-            let attach_err = |source| DataplaneError::Attach {
-                iface: iface.to_owned(),
-                mode: "adopted",
-                source,
-            };
-            let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Pins {
-                dir: pin.clone(),
-                problem: e.to_string(),
-            })?;
-            let old: FdLink = pinned.into();
-            let xdp_link = XdpLink::try_from(old).map_err(|e| DataplaneError::Pins {
-                dir: pin.clone(),
-                problem: format!("not an XDP link: {e}"),
-            })?;
-            let id = self
-                .program_mut()
-                .attach_to_link(xdp_link)
-                .map_err(attach_err)?;
-            let fd = self.take_fd_link(id).map_err(attach_err)?;
-            let used = xdp_mode_of(iface);
-            self.attached.push((
-                Attachment {
-                    interface: iface.to_owned(),
-                    mode: used,
-                    adopted: true,
-                },
-                Link::Pinned {
-                    fd,
-                    pin: pin.clone(),
-                },
-            ));
-            return Ok(used);
+            match self.adopt_link(iface, pin) {
+                Ok(used) => return Ok(used),
+                // The interface it was attached to is gone (removed, or its
+                // namespace deleted): the pin is stale; attach afresh.
+                Err(e) => {
+                    tracing::warn!(iface, pin = %pin.display(), error = %e, "the pinned link cannot be taken over; attaching afresh");
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
         }
         let tries: &[(AyaXdpMode, &'static str)] = match mode {
             XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
@@ -478,6 +468,43 @@ impl Dataplane {
             }
         }
         Err(last.expect("at least one mode is tried"))
+    }
+
+    /// Takes over the link pinned at `pin`: this program replaces the old one
+    /// on it atomically. Returns the mode it runs in.
+    fn adopt_link(&mut self, iface: &str, pin: &Path) -> Result<&'static str> {
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            mode: "adopted",
+            source,
+        };
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Pins {
+            dir: pin.to_owned(),
+            problem: e.to_string(),
+        })?;
+        let old: FdLink = pinned.into();
+        let xdp_link = XdpLink::try_from(old).map_err(|e| DataplaneError::Pins {
+            dir: pin.to_owned(),
+            problem: format!("not an XDP link: {e}"),
+        })?;
+        let id = self
+            .program_mut()
+            .attach_to_link(xdp_link)
+            .map_err(attach_err)?;
+        let fd = self.take_fd_link(id).map_err(attach_err)?;
+        let used = xdp_mode_of(iface);
+        self.attached.push((
+            Attachment {
+                interface: iface.to_owned(),
+                mode: used,
+                adopted: true,
+            },
+            Link::Pinned {
+                fd,
+                pin: pin.to_owned(),
+            },
+        ));
+        Ok(used)
     }
 
     fn take_fd_link(&mut self, id: XdpLinkId) -> std::result::Result<FdLink, ProgramError> {
@@ -574,14 +601,20 @@ impl Dataplane {
     /// After the first apply that follows an adoption: whatever the earlier
     /// daemon left that this config does not have is removed.
     fn forget_unadopted(&mut self, a: Adoption) -> Result<()> {
-        for (key, _) in a.services {
+        for (key, svc) in a.services {
             tracing::info!(
                 ?key,
                 "removing a service the earlier daemon had and this config does not"
             );
             let _ = self.services_map()?.remove(&key);
+            self.service_ids.give_back(svc.id);
+            if svc.flags & SERVICE_F_MAGLEV != 0 {
+                self.maglev_ids
+                    .give_back(svc.ring_base / (2 * maglev::MAX_TABLE_SIZE));
+            }
         }
         for (bid, b) in a.backends {
+            self.backend_ids.give_back(bid);
             self.array::<Backend>("BACKENDS")?
                 .set(
                     bid,

@@ -10,6 +10,7 @@ pub mod load;
 pub mod mariadb;
 pub mod netns;
 pub mod nginx;
+pub mod seed;
 pub mod topology;
 pub mod udp;
 

@@ -31,6 +31,21 @@ impl Nginx {
         port: u16,
         status: u16,
     ) -> Nginx {
+        let server = format!(
+            "server {{\n    listen {addr}:{port} reuseport;\n\
+             location / {{ default_type text/plain; return {status} \"{name}\\n\"; }}\n  }}"
+        );
+        Nginx::start_with_servers(ns, name, SocketAddrV4::new(addr, port), &server)
+    }
+
+    /// Starts nginx in `ns` with these `server { }` blocks; `target` is where
+    /// it is ready once it accepts connections.
+    pub fn start_with_servers(
+        ns: &Netns,
+        name: &str,
+        target: SocketAddrV4,
+        servers: &str,
+    ) -> Nginx {
         let dir = TempDir::new(&format!("nginx-{name}"));
         let d = dir.path().display();
         let conf = format!(
@@ -39,9 +54,7 @@ impl Nginx {
              http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n\
                proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               keepalive_requests 100000;\n\
-               server {{\n    listen {addr}:{port} reuseport;\n\
-                 location / {{ default_type text/plain; return {status} \"{name}\\n\"; }}\n  }}\n}}\n"
+               keepalive_requests 100000;\n  {servers}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");
@@ -51,7 +64,7 @@ impl Nginx {
             child,
             dir,
             ns: ns.name.clone(),
-            target: SocketAddrV4::new(addr, port),
+            target,
         };
         n.wait_listening(ns);
         n

@@ -36,11 +36,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The seed's infrastructure in network namespaces on this machine, with
-    /// our balancer in front of two nginx servers (root).
+    /// The seed's whole infrastructure in network namespaces on this machine
+    /// (DNS, our balancer, nginx, app servers, MariaDB primary and replica): a
+    /// checked story, then everything is removed (root).
     Demo {
-        /// Run the story once and clean up, instead of leaving it running.
+        /// Leave everything running after the story, until Ctrl-C.
         #[arg(long)]
+        interactive: bool,
+        /// Run the story once and clean up (the default; kept for old scripts).
+        #[arg(long, hide = true)]
         once: bool,
     },
 }
@@ -52,7 +56,7 @@ fn main() {
         Cmd::Build => build_all(),
         Cmd::Run { args } => run_lb(&args),
         Cmd::Test { args } => test(&args),
-        Cmd::Demo { once } => demo(once),
+        Cmd::Demo { interactive, .. } => demo(interactive),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");
@@ -170,10 +174,14 @@ fn run_lb(args: &[String]) -> Result<()> {
     as_root(&root().join("target/release/lb"), args)
 }
 
-fn demo(once: bool) -> Result<()> {
-    setup::ensure_packages(setup::TEST_PACKAGES)?;
+fn demo(interactive: bool) -> Result<()> {
+    setup::ensure_packages(setup::DEMO_PACKAGES)?;
     build_all()?;
-    let args: Vec<String> = if once { vec!["--once".into()] } else { vec![] };
+    let args: Vec<String> = if interactive {
+        vec!["--interactive".into()]
+    } else {
+        vec![]
+    };
     as_root(&root().join("target/release/lb-demo"), &args)
 }
 

@@ -35,6 +35,23 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("mariadbd", "mariadb-server"),
     ("mariadb", "mariadb-client"),
     ("chromium", "chromium"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+];
+
+/// What the demo needs: the test set but the browser.
+pub const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("ethtool", "ethtool"),
+    ("nginx", "nginx"),
+    ("sysctl", "procps"),
+    ("mariadbd", "mariadb-server"),
+    ("mariadb", "mariadb-client"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
 ];
 
 /// Installs the Debian packages whose program is missing.
