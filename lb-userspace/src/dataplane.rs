@@ -273,6 +273,54 @@ impl Dataplane {
         Dataplane::finish_load(ebpf, None, None)
     }
 
+    /// Like [`Dataplane::load`], with a connection table (and reverse table)
+    /// of `entries` flows instead of `CONNTRACK_SIZE` (benchmarks fill it).
+    pub fn load_with_conntrack(entries: u32) -> Result<Dataplane> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries("CONNTRACK", entries)
+            .map_max_entries("REVERSE", entries);
+        let ebpf = loader
+            .load(&program_object()?)
+            .map_err(DataplaneError::Load)?;
+        Dataplane::finish_load(ebpf, None, None)
+    }
+
+    /// Writes flows straight into the connection table, all on one backend of
+    /// one service (benchmarks fill the table to a given occupancy). Returns
+    /// how many were written.
+    pub fn insert_flows(
+        &mut self,
+        service: &str,
+        backend: &str,
+        keys: impl Iterator<Item = FlowKey>,
+    ) -> Result<u64> {
+        let svc = self
+            .services
+            .get(service)
+            .map(|s| s.id)
+            .ok_or(DataplaneError::MissingMap("service"))?;
+        let bid = *self
+            .backends
+            .get(&(service.to_owned(), backend.to_owned()))
+            .ok_or(DataplaneError::MissingMap("backend"))?;
+        let flow = Flow {
+            backend: bid,
+            service: svc,
+            last_seen_ns: monotonic_ns(),
+            generation: self.generations[bid as usize],
+            flags: 0,
+        };
+        let mut table: BpfHashMap<_, FlowKey, Flow> =
+            BpfHashMap::try_from(self.map("CONNTRACK")?).map_err(map_err("CONNTRACK"))?;
+        let mut n = 0;
+        for k in keys {
+            table.insert(k, flow, 0).map_err(map_err("CONNTRACK"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Loads the program with its maps pinned under `dir` (bpffs, mounted if
     /// needed). Maps pinned there by an earlier daemon are adopted, with
     /// their contents, unless `fresh`, which removes them first. Returns the

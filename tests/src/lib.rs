@@ -11,6 +11,7 @@ pub mod mariadb;
 pub mod netns;
 pub mod nginx;
 pub mod seed;
+pub mod testrun;
 pub mod topology;
 pub mod udp;
 

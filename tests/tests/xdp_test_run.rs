@@ -5,12 +5,13 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Traffic;
 use lb_tests::{
     frames::{checksums_ok, Frame, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
-    netns::{veth, Netns},
-    require_root, unique,
+    netns::Netns,
+    require_root,
+    testrun::{self, TestRunNet},
+    unique,
 };
 use lb_userspace::{
     config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig, Steering},
@@ -36,40 +37,17 @@ const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
 /// x1 the backends (10.0.2.1), with static neighbours so MACs are known.
 struct Env {
     x: Netns,
-    _y: Netns,
+    _net: TestRunNet,
 }
 
 impl Env {
     fn new() -> Env {
         require_root();
-        let p = format!("tr{}{}", std::process::id() % 100_000, unique());
-        let x = Netns::new(&format!("{p}x"));
-        let y = Netns::new(&format!("{p}y"));
-        veth(&x, "x0", &y, "y0");
-        veth(&x, "x1", &y, "y1");
-        x.ip(&["link", "set", "x0", "address", "02:00:00:00:01:01"]);
-        x.ip(&["link", "set", "x1", "address", "02:00:00:00:02:01"]);
-        x.ip(&["addr", "add", "10.0.1.1/24", "dev", "x0"]);
-        x.ip(&["addr", "add", "10.0.2.1/24", "dev", "x1"]);
-        for (addr, mac, dev) in [
-            ("10.0.1.2", "02:00:00:00:01:02", "x0"),
-            ("10.0.2.11", "02:00:00:00:02:11", "x1"),
-            ("10.0.2.12", "02:00:00:00:02:12", "x1"),
-        ] {
-            x.ip(&[
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
+        let net = TestRunNet::new(&format!("tr{}{}", std::process::id() % 100_000, unique()));
+        Env {
+            x: Netns::attach(&net.x.name),
+            _net: net,
         }
-        x.sysctl("net.ipv4.ip_forward", "1");
-        Env { x, _y: y }
     }
 
     /// Runs `f` with a loaded data path carrying the standard services, on a
@@ -147,25 +125,7 @@ impl Harness {
     /// Runs one frame as if received on `ifindex`; returns the action and the
     /// frame as the program left it.
     fn try_run(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>), String> {
-        let mut out = vec![0u8; frame.len() + 512];
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        };
-        let r = self
-            .dp
-            .program_mut()
-            .test_run(opts)
-            .map_err(|e| format!("{e:#}"))?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        testrun::run(self.dp.program_mut(), frame, ifindex, 1).map(|(a, out, _)| (a, out))
     }
 
     fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {

@@ -36,6 +36,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Per-packet cost of the XDP program against a MAC-swap floor, and how it
+    /// grows (BPF_PROG_TEST_RUN); writes bench/results/latest.{md,json,svg} (root).
+    Bench {
+        /// A shorter run (well under two minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The seed's whole infrastructure in network namespaces on this machine
     /// (DNS, our balancer, nginx, app servers, MariaDB primary and replica): a
     /// checked story, then everything is removed (root).
@@ -57,6 +64,7 @@ fn main() {
         Cmd::Run { args } => run_lb(&args),
         Cmd::Test { args } => test(&args),
         Cmd::Demo { interactive, .. } => demo(interactive),
+        Cmd::Bench { quick } => bench(quick),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");
@@ -172,6 +180,22 @@ fn as_root(program: &Path, args: &[String]) -> Result<()> {
 fn run_lb(args: &[String]) -> Result<()> {
     build_all()?;
     as_root(&root().join("target/release/lb"), args)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup::ensure_packages(&[
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("sysctl", "procps"),
+    ])?;
+    // The eBPF build makes the floor program (xdp-floor) alongside lb's.
+    build_all()?;
+    let args: Vec<String> = if quick {
+        vec!["--quick".into()]
+    } else {
+        vec![]
+    };
+    as_root(&root().join("target/release/lb-bench"), &args)
 }
 
 fn demo(interactive: bool) -> Result<()> {

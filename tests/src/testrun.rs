@@ -1,0 +1,78 @@
+//! BPF_PROG_TEST_RUN on crafted frames, in a namespace whose FIB and static
+//! neighbours make every route lookup's answer (and so every output byte)
+//! known. Shared by the kernel suite and `cargo xtask bench`.
+//!
+//! In namespace `x`: `x0` (02:00:00:00:01:01, 10.0.1.1/24) faces the client
+//! 10.0.1.2 (02:00:00:00:01:02); `x1` (02:00:00:00:02:01, 10.0.2.1/24) faces
+//! the backends 10.0.2.11 and 10.0.2.12 (02:00:00:00:02:11, :12).
+
+use std::time::Duration;
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+
+use crate::netns::{veth, Netns};
+
+pub struct TestRunNet {
+    pub x: Netns,
+    _y: Netns,
+}
+
+impl TestRunNet {
+    /// Builds it; `tag` makes the namespace names unique (keep it short).
+    pub fn new(tag: &str) -> TestRunNet {
+        let x = Netns::new(&format!("{tag}x"));
+        let y = Netns::new(&format!("{tag}y"));
+        veth(&x, "x0", &y, "y0");
+        veth(&x, "x1", &y, "y1");
+        x.ip(&["link", "set", "x0", "address", "02:00:00:00:01:01"]);
+        x.ip(&["link", "set", "x1", "address", "02:00:00:00:02:01"]);
+        x.ip(&["addr", "add", "10.0.1.1/24", "dev", "x0"]);
+        x.ip(&["addr", "add", "10.0.2.1/24", "dev", "x1"]);
+        for (addr, mac, dev) in [
+            ("10.0.1.2", "02:00:00:00:01:02", "x0"),
+            ("10.0.2.11", "02:00:00:00:02:11", "x1"),
+            ("10.0.2.12", "02:00:00:00:02:12", "x1"),
+        ] {
+            x.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        x.sysctl("net.ipv4.ip_forward", "1");
+        TestRunNet { x, _y: y }
+    }
+}
+
+/// Runs `prog` on `frame` as if received on `ifindex`, `repeat` times (the
+/// kernel reuses its own output as the next input when repeat > 1). Returns
+/// the action, the output frame, and the kernel's average time per run.
+pub fn run(
+    prog: &mut Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, Duration), String> {
+    let mut out = vec![0u8; frame.len() + 512];
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts).map_err(|e| format!("{e:#}"))?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration))
+}
