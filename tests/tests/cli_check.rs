@@ -138,6 +138,7 @@ fn root_shipped_example_configs_validate() {
     let b = Netns::new(&format!("ck{}{}p", std::process::id() % 100_000, unique()));
     veth(&a, "eth0", &b, "p0");
     veth(&a, "eth1", &b, "p1");
+    veth(&a, "eth2", &b, "p2");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let mut seen = 0;
     for e in std::fs::read_dir(&dir).unwrap() {

@@ -364,7 +364,110 @@ fn machine() -> String {
     format!("{cpu}, {cpus} CPUs, Linux {}", kernel.trim())
 }
 
-fn write_outputs(dir: &Path, rows: &[Row], quick: bool) -> std::io::Result<()> {
+/// One end-to-end result: a path and mode, the medians over rounds.
+#[derive(serde::Serialize)]
+struct E2e {
+    path: &'static str,
+    mode: &'static str,
+    requests_per_s: (f64, f64, f64),
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_request: f64,
+    balancer_cpu_us_per_request: f64,
+}
+
+fn end_to_end(quick: bool) -> Result<Vec<E2e>, String> {
+    use lb_tests::bench_e2e::{median, Bed, Path as P};
+    let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
+    println!("end to end: wrk, {rounds} round(s) of {secs} s per case, interleaved");
+    let bed = Bed::new(&format!("be{}", std::process::id() % 10_000))?;
+    let mut all: Vec<((P, bool), Vec<lb_tests::bench_e2e::Sample>)> = Vec::new();
+    for p in P::ALL {
+        for new_conn in [false, true] {
+            all.push(((p, new_conn), Vec::new()));
+        }
+    }
+    for round in 0..rounds {
+        for ((p, new_conn), samples) in all.iter_mut() {
+            let s = bed.wrk(*p, *new_conn, secs)?;
+            println!(
+                "  round {} {:<22} {:<16} {:>9.0} req/s  {:>6.1} us CPU/req",
+                round + 1,
+                p.name(),
+                if *new_conn {
+                    "new connection"
+                } else {
+                    "keep-alive"
+                },
+                s.requests_per_s,
+                s.cpu_us_per_request
+            );
+            samples.push(s);
+        }
+    }
+    Ok(all
+        .into_iter()
+        .map(|((p, new_conn), s)| E2e {
+            path: p.name(),
+            mode: if new_conn {
+                "new connection per request"
+            } else {
+                "keep-alive"
+            },
+            requests_per_s: median(&s, |x| x.requests_per_s),
+            p50_ms: median(&s, |x| x.p50_ms).0,
+            p99_ms: median(&s, |x| x.p99_ms).0,
+            cpu_us_per_request: median(&s, |x| x.cpu_us_per_request).0,
+            balancer_cpu_us_per_request: median(&s, |x| x.balancer_cpu_us_per_request).0,
+        })
+        .collect())
+}
+
+fn e2e_markdown(e: &[E2e]) -> String {
+    let mut md = String::from(
+        "\n## End to end: wrk through each path\n\n\
+         Client, balancer and two nginx backends in namespaces; wrk -t1 -c32. Whole-machine CPU per request \
+         (/proc/stat busy time over the run, divided by requests) is the fair cost on a saturated 2-core machine; \
+         balancer CPU is HAProxy's process time, or softirq time for the kernel paths (XDP, netfilter and \
+         forwarding run there).\n\n\
+         | path | mode | requests/s (min-max) | p50 ms | p99 ms | CPU us/request | balancer CPU us/request |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in e {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.2} | {:.2} | {:.1} | {:.1} |",
+            r.path,
+            r.mode,
+            r.requests_per_s.0,
+            r.requests_per_s.1,
+            r.requests_per_s.2,
+            r.p50_ms,
+            r.p99_ms,
+            r.cpu_us_per_request,
+            r.balancer_cpu_us_per_request
+        );
+    }
+    md.push_str("\n| ratio | mode | requests/s | CPU per request |\n|---|---|---:|---:|\n");
+    for mode in ["keep-alive", "new connection per request"] {
+        let get = |p: &str| e.iter().find(|r| r.path == p && r.mode == mode);
+        if let Some(ours) = get("lb (XDP)") {
+            for other in ["HAProxy", "nftables DNAT", "direct (no balancer)"] {
+                if let Some(o) = get(other) {
+                    let _ = writeln!(
+                        md,
+                        "| lb / {other} | {mode} | {:.2} | {:.2} |",
+                        ours.requests_per_s.0 / o.requests_per_s.0,
+                        ours.cpu_us_per_request / o.cpu_us_per_request
+                    );
+                }
+            }
+        }
+    }
+    md
+}
+
+fn write_outputs(dir: &Path, rows: &[Row], e2e: &[E2e], quick: bool) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mach = machine();
     let when = String::from_utf8_lossy(
@@ -395,9 +498,10 @@ fn write_outputs(dir: &Path, rows: &[Row], quick: bool) -> std::io::Result<()> {
             r.group, r.case, r.ns, r.min_ns, r.max_ns, r.ratio_to_floor
         );
     }
-    md.push_str("\nNot measured here yet: end to end against HAProxy, nftables and no balancer; packets per second; control-plane timings (see the open benchmark issue).\n");
+    md.push_str(&e2e_markdown(e2e));
+    md.push_str("\nNot measured here yet: packets per second for a UDP service, and control-plane timings and memory (see the open benchmark issue).\n");
     std::fs::write(dir.join("latest.md"), &md)?;
-    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows });
+    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows, "end_to_end": e2e });
     std::fs::write(
         dir.join("latest.json"),
         serde_json::to_string_pretty(&json).unwrap(),
@@ -445,9 +549,9 @@ fn main() {
         if quick { "quick" } else { "full" }
     );
     let start = std::time::Instant::now();
-    match run_all(quick) {
-        Ok(rows) => {
-            if let Err(e) = write_outputs(&out, &rows, quick) {
+    match run_all(quick).and_then(|rows| Ok((rows, end_to_end(quick)?))) {
+        Ok((rows, e2e)) => {
+            if let Err(e) = write_outputs(&out, &rows, &e2e, quick) {
                 eprintln!("lb-bench: writing {}: {e}", out.display());
                 std::process::exit(1);
             }
