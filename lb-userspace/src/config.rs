@@ -130,6 +130,8 @@ struct RawDaemon {
     #[serde(default)]
     maglev_seed: u32,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    stateless_reverse_nat: bool,
 }
 
 fn yes() -> bool {
@@ -341,6 +343,10 @@ pub struct DaemonConfig {
     pub maglev_seed: u32,
     /// Where `/metrics` and the status page listen; None: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Rewrite any reply from a single-VIP backend back to its VIP, whether or
+    /// not this balancer saw the flow (active-active). Off by default: it
+    /// would also rewrite traffic that reaches the backends without the VIP.
+    pub stateless_reverse_nat: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -748,6 +754,7 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
                 maglev_seed: raw.daemon.maglev_seed,
                 metrics_listen,
+                stateless_reverse_nat: raw.daemon.stateless_reverse_nat,
             },
             services,
         })

@@ -260,6 +260,8 @@ pub struct Dataplane {
     /// Per backend slot: how many backends have held it (see `Backend::generation`).
     generations: Vec<u32>,
     backend_vips: HashMap<BackendKey, ReverseFlow>,
+    /// Whether BACKEND_VIPS is filled (see `set_stateless_replies`).
+    stateless_replies: bool,
     pin_dir: Option<PathBuf>,
     adopting: Option<Adoption>,
     nr_cpus: usize,
@@ -402,6 +404,7 @@ impl Dataplane {
             maglev_ids: Ids::default(),
             generations: vec![0; MAX_BACKENDS as usize],
             backend_vips: HashMap::new(),
+            stateless_replies: false,
             pin_dir,
             adopting: None,
             nr_cpus,
@@ -693,8 +696,27 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Keeps BACKEND_VIPS equal to the backends that serve exactly one VIP.
+    /// Un-NAT replies from single-VIP backends by their address alone, so a
+    /// balancer can carry flows it did not see start (active-active). Off by
+    /// default: traffic that reaches a backend without the VIP (an operator's
+    /// connection routed through the balancer, another NAT) would be rewritten
+    /// too. Takes effect at the next `apply`.
+    pub fn set_stateless_replies(&mut self, on: bool) {
+        self.stateless_replies = on;
+    }
+
+    /// Keeps BACKEND_VIPS equal to the backends that serve exactly one VIP
+    /// (empty unless stateless replies are on).
     fn sync_backend_vips(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        if !self.stateless_replies {
+            let have = std::mem::take(&mut self.backend_vips);
+            let mut m: BpfHashMap<_, BackendKey, ReverseFlow> =
+                BpfHashMap::try_from(self.map("BACKEND_VIPS")?).map_err(map_err("BACKEND_VIPS"))?;
+            for k in have.keys() {
+                let _ = m.remove(k);
+            }
+            return Ok(());
+        }
         let mut seen: HashMap<BackendKey, Vec<ReverseFlow>> = HashMap::new();
         for s in services {
             let Some(slot) = self.services.get(&s.name) else {

@@ -274,6 +274,8 @@ impl Balancer {
                 st
             })
             .collect();
+        let mut dp = dp;
+        dp.set_stateless_replies(cfg.daemon.stateless_reverse_nat);
         let mut b = Balancer {
             file: cfg,
             services,

@@ -233,7 +233,10 @@ fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
         .collect();
     let svc = service_block("web", 80, "tcp", 2, 80).replace("round-robin", "maglev");
     let cfg = |sock: &std::path::Path| {
-        lb_config(sock, &svc).replace("[daemon]\n", "[daemon]\nmaglev_seed = 42\n")
+        lb_config(sock, &svc).replace(
+            "[daemon]\n",
+            "[daemon]\nmaglev_seed = 42\nstateless_reverse_nat = true\n",
+        )
     };
     let lb1 = LbDaemon::start(&t.lbs[0], cfg);
     let lb2 = LbDaemon::start(&t.lbs[1], cfg);

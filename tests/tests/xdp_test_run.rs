@@ -256,10 +256,20 @@ fn root_backend_reply_is_rewritten_back_to_the_vip() {
         assert_eq!(h.backend_traffic("web", "b1").reply_packets, 1);
 
         // A reply this instance did not track (its flow came through another
-        // balancer of an active-active group) is rewritten too: B2:8080 serves
-        // one VIP only, so its address says which.
+        // balancer of an active-active group) is left alone by default: it
+        // could as well be traffic that reached the backend without the VIP.
         let mut other = Frame::tcp((B2, 8080), (CLIENT, 41001), TCP_ACK);
         other.dst_mac = X1_MAC;
+        let (action, out) = h.send_from_backend(&other);
+        assert_eq!((action, out), (XDP_PASS, other.build()));
+        // With stateless replies on, it is rewritten: B2:8080 serves one VIP
+        // only, so its address says which.
+        h.dp.set_stateless_replies(true);
+        let specs: Vec<ServiceSpec> = services()
+            .iter()
+            .map(|s| ServiceSpec::from_config(s, 0))
+            .collect();
+        h.dp.apply(&specs).unwrap();
         let (action, out) = h.send_from_backend(&other);
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(&out[14 + 12..14 + 16], &VIP.octets());
