@@ -65,15 +65,49 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
     CONNTRACK.insert(key, flow, 0).is_ok() && REVERSE.insert(reply_key, rev, 0).is_ok()
 }
 
+/// Where a reply's VIP side came from.
+pub enum Reverse {
+    /// This balancer's own entry for the flow.
+    Tracked(ReverseFlow),
+    /// The backend's address (stateless reverse NAT, active-active).
+    ByBackend(ReverseFlow),
+}
+
+/// Whether a tracked reply entry belongs to a connection that is over: the
+/// backend is answering a new handshake (SYN-ACK) on the same addresses and
+/// ports while the client-side entry is gone or closing. That is another
+/// connection (the client reusing its port to reach the backend directly, or
+/// through another NAT), not a reply of ours: the stale entry is dropped.
+#[inline(always)]
+pub fn stale_for_handshake(key: &FlowKey, rev: &ReverseFlow) -> bool {
+    let fwd = FlowKey {
+        src: key.dst,
+        dst: rev.vip,
+        sport: key.dport,
+        dport: rev.vport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is read at once.
+    let stale = match unsafe { CONNTRACK.get(fwd) } {
+        None => true,
+        Some(f) => f.flags & FLOW_F_CLOSING != 0,
+    };
+    if stale {
+        let _ = REVERSE.remove(key);
+    }
+    stale
+}
+
 /// The VIP side of a backend's reply: from the flow's own entry if this
 /// instance tracked it, else from the backend's address when the backend serves
 /// one VIP only (a flow that came through another balancer instance).
 #[inline(always)]
-pub fn reverse(key: &FlowKey) -> Option<ReverseFlow> {
+pub fn reverse(key: &FlowKey) -> Option<Reverse> {
     // SAFETY: the values are copied out at once.
     unsafe {
         if let Some(r) = REVERSE.get(key) {
-            return Some(*r);
+            return Some(Reverse::Tracked(*r));
         }
         let b = BackendKey {
             addr: key.src,
@@ -81,6 +115,6 @@ pub fn reverse(key: &FlowKey) -> Option<ReverseFlow> {
             proto: key.proto,
             _pad: 0,
         };
-        BACKEND_VIPS.get(b).copied()
+        BACKEND_VIPS.get(b).copied().map(Reverse::ByBackend)
     }
 }

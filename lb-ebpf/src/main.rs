@@ -21,6 +21,7 @@ use lb_common::{
 };
 
 use crate::{
+    conntrack::Reverse,
     forward::Route,
     maps::{BACKENDS, SERVICES},
     parse::{Packet, Parsed},
@@ -118,7 +119,16 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
         stats::traffic(svc.id, backend_id, Direction::Forward { new_flow }, bytes);
         return forward::send(ctx, p, route, counter::FORWARDED);
     }
-    if let Some(rev) = conntrack::reverse(&key) {
+    if let Some(found) = conntrack::reverse(&key) {
+        let rev = match found {
+            Reverse::Tracked(rev) => {
+                if p.is_tcp_syn_ack() && conntrack::stale_for_handshake(&key, &rev) {
+                    return (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE);
+                }
+                rev
+            }
+            Reverse::ByBackend(rev) => rev,
+        };
         let route = forward::route(ctx, p, rev.vip, dst, (rev.vport, dport));
         if let Route::Local = route {
             // Addressed to this host (the reply to its own health check, say):

@@ -67,6 +67,16 @@ impl Packet {
         }
     }
 
+    /// A SYN with ACK: the server's half of a handshake.
+    #[inline(always)]
+    pub fn is_tcp_syn_ack(&self) -> bool {
+        match self.l4 {
+            // SAFETY: parse() checked that the header is inside the frame.
+            L4::Tcp(t) => unsafe { (*t).syn() != 0 && (*t).ack() != 0 },
+            L4::Udp(_) => false,
+        }
+    }
+
     /// A SYN without ACK: the only TCP segment that may open a flow.
     #[inline(always)]
     pub fn is_tcp_open(&self) -> bool {

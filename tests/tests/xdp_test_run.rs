@@ -712,3 +712,33 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
         assert_eq!(action, XDP_DROP);
     });
 }
+
+#[test]
+fn root_a_closed_flows_reply_entry_does_not_capture_a_new_direct_connection() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        // A flow through the VIP on client port 48000, to b1, then closed by the client.
+        let (_, _) = h.send_from_client(&client_frame(48000, TCP_SYN));
+        let (_, _) = h.send_from_client(&client_frame(48000, TCP_FIN | TCP_ACK));
+        // The client reuses port 48000 to reach b1 directly (through this host
+        // as a router): b1's SYN-ACK must not be rewritten to come from the VIP.
+        let mut synack = Frame::tcp((B1, 8080), (CLIENT, 48000), TCP_SYN | TCP_ACK);
+        synack.dst_mac = X1_MAC;
+        let (action, out) = h.send_from_backend(&synack);
+        assert_eq!(
+            (action, out),
+            (XDP_PASS, synack.build()),
+            "not a reply of ours"
+        );
+        // And the stale entry is gone: the rest of that connection passes too.
+        let mut data = Frame::tcp((B1, 8080), (CLIENT, 48000), TCP_ACK);
+        data.dst_mac = X1_MAC;
+        let (action, out) = h.send_from_backend(&data);
+        assert_eq!((action, out), (XDP_PASS, data.build()));
+        // A live flow's SYN-ACK is still rewritten.
+        let (_, _) = h.send_from_client(&client_frame(48001, TCP_SYN));
+        let mut live = Frame::tcp((B2, 8080), (CLIENT, 48001), TCP_SYN | TCP_ACK);
+        live.dst_mac = X1_MAC;
+        assert_eq!(h.send_from_backend(&live).0, XDP_REDIRECT);
+    });
+}
