@@ -38,6 +38,18 @@ impl Path {
         }
     }
 
+    /// The client's source ports for this path: disjoint per path, so that a
+    /// backend never sees one path's connection reuse another path's
+    /// addresses and ports while the other's TIME_WAIT or flow entries last.
+    fn ports(self) -> &'static str {
+        match self {
+            Path::Ours => "10000 24999",
+            Path::Haproxy => "25000 34999",
+            Path::Nftables => "35000 49999",
+            Path::Direct => "50000 64999",
+        }
+    }
+
     fn target(self) -> Ipv4Addr {
         match self {
             Path::Ours => Ipv4Addr::new(10, 0, 0, 100),
@@ -134,6 +146,9 @@ impl Bed {
             args.extend(["-H", "Connection: close"]);
         }
         args.push(&url);
+        self.t
+            .client
+            .sysctl("net.ipv4.ip_local_port_range", path.ports());
         let (cpu0, soft0) = machine_cpu();
         let ha0 = proc_cpu(self.haproxy.id());
         let out = self.t.client.try_exec("wrk", &args)?;
