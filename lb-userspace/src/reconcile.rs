@@ -312,68 +312,57 @@ impl Balancer {
         Ok(())
     }
 
+    /// Makes the health checkers and MySQL monitors match the backends: stops
+    /// those whose target changed or went, starts the missing ones.
     fn sync_checkers(&mut self) {
-        let mut wanted = HashMap::new();
+        let mut checks = HashMap::new();
+        let mut watch = HashMap::new();
         for s in &self.services {
             for b in &s.backends {
+                let key = (s.config.name.clone(), b.config.name.clone());
                 if let Some(h) = &b.config.health {
                     let port = h.port.unwrap_or(b.config.port);
-                    wanted.insert(
-                        (s.config.name.clone(), b.config.name.clone()),
-                        (b.config.address, port, h.clone()),
-                    );
+                    checks.insert(key.clone(), (b.config.address, port, h.clone()));
+                }
+                if let Some(m) = &s.config.mysql {
+                    watch.insert(key, (b.config.address, b.config.port, m.clone()));
                 }
             }
         }
-        self.checkers
-            .retain(|k, c| wanted.get(k).is_some_and(|w| *w == c.what));
-        let mut watch: HashMap<(String, String), MonitorTarget> = HashMap::new();
-        for s in &self.services {
-            if let Some(m) = &s.config.mysql {
-                for b in &s.backends {
-                    watch.insert(
-                        (s.config.name.clone(), b.config.name.clone()),
-                        (b.config.address, b.config.port, m.clone()),
-                    );
-                }
-            }
-        }
-        self.monitors
-            .retain(|k, c| watch.get(k).is_some_and(|w| *w == c.what));
-        for (key, what) in watch {
-            if self.monitors.contains_key(&key) {
-                continue;
-            }
-            self.next_checker += 1;
-            let id = self.next_checker;
-            let task = mysql::spawn(
-                key.0.clone(),
-                key.1.clone(),
-                what.0,
-                what.1,
-                what.2.clone(),
-                id,
-                self.mysql_reports.clone(),
-            );
-            self.monitors.insert(key, Checker { id, what, task });
-        }
-        for (key, what) in wanted {
-            if self.checkers.contains_key(&key) {
-                continue;
-            }
-            self.next_checker += 1;
-            let id = self.next_checker;
-            let task = health::spawn(
-                key.0.clone(),
-                key.1.clone(),
-                what.0,
-                what.1,
-                what.2.clone(),
-                id,
-                self.reports.clone(),
-            );
-            self.checkers.insert(key, Checker { id, what, task });
-        }
+        let reports = self.reports.clone();
+        sync_tasks(
+            &mut self.checkers,
+            checks,
+            &mut self.next_checker,
+            |key, what, id| {
+                health::spawn(
+                    key.0.clone(),
+                    key.1.clone(),
+                    what.0,
+                    what.1,
+                    what.2.clone(),
+                    id,
+                    reports.clone(),
+                )
+            },
+        );
+        let reports = self.mysql_reports.clone();
+        sync_tasks(
+            &mut self.monitors,
+            watch,
+            &mut self.next_checker,
+            |key, what, id| {
+                mysql::spawn(
+                    key.0.clone(),
+                    key.1.clone(),
+                    what.0,
+                    what.1,
+                    what.2.clone(),
+                    id,
+                    reports.clone(),
+                )
+            },
+        );
     }
 
     /// Keeps every backend's next hop, and the gateways towards clients,
@@ -768,6 +757,33 @@ impl Balancer {
             "services": services,
             "counters": counters,
         }))
+    }
+}
+
+/// Makes `running` match `wanted`: a task whose target changed or went is
+/// stopped (dropping its `Checker` aborts it), a missing one is started with a
+/// fresh id (so reports of a replaced task are recognised and ignored).
+fn sync_tasks<W: PartialEq>(
+    running: &mut HashMap<(String, String), Checker<W>>,
+    wanted: HashMap<(String, String), W>,
+    next_id: &mut u64,
+    spawn: impl Fn(&(String, String), &W, u64) -> JoinHandle<()>,
+) {
+    running.retain(|k, c| wanted.get(k).is_some_and(|w| *w == c.what));
+    for (key, what) in wanted {
+        if running.contains_key(&key) {
+            continue;
+        }
+        *next_id += 1;
+        let task = spawn(&key, &what, *next_id);
+        running.insert(
+            key,
+            Checker {
+                id: *next_id,
+                what,
+                task,
+            },
+        );
     }
 }
 

@@ -6,11 +6,27 @@
 //! 10.0.1.2 (02:00:00:00:01:02); `x1` (02:00:00:00:02:01, 10.0.2.1/24) faces
 //! the backends 10.0.2.11 and 10.0.2.12 (02:00:00:00:02:11, :12).
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 
 use crate::netns::{veth, Netns};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const B1: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
+pub const B2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 12);
+pub const X0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+pub const X1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+pub const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
+pub const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
+
+/// XDP actions, as the program returns them.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub struct TestRunNet {
     pub x: Netns,

@@ -10,7 +10,10 @@ use lb_tests::{
     frames::{checksums_ok, Frame, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     netns::Netns,
     require_root,
-    testrun::{self, TestRunNet},
+    testrun::{
+        self, TestRunNet, B1, B1_MAC, B2, B2_MAC, CLIENT, CLIENT_MAC, VIP, X0_MAC, X1_MAC,
+        XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    },
     unique,
 };
 use lb_userspace::{
@@ -19,19 +22,6 @@ use lb_userspace::{
 };
 
 const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const B1: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
-const B2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 12);
-const X0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const X1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
-const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
-const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
 
 /// The balancer's namespace for these tests: x0 faces the client (10.0.1.1),
 /// x1 the backends (10.0.2.1), with static neighbours so MACs are known.

@@ -25,24 +25,15 @@ use aya::programs::Xdp;
 use lb_common::FlowKey;
 use lb_tests::{
     frames::{Frame, TCP_ACK, TCP_SYN},
-    testrun::{self, TestRunNet},
+    testrun::{
+        self, TestRunNet, B1, B1_MAC, B2, B2_MAC, CLIENT, CLIENT_MAC, VIP, X0_MAC, X1_MAC,
+        XDP_PASS, XDP_REDIRECT, XDP_TX,
+    },
 };
 use lb_userspace::{
     config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig, Steering},
     dataplane::{Dataplane, ServiceSpec},
 };
-
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const XDP_PASS: u32 = 2;
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const B1: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
-const B2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 12);
-const X0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const X1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
-const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
 
 #[derive(serde::Serialize)]
 struct Row {
@@ -142,10 +133,7 @@ fn redirected(action: u32, out: &[u8]) -> Result<(), String> {
     if action != XDP_REDIRECT {
         return Err(format!("expected XDP_REDIRECT, got {action}"));
     }
-    if out[0..6] != B1_MAC[..]
-        && out[0..6] != [0x02, 0, 0, 0, 0x02, 0x12]
-        && out[0..6] != CLIENT_MAC
-    {
+    if out[0..6] != B1_MAC[..] && out[0..6] != B2_MAC[..] && out[0..6] != CLIENT_MAC {
         return Err("output not addressed to a backend or the client".into());
     }
     if out[6..12] != X1_MAC[..] && out[6..12] != X0_MAC[..] {
