@@ -104,6 +104,7 @@ enum BackendOp {
 }
 
 fn main() -> ExitCode {
+    unblock_signals();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli.command) {
@@ -112,6 +113,22 @@ fn main() -> ExitCode {
             eprintln!("lb: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A parent may hand us blocked signals (a supervisor, a script that
+/// took Ctrl-C for itself): `lb run` must still see SIGINT, SIGTERM and SIGHUP,
+/// or a stop would end in SIGKILL with nothing cleaned up (seen with the demo).
+fn unblock_signals() {
+    // SAFETY: plain signal-mask calls on a zeroed, then initialised, sigset,
+    // before any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
 }
 

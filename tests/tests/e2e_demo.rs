@@ -21,6 +21,16 @@ fn root_the_seed_story_runs_end_to_end_and_leaves_nothing_behind() {
         socket: tmp.path().join("lb.sock"),
         pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
     };
+    // As the demo binary does: it takes Ctrl-C and SIGTERM for itself, and the
+    // balancer it starts must still stop cleanly on SIGTERM.
+    // SAFETY: plain signal-mask calls for this thread (children inherit it).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
     let transcript = tmp.path().join("transcript.txt");
     let mut n = Narrator::new(Some(&transcript));
     let (seed, r) = seed::run(&opts, &mut n).unwrap_or_else(|e| panic!("the story failed: {e}"));
