@@ -14,6 +14,7 @@ use crate::{
     daemon::LbDaemon,
     nginx::Nginx,
     topology::{backend_addr, lb_config, service_block, Topology},
+    udp::{flood, UdpSink},
     TempDir,
 };
 
@@ -77,6 +78,7 @@ pub struct Sample {
 pub struct Bed {
     t: Topology,
     _webs: Vec<Nginx>,
+    sinks: Vec<UdpSink>,
     _lb: LbDaemon,
     haproxy: Child,
     _dir: TempDir,
@@ -101,7 +103,8 @@ impl Bed {
             "nft",
             &["add table ip lbbench; \
                add chain ip lbbench pre { type nat hook prerouting priority -100; }; \
-               add rule ip lbbench pre ip daddr 10.0.0.102 tcp dport 80 dnat to numgen inc mod 2 map { 0 : 10.0.2.11, 1 : 10.0.2.12 }"],
+               add rule ip lbbench pre ip daddr 10.0.0.102 tcp dport 80 dnat to numgen inc mod 2 map { 0 : 10.0.2.11, 1 : 10.0.2.12 }; \
+               add rule ip lbbench pre ip daddr 10.0.0.102 udp dport 53 dnat to numgen inc mod 2 map { 0 : 10.0.2.11 . 5353, 1 : 10.0.2.12 . 5353 }"],
         );
         t.lb.ip(&["addr", "add", "10.0.0.101/32", "dev", "lo"]);
         let dir = TempDir::new("bench");
@@ -119,13 +122,29 @@ impl Bed {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .map_err(|e| format!("starting haproxy (is it installed?): {e}"))?;
+        let sinks = (1..=2)
+            .map(|i| {
+                UdpSink::start(
+                    &t.backends[i - 1],
+                    std::net::SocketAddrV4::new(backend_addr(i), 5353).into(),
+                )
+            })
+            .collect();
         let lb = LbDaemon::start(&t.lb, |sock| {
-            lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+            lb_config(
+                sock,
+                &format!(
+                    "{}{}",
+                    service_block("web", 80, "tcp", 2, 80),
+                    service_block("dns", 53, "udp", 2, 5353)
+                ),
+            )
         });
         std::thread::sleep(Duration::from_millis(500));
         let bed = Bed {
             t,
             _webs: webs,
+            sinks,
             _lb: lb,
             haproxy,
             _dir: dir,
@@ -171,6 +190,22 @@ impl Bed {
             cpu_us_per_request: (cpu1 - cpu0) * 1e6 / total,
             balancer_cpu_us_per_request: balancer * 1e6 / total,
         })
+    }
+}
+
+impl Bed {
+    /// Floods a UDP service through `path` (ours or nftables) from one socket
+    /// for `secs`; returns datagrams sent and delivered to the backends, per second.
+    pub fn pps(&self, path: Path, secs: f64) -> (f64, f64) {
+        let before: u64 = self.sinks.iter().map(|s| s.received()).sum();
+        let sent = flood(
+            &self.t.client,
+            std::net::SocketAddrV4::new(path.target(), 53).into(),
+            secs,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let after: u64 = self.sinks.iter().map(|s| s.received()).sum();
+        (sent as f64 / secs, (after - before) as f64 / secs)
     }
 }
 

@@ -364,7 +364,15 @@ struct E2e {
     balancer_cpu_us_per_request: f64,
 }
 
-fn end_to_end(quick: bool) -> Result<Vec<E2e>, String> {
+/// UDP packets per second through one path.
+#[derive(serde::Serialize)]
+struct Pps {
+    path: &'static str,
+    sent_per_s: (f64, f64, f64),
+    delivered_per_s: (f64, f64, f64),
+}
+
+fn end_to_end(quick: bool) -> Result<(Vec<E2e>, Vec<Pps>), String> {
     use lb_tests::bench_e2e::{median, Bed, Path as P};
     let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
     println!("end to end: wrk, {rounds} round(s) of {secs} s per case, interleaved");
@@ -393,7 +401,34 @@ fn end_to_end(quick: bool) -> Result<Vec<E2e>, String> {
             samples.push(s);
         }
     }
-    Ok(all
+    // Packets per second for a UDP service: ours against nftables.
+    let mut pps: Vec<(P, Vec<(f64, f64)>)> = vec![(P::Ours, Vec::new()), (P::Nftables, Vec::new())];
+    for round in 0..rounds {
+        for (p, samples) in pps.iter_mut() {
+            let r = bed.pps(*p, secs as f64);
+            println!(
+                "  round {} {:<22} UDP flood        {:>9.0} sent/s {:>9.0} delivered/s",
+                round + 1,
+                p.name(),
+                r.0,
+                r.1
+            );
+            samples.push(r);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let pps = pps
+        .into_iter()
+        .map(|(p, s)| Pps {
+            path: p.name(),
+            sent_per_s: med(&mut s.iter().map(|x| x.0).collect()),
+            delivered_per_s: med(&mut s.iter().map(|x| x.1).collect()),
+        })
+        .collect();
+    let e2e = all
         .into_iter()
         .map(|((p, new_conn), s)| E2e {
             path: p.name(),
@@ -408,7 +443,38 @@ fn end_to_end(quick: bool) -> Result<Vec<E2e>, String> {
             cpu_us_per_request: median(&s, |x| x.cpu_us_per_request).0,
             balancer_cpu_us_per_request: median(&s, |x| x.balancer_cpu_us_per_request).0,
         })
-        .collect())
+        .collect();
+    Ok((e2e, pps))
+}
+
+fn pps_markdown(p: &[Pps]) -> String {
+    let mut md = String::from(
+        "\n## Packets per second: a UDP service\n\n\
+         One client socket floods 64-byte datagrams (sendmmsg, batches of 64) at the service; the backends count \
+         what arrives. One flow, so one backend; the generator shares the two cores.\n\n\
+         | path | sent/s (min-max) | delivered/s (min-max) |\n|---|---:|---:|\n",
+    );
+    for r in p {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) |",
+            r.path,
+            r.sent_per_s.0,
+            r.sent_per_s.1,
+            r.sent_per_s.2,
+            r.delivered_per_s.0,
+            r.delivered_per_s.1,
+            r.delivered_per_s.2
+        );
+    }
+    if let [ours, nft] = p {
+        let _ = writeln!(
+            md,
+            "\nlb / nftables DNAT, delivered packets per second: {:.2}",
+            ours.delivered_per_s.0 / nft.delivered_per_s.0
+        );
+    }
+    md
 }
 
 fn e2e_markdown(e: &[E2e]) -> String {
@@ -455,7 +521,13 @@ fn e2e_markdown(e: &[E2e]) -> String {
     md
 }
 
-fn write_outputs(dir: &Path, rows: &[Row], e2e: &[E2e], quick: bool) -> std::io::Result<()> {
+fn write_outputs(
+    dir: &Path,
+    rows: &[Row],
+    e2e: &[E2e],
+    pps: &[Pps],
+    quick: bool,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mach = machine();
     let when = String::from_utf8_lossy(
@@ -487,9 +559,10 @@ fn write_outputs(dir: &Path, rows: &[Row], e2e: &[E2e], quick: bool) -> std::io:
         );
     }
     md.push_str(&e2e_markdown(e2e));
-    md.push_str("\nNot measured here yet: packets per second for a UDP service, and control-plane timings and memory (see the open benchmark issue).\n");
+    md.push_str(&pps_markdown(pps));
+    md.push_str("\nNot measured here yet: control-plane timings and memory (see the open benchmark issue).\n");
     std::fs::write(dir.join("latest.md"), &md)?;
-    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows, "end_to_end": e2e });
+    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows, "end_to_end": e2e, "udp_pps": pps });
     std::fs::write(
         dir.join("latest.json"),
         serde_json::to_string_pretty(&json).unwrap(),
@@ -538,8 +611,8 @@ fn main() {
     );
     let start = std::time::Instant::now();
     match run_all(quick).and_then(|rows| Ok((rows, end_to_end(quick)?))) {
-        Ok((rows, e2e)) => {
-            if let Err(e) = write_outputs(&out, &rows, &e2e, quick) {
+        Ok((rows, (e2e, pps))) => {
+            if let Err(e) = write_outputs(&out, &rows, &e2e, &pps, quick) {
                 eprintln!("lb-bench: writing {}: {e}", out.display());
                 std::process::exit(1);
             }
