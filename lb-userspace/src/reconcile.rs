@@ -401,23 +401,16 @@ impl Balancer {
 
     /// Counts a health-check result and applies a change of state.
     pub fn on_report(&mut self, r: Report) {
-        let current = self
-            .checkers
-            .get(&(r.service.clone(), r.backend.clone()))
-            .is_some_and(|c| c.id == r.checker);
-        if !current {
-            return;
-        }
-        let Some(s) = self
-            .services
-            .iter_mut()
-            .find(|s| s.config.name == r.service)
-        else {
+        let Some((s, i)) = report_target(
+            &self.checkers,
+            &mut self.services,
+            &r.service,
+            &r.backend,
+            r.checker,
+        ) else {
             return;
         };
-        let Some(b) = s.backend_mut(&r.backend) else {
-            return;
-        };
+        let b = &mut s.backends[i];
         let Some(check) = b.config.health.clone() else {
             return;
         };
@@ -444,23 +437,16 @@ impl Balancer {
     /// Takes a MySQL observation: re-decides the service's roles and applies
     /// what changed (a new primary, a replica in or out of the read set).
     pub fn on_mysql_report(&mut self, r: mysql::Report) {
-        let current = self
-            .monitors
-            .get(&(r.service.clone(), r.backend.clone()))
-            .is_some_and(|c| c.id == r.monitor);
-        if !current {
-            return;
-        }
-        let Some(s) = self
-            .services
-            .iter_mut()
-            .find(|s| s.config.name == r.service)
-        else {
+        let Some((s, i)) = report_target(
+            &self.monitors,
+            &mut self.services,
+            &r.service,
+            &r.backend,
+            r.monitor,
+        ) else {
             return;
         };
-        let Some(b) = s.backend_mut(&r.backend) else {
-            return;
-        };
+        let b = &mut s.backends[i];
         let was_reachable = b.mysql.as_ref().map(|o| o.reachable);
         if was_reachable.is_some_and(|w| w != r.observation.reachable) {
             tracing::warn!(service = %r.service, backend = %r.backend, reachable = r.observation.reachable,
@@ -758,6 +744,25 @@ impl Balancer {
             "counters": counters,
         }))
     }
+}
+
+/// The service, and the index of the backend, that a report is about, if it
+/// comes from the task running for that backend now (a report of a task that
+/// was since replaced is stale and ignored).
+fn report_target<'a, W>(
+    tasks: &HashMap<(String, String), Checker<W>>,
+    services: &'a mut [ServiceState],
+    service: &str,
+    backend: &str,
+    id: u64,
+) -> Option<(&'a mut ServiceState, usize)> {
+    let key = (service.to_owned(), backend.to_owned());
+    if tasks.get(&key).is_none_or(|c| c.id != id) {
+        return None;
+    }
+    let s = services.iter_mut().find(|s| s.config.name == service)?;
+    let i = s.backends.iter().position(|b| b.config.name == backend)?;
+    Some((s, i))
 }
 
 /// Makes `running` match `wanted`: a task whose target changed or went is
