@@ -6,9 +6,7 @@ use lb_tests::{daemon::LbDaemon, nginx::Nginx, topology::*};
 fn main() {
     lb_tests::require_root();
     let t = Topology::new("tb", 2);
-    let _webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let _webs: Vec<Nginx> = t.start_webs();
     let lb = LbDaemon::start(&t.lb, |sock| {
         lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
     });

@@ -94,9 +94,7 @@ impl Drop for Bed {
 impl Bed {
     pub fn new(prefix: &str) -> Result<Bed, String> {
         let t = Topology::new(prefix, 2);
-        let webs: Vec<Nginx> = (1..=2)
-            .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-            .collect();
+        let webs: Vec<Nginx> = t.start_webs();
         // The kernel paths need forwarding: let it through this time.
         t.lb.exec("nft", &["insert rule inet lbtest forward accept"]);
         t.lb.exec(

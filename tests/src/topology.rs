@@ -124,6 +124,11 @@ impl Topology {
         }
     }
 
+    /// Real nginx on every backend (see [`start_webs`]).
+    pub fn start_webs(&self) -> Vec<crate::nginx::Nginx> {
+        start_webs(&self.backends)
+    }
+
     /// Packets the kernel of the balancer was asked to forward (and dropped).
     pub fn lb_kernel_forwarded(&self) -> u64 {
         let out = self
@@ -131,6 +136,16 @@ impl Topology {
             .exec("nft", &["list", "chain", "inet", "lbtest", "forward"]);
         parse_nft_packets(&out)
     }
+}
+
+/// Real nginx on every backend namespace, on :80 of its address, answering
+/// with the backend's name (web1, web2, ...).
+pub fn start_webs(backends: &[Netns]) -> Vec<crate::nginx::Nginx> {
+    (1..=backends.len())
+        .map(|i| {
+            crate::nginx::Nginx::start(&backends[i - 1], &format!("web{i}"), backend_addr(i), 80)
+        })
+        .collect()
 }
 
 /// The `packets N` of the first counter in `nft list` output.
@@ -286,6 +301,11 @@ impl ActiveActive {
             switch,
             backends,
         }
+    }
+
+    /// Real nginx on every backend (see [`start_webs`]).
+    pub fn start_webs(&self) -> Vec<crate::nginx::Nginx> {
+        start_webs(&self.backends)
     }
 
     /// Takes balancer `i` out of both routes, as a withdrawn BGP announcement

@@ -40,12 +40,6 @@ fn service(name: &str, port: u16, extra: &str, backends: &[(&str, usize, u16, &s
     s + "\n"
 }
 
-fn start_webs(t: &Topology) -> Vec<Nginx> {
-    (1..=t.backends.len())
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect()
-}
-
 fn count(samples: &[Sample]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for s in samples {
@@ -86,7 +80,7 @@ const FALL: u64 = 2;
 fn root_killed_backend_is_routed_around_within_fall_intervals_and_returns_after_rise() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let mut webs = start_webs(&t);
+    let mut webs = t.start_webs();
     let health = format!(
         "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = {RISE}\nfall = {FALL}\n"
     );
@@ -223,7 +217,7 @@ fn root_http_check_catches_errors_and_hangs_that_a_tcp_check_misses() {
 fn root_weights_one_to_three_split_new_connections_a_quarter_and_three_quarters() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let _webs = start_webs(&t);
+    let _webs = t.start_webs();
     let svc = service(
         "web",
         80,
@@ -248,7 +242,7 @@ fn root_weights_one_to_three_split_new_connections_a_quarter_and_three_quarters(
 fn root_backends_added_removed_and_drained_live_without_moving_flows() {
     require_root();
     let t = Topology::new(&prefix(), 3);
-    let _webs = start_webs(&t);
+    let _webs = t.start_webs();
     let svc = service("web", 80, "", &[("web1", 1, 80, ""), ("web2", 2, 80, "")]);
     let lb = LbDaemon::start(&t.lb, |sock| lb_config(sock, &svc));
 
@@ -344,7 +338,7 @@ fn root_backends_added_removed_and_drained_live_without_moving_flows() {
 fn root_fifty_reloads_under_load_break_nothing_and_a_bad_file_changes_nothing() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let _webs = start_webs(&t);
+    let _webs = t.start_webs();
     let svc = |w2: u32| {
         service(
             "web",

@@ -121,9 +121,7 @@ fn chromium(ns: &Netns, args: &[&str]) -> String {
 fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let mut webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let mut webs: Vec<Nginx> = t.start_webs();
     for b in &t.backends {
         count_arrivals(b);
     }

@@ -48,9 +48,7 @@ fn vip(port: u16) -> SocketAddr {
 fn root_http_new_connections_split_evenly_and_counters_agree_with_backends() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let webs: Vec<Nginx> = t.start_webs();
     for b in &t.backends {
         count_arrivals(b, "tcp", 80);
     }
@@ -122,9 +120,7 @@ fn root_http_new_connections_split_evenly_and_counters_agree_with_backends() {
 fn root_long_lived_connection_keeps_its_backend_while_others_come_and_go() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let _webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let _webs: Vec<Nginx> = t.start_webs();
     let _lb = LbDaemon::start(&t.lb, |sock| {
         lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
     });

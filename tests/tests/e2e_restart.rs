@@ -18,7 +18,7 @@ use lb_tests::{
     load::{Load, Sample},
     nginx::Nginx,
     require_root,
-    topology::{backend_addr, lb_config, pin_dir_for, service_block, ActiveActive, Topology, VIP},
+    topology::{lb_config, pin_dir_for, service_block, ActiveActive, Topology, VIP},
     unique,
 };
 
@@ -76,9 +76,7 @@ fn failures(samples: &[Sample]) -> Vec<&Sample> {
 fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let _webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let _webs: Vec<Nginx> = t.start_webs();
     // Round robin: only the connection table can keep a mid-flow packet on
     // its backend, so surviving connections prove the table survived.
     let mut lb = LbDaemon::start(&t.lb, |sock| {
@@ -152,9 +150,7 @@ fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
 fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_flows() {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    let _webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let _webs: Vec<Nginx> = t.start_webs();
     let mut lb = LbDaemon::start(&t.lb, |sock| {
         lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
     });
@@ -228,9 +224,7 @@ fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_
 fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
     require_root();
     let t = ActiveActive::new(&prefix(), 2);
-    let _webs: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&t.backends[i - 1], &format!("web{i}"), backend_addr(i), 80))
-        .collect();
+    let _webs: Vec<Nginx> = t.start_webs();
     let svc = service_block("web", 80, "tcp", 2, 80).replace("round-robin", "maglev");
     let cfg = |sock: &std::path::Path| {
         lb_config(sock, &svc).replace(

@@ -216,7 +216,7 @@ fn test(extra: &[String]) -> Result<()> {
              run it as root (CI does)"
         );
     }
-    setup::ensure_packages(setup::TEST_PACKAGES)?;
+    setup::ensure_packages(&setup::test_packages())?;
     build_ebpf()?;
     println!("test: formatting");
     run(&mut cmd("cargo", &["fmt", "--all", "--", "--check"]))?;

@@ -25,22 +25,8 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Debian packages by the program that tells whether they are installed.
-pub const TEST_PACKAGES: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("nft", "nftables"),
-    ("ethtool", "ethtool"),
-    ("nginx", "nginx"),
-    ("sysctl", "procps"),
-    ("mariadbd", "mariadb-server"),
-    ("mariadb", "mariadb-client"),
-    ("chromium", "chromium"),
-    ("dnsmasq", "dnsmasq-base"),
-    ("openssl", "openssl"),
-    ("curl", "curl"),
-];
-
-/// What the demo needs: the test set but the browser.
+/// Debian packages, by the program that tells whether they are installed,
+/// that the demo needs.
 pub const DEMO_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nft", "nftables"),
@@ -53,6 +39,13 @@ pub const DEMO_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("curl", "curl"),
 ];
+
+/// What the tests need: the demo's packages and a browser for the status page.
+pub fn test_packages() -> Vec<(&'static str, &'static str)> {
+    let mut p = DEMO_PACKAGES.to_vec();
+    p.push(("chromium", "chromium"));
+    p
+}
 
 /// Installs the Debian packages whose program is missing.
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
