@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod firewall;
 pub mod maglev;
 pub mod reset;
 pub mod ring;
@@ -24,6 +25,7 @@ pub const RING_MAP_SIZE: u32 = MAX_SERVICES * 2 * RING_SIZE;
 /// Entries of the connection table (and of the reverse-NAT table), LRU-evicted.
 pub const CONNTRACK_SIZE: u32 = 262_144;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -64,6 +66,10 @@ pub const SERVICE_F_MAGLEV: u32 = 1;
 /// with a reset from the VIP, so clients fail fast instead of retrying SYNs
 /// (the write VIP while there is no primary).
 pub const SERVICE_F_RESET_IF_EMPTY: u32 = 2;
+/// The service has source rules in the `FW_RULES` trie: look the source up.
+pub const SERVICE_F_FIREWALL: u32 = 4;
+/// The service has allow rules: a source no rule matches is denied.
+pub const SERVICE_F_ALLOWLIST: u32 = 8;
 
 /// Most Maglev services (each owns two tables of up to `maglev::MAX_TABLE_SIZE`).
 pub const MAX_MAGLEV_SERVICES: u32 = 8;
@@ -180,7 +186,8 @@ pub mod counter {
     pub const PASS_NOT_IPV4: u32 = 0;
     /// An IPv4 fragment: passed, the data path does not reassemble.
     pub const PASS_FRAGMENT: u32 = 1;
-    /// IPv4 but neither TCP nor UDP: passed.
+    /// IPv4 but neither TCP nor UDP (nor ICMP the data path answers or
+    /// rewrites), not addressed to a VIP: passed.
     pub const PASS_OTHER_PROTO: u32 = 2;
     /// TCP/UDP that matches no service and no tracked reply: passed.
     pub const PASS_NO_SERVICE: u32 = 3;
@@ -215,11 +222,30 @@ pub mod counter {
     pub const RESET_NO_BACKEND: u32 = 17;
     /// A packet of a flow whose backend resets its flows, answered with a reset.
     pub const RESET_FLOW: u32 = 18;
+    /// From a source on the global deny list (`[firewall] deny`): dropped.
+    pub const DROP_DENIED_GLOBAL: u32 = 19;
+    /// From a source a service's rules deny (`[service.firewall]`): dropped.
+    pub const DROP_DENIED_SERVICE: u32 = 20;
+    /// To a VIP on a port (or protocol) no service uses: dropped.
+    pub const DROP_CLOSED_PORT: u32 = 21;
+    /// A new flow over its source's rate (SYN-flood guard): dropped.
+    pub const DROP_SOURCE_RATE: u32 = 22;
+    /// A new flow over the global new-flow rate (SYN-flood guard): dropped.
+    pub const DROP_GLOBAL_RATE: u32 = 23;
+    /// An ICMP echo request to a VIP, answered by the data path.
+    pub const ICMP_ECHO_REPLIED: u32 = 24;
+    /// An ICMP error about a reply of a tracked flow, sent on to its backend.
+    pub const ICMP_TO_BACKEND: u32 = 25;
+    /// An ICMP error about a packet sent to a backend, rewritten for the client.
+    pub const ICMP_TO_CLIENT: u32 = 26;
+    /// ICMP to a VIP that is neither an answered echo nor an error about a
+    /// tracked flow: dropped.
+    pub const DROP_ICMP: u32 = 27;
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 19] = [
+    pub const NAMES: [&str; 28] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -239,6 +265,15 @@ pub mod counter {
         "flows_recovered",
         "reset_no_backend",
         "reset_flow",
+        "drop_denied_global",
+        "drop_denied_service",
+        "drop_closed_port",
+        "drop_source_rate",
+        "drop_global_rate",
+        "icmp_echo_replied",
+        "icmp_to_backend",
+        "icmp_to_client",
+        "drop_icmp",
     ];
 }
 
@@ -265,4 +300,7 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseFlow {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for firewall::RuleKey {}
+    unsafe impl aya::Pod for firewall::Firewall {}
+    unsafe impl aya::Pod for firewall::TokenBucket {}
 }

@@ -13,8 +13,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::counter;
-
-use crate::parse::Packet;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -37,13 +36,14 @@ pub enum Route {
     Unreachable,
 }
 
-/// Looks up the route from `src` to `dst` (network order) for this packet's
-/// protocol and ports (`ports` as they will be after any rewrite), as the kernel
-/// would forward a packet arriving on this interface.
+/// Looks up the route from `src` to `dst` (network order) for the packet whose
+/// IPv4 header is `ip`, with protocol `proto` and `ports` (as they will be after
+/// any rewrite), as the kernel would forward it arriving on this interface.
 #[inline(always)]
 pub fn route(
     ctx: &XdpContext,
-    p: &Packet,
+    ip: *mut Ipv4Hdr,
+    proto: u8,
     src: [u8; 4],
     dst: [u8; 4],
     ports: ([u8; 2], [u8; 2]),
@@ -51,15 +51,15 @@ pub fn route(
     // SAFETY: an all-zero bpf_fib_lookup is valid input; the fields set below
     // are the ones the helper reads for an IPv4 forward lookup.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    // SAFETY: parse() checked the IPv4 header is inside the frame.
+    // SAFETY: the caller parsed the IPv4 header as inside the frame.
     unsafe {
         fib.family = AF_INET;
-        fib.l4_protocol = p.proto;
+        fib.l4_protocol = proto;
         fib.sport = u16::from_ne_bytes(ports.0);
         fib.dport = u16::from_ne_bytes(ports.1);
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*p.ip).tot_len);
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
         fib.ifindex = ctx.ingress_ifindex() as u32;
-        fib.__bindgen_anon_2.tos = (*p.ip).tos;
+        fib.__bindgen_anon_2.tos = (*ip).tos;
         fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
         fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     }
@@ -87,7 +87,7 @@ pub fn route(
 /// Sends the (rewritten) packet along `route`; returns the action and the
 /// outcome counter (`sent` when it went out).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, p: &Packet, route: Route, sent: u32) -> (u32, u32) {
+pub fn send(ctx: &XdpContext, eth: *mut EthHdr, route: Route, sent: u32) -> (u32, u32) {
     match route {
         Route::Via {
             ifindex,
@@ -96,8 +96,8 @@ pub fn send(ctx: &XdpContext, p: &Packet, route: Route, sent: u32) -> (u32, u32)
         } => {
             // SAFETY: parse() checked the Ethernet header is inside the frame.
             unsafe {
-                (*p.eth).dst_addr = dmac;
-                (*p.eth).src_addr = smac;
+                (*eth).dst_addr = dmac;
+                (*eth).src_addr = smac;
             }
             if ifindex == ctx.ingress_ifindex() as u32 {
                 (xdp_action::XDP_TX, sent)

@@ -6,7 +6,9 @@
 #![expect(internal_features, reason = "atomic_xadd: see select.rs")]
 
 mod conntrack;
+mod firewall;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -16,8 +18,9 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    counter, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT,
-    BACKEND_F_RESET_FLOWS, IPPROTO_TCP, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    counter, firewall::Firewall, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS,
+    BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_TCP, SERVICE_F_MAGLEV,
+    SERVICE_F_RESET_IF_EMPTY,
 };
 
 use crate::{
@@ -30,10 +33,37 @@ use crate::{
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
+    let fw = firewall::settings();
     let (action, outcome) = match parse::parse(&ctx) {
         Parsed::Pass(c) => (xdp_action::XDP_PASS, c),
         Parsed::Drop(c) => (xdp_action::XDP_DROP, c),
-        Parsed::Packet(p) => handle(&ctx, &p),
+        Parsed::OtherIp(ip, c) => {
+            // SAFETY: parse() checked the IPv4 header is inside the frame.
+            let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
+            if firewall::denied(&fw, src) {
+                (xdp_action::XDP_DROP, counter::DROP_DENIED_GLOBAL)
+            } else if c == counter::PASS_OTHER_PROTO && firewall::closed(&fw, dst) {
+                (xdp_action::XDP_DROP, counter::DROP_CLOSED_PORT)
+            } else {
+                (xdp_action::XDP_PASS, c)
+            }
+        }
+        Parsed::Icmp(m) => {
+            // SAFETY: as above.
+            if firewall::denied(&fw, unsafe { (*m.ip).src_addr }) {
+                (xdp_action::XDP_DROP, counter::DROP_DENIED_GLOBAL)
+            } else {
+                icmp::handle(&ctx, &fw, &m)
+            }
+        }
+        Parsed::Packet(p) => {
+            // SAFETY: as above.
+            if firewall::denied(&fw, unsafe { (*p.ip).src_addr }) {
+                (xdp_action::XDP_DROP, counter::DROP_DENIED_GLOBAL)
+            } else {
+                handle(&ctx, &fw, &p)
+            }
+        }
     };
     stats::count(outcome);
     #[cfg(feature = "verbose-logs")]
@@ -46,7 +76,7 @@ pub fn lb(ctx: XdpContext) -> u32 {
 /// The packet's journey once its headers are known; returns the action and the
 /// outcome counter to bump.
 #[inline(always)]
-fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
+fn handle(ctx: &XdpContext, fw: &Firewall, p: &Packet) -> (u32, u32) {
     let (sport, dport) = p.ports();
     // SAFETY: parse() checked the IPv4 header is inside the frame.
     let (src, dst) = unsafe { ((*p.ip).src_addr, (*p.ip).dst_addr) };
@@ -67,6 +97,9 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
     };
     // SAFETY: the value is copied out at once.
     if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
+        if !firewall::service_allows(&svc, src) {
+            return (xdp_action::XDP_DROP, counter::DROP_DENIED_SERVICE);
+        }
         let opening = p.is_tcp_open();
         let (backend_id, generation, new_flow) =
             match conntrack::lookup(&key, opening, p.is_tcp_close()) {
@@ -80,6 +113,10 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
                             return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
                         }
                         stats::count(counter::FLOWS_RECOVERED);
+                    }
+                    // The SYN-flood guard, before the flow takes a table entry.
+                    if let Err(over) = firewall::admit_new_flow(fw, src) {
+                        return (xdp_action::XDP_DROP, over);
                     }
                     let Some(b) = select::pick(&svc, &key) else {
                         if p.proto == IPPROTO_TCP && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
@@ -114,10 +151,13 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
         if !nat::decrement_ttl(p.ip) {
             return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
         }
-        let route = forward::route(ctx, p, src, backend.addr, (sport, backend.port));
+        let route = forward::route(ctx, p.ip, p.proto, src, backend.addr, (sport, backend.port));
         nat::rewrite_dst(p, backend.addr, backend.port);
         stats::traffic(svc.id, backend_id, Direction::Forward { new_flow }, bytes);
-        return forward::send(ctx, p, route, counter::FORWARDED);
+        return forward::send(ctx, p.eth, route, counter::FORWARDED);
+    }
+    if firewall::closed(fw, dst) {
+        return (xdp_action::XDP_DROP, counter::DROP_CLOSED_PORT);
     }
     if let Some(found) = conntrack::reverse(&key) {
         let rev = match found {
@@ -129,7 +169,7 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
             }
             Reverse::ByBackend(rev) => rev,
         };
-        let route = forward::route(ctx, p, rev.vip, dst, (rev.vport, dport));
+        let route = forward::route(ctx, p.ip, p.proto, rev.vip, dst, (rev.vport, dport));
         if let Route::Local = route {
             // Addressed to this host (the reply to its own health check, say):
             // not a client's reply, whatever port it comes from.
@@ -140,13 +180,14 @@ fn handle(ctx: &XdpContext, p: &Packet) -> (u32, u32) {
         }
         nat::rewrite_src(p, rev.vip, rev.vport);
         stats::traffic(rev.service, rev.backend, Direction::Reply, bytes);
-        return forward::send(ctx, p, route, counter::REPLIES);
+        return forward::send(ctx, p.eth, route, counter::REPLIES);
     }
     (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE)
 }
 
+/// The backend with id `id`, if its slot holds one.
 #[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
+pub fn backend(id: u32) -> Option<Backend> {
     let b = BACKENDS.get(id)?;
     if b.flags & BACKEND_F_PRESENT == 0 {
         return None;

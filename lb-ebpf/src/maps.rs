@@ -2,11 +2,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
-    CONNTRACK_SIZE, MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
+    counter,
+    firewall::{
+        Firewall, RuleKey, TokenBucket, MAX_DENY_RULES, MAX_SERVICE_RULES, SOURCE_RATE_SIZE,
+    },
+    Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic, CONNTRACK_SIZE,
+    MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
 };
 
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
@@ -56,3 +60,29 @@ pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries
 /// Per-CPU traffic per backend id.
 #[map(name = "BACKEND_TRAFFIC")]
 pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Every VIP address (value unused): traffic to a VIP that no service takes
+/// is the firewall's to drop, and echo requests to it are answered.
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The firewall's settings (one entry).
+#[map(name = "FIREWALL")]
+pub static FIREWALL: Array<Firewall> = Array::with_max_entries(1, 0);
+
+/// The global deny list: source CIDRs whose every packet is dropped.
+#[map(name = "FW_DENY")]
+pub static FW_DENY: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_DENY_RULES, 0);
+
+/// Per-service source rules: (service id, source CIDR) -> `RULE_ALLOW` or `RULE_DENY`.
+#[map(name = "FW_RULES")]
+pub static FW_RULES: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(MAX_SERVICE_RULES, 0);
+
+/// New-flow credit of each recently seen source (SYN-flood guard).
+#[map(name = "SOURCE_RATE")]
+pub static SOURCE_RATE: LruHashMap<[u8; 4], TokenBucket> =
+    LruHashMap::with_max_entries(SOURCE_RATE_SIZE, 0);
+
+/// This CPU's share of the global new-flow cap.
+#[map(name = "GLOBAL_RATE")]
+pub static GLOBAL_RATE: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);

@@ -5,13 +5,13 @@
 //! - an IPv4 header that is truncated, has IHL < 5, a version other than 4, or a
 //!   total length that does not fit the frame or the headers: drop (malformed);
 //! - a fragment (MF set or offset non-zero): pass, the data path does not reassemble;
-//! - neither TCP nor UDP: pass;
-//! - a truncated TCP/UDP header or a TCP data offset < 5: drop (malformed).
+//! - neither TCP, UDP nor ICMP: pass (unless the firewall drops it, see main.rs);
+//! - a truncated TCP/UDP/ICMP header or a TCP data offset < 5: drop (malformed).
 //!
 //! IP options are carried through untouched: the L4 header is found after them.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{counter, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -88,9 +88,25 @@ impl Packet {
     }
 }
 
+/// An ICMP message whose IPv4 and 8-byte ICMP headers are inside the frame.
+pub struct Icmp {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Type, code, checksum and the 4 bytes that depend on the type.
+    pub icmp: *mut [u8; 8],
+    /// Offset of the ICMP header in the frame.
+    pub offset: usize,
+    /// Offset of the end of the IPv4 packet (what lies past it is padding).
+    pub end: usize,
+}
+
 /// What parsing concluded: a packet to handle, or an outcome to count and return.
 pub enum Parsed {
     Packet(Packet),
+    Icmp(Icmp),
+    /// Valid IPv4 the data path does not handle (a fragment, another
+    /// protocol), with the outcome it gets unless the firewall drops it.
+    OtherIp(*mut Ipv4Hdr, u32),
     Pass(u32),
     Drop(u32),
 }
@@ -125,7 +141,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         return Parsed::Drop(counter::DROP_MALFORMED);
     }
     if frags & (IP_MF | IP_OFFSET) != 0 {
-        return Parsed::Pass(counter::PASS_FRAGMENT);
+        return Parsed::OtherIp(ip, counter::PASS_FRAGMENT);
     }
     let l4_off = EthHdr::LEN + ihl;
     let l4 = match proto {
@@ -148,7 +164,22 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             }
             L4::Udp(u)
         }
-        _ => return Parsed::Pass(counter::PASS_OTHER_PROTO),
+        IPPROTO_ICMP => {
+            let Some(icmp) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            };
+            if tot_len < ihl + 8 {
+                return Parsed::Drop(counter::DROP_MALFORMED);
+            }
+            return Parsed::Icmp(Icmp {
+                eth,
+                ip,
+                icmp,
+                offset: l4_off,
+                end: EthHdr::LEN + tot_len,
+            });
+        }
+        _ => return Parsed::OtherIp(ip, counter::PASS_OTHER_PROTO),
     };
     Parsed::Packet(Packet { eth, ip, l4, proto })
 }

@@ -113,6 +113,8 @@ pub enum Scheduler {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: RawDaemon,
+    #[serde(default)]
+    firewall: RawFirewall,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -154,8 +156,166 @@ struct RawService {
     steering: Steering,
     mysql: Option<RawMysql>,
     health: Option<RawHealth>,
+    #[serde(default)]
+    firewall: RawSourceRules,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+}
+
+/// `[firewall]`: what the data path drops before any service sees it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirewall {
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    closed_ports: ClosedPorts,
+    #[serde(default = "yes")]
+    icmp_echo_reply: bool,
+    #[serde(default = "default_source_rate")]
+    source_new_flows_per_sec: u32,
+    source_new_flows_burst: Option<u32>,
+    #[serde(default = "default_global_rate")]
+    new_flows_per_sec: u32,
+    new_flows_burst: Option<u32>,
+}
+
+impl Default for RawFirewall {
+    fn default() -> Self {
+        RawFirewall {
+            deny: Vec::new(),
+            closed_ports: ClosedPorts::default(),
+            icmp_echo_reply: true,
+            source_new_flows_per_sec: default_source_rate(),
+            source_new_flows_burst: None,
+            new_flows_per_sec: default_global_rate(),
+            new_flows_burst: None,
+        }
+    }
+}
+
+/// Default per-source new-flow rate: far above what one client (or one NAT
+/// gateway full of them) opens, far below what one flooding host sends.
+pub const DEFAULT_SOURCE_NEW_FLOWS_PER_SEC: u32 = 10_000;
+/// Default global new-flow rate: the connection table (262,144 entries) then
+/// turns over no faster than every ~2.6 s, even under a flood from many sources.
+pub const DEFAULT_NEW_FLOWS_PER_SEC: u32 = 100_000;
+
+fn default_source_rate() -> u32 {
+    DEFAULT_SOURCE_NEW_FLOWS_PER_SEC
+}
+
+fn default_global_rate() -> u32 {
+    DEFAULT_NEW_FLOWS_PER_SEC
+}
+
+/// `[service.firewall]`: which sources may reach the service.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSourceRules {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+/// What happens to traffic for a VIP on a port no service uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClosedPorts {
+    /// Dropped in XDP and counted (`drop_closed_port`).
+    #[default]
+    Drop,
+    /// Left to the kernel, as if the balancer were not there.
+    Pass,
+}
+
+/// An IPv4 network: an address with its host bits zero and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/len` or a bare address (a /32).
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text, None),
+        };
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 address or CIDR (a.b.c.d/len)"))?;
+        let len = match len {
+            None => 32,
+            Some(l) => match l.parse::<u8>() {
+                Ok(l) if l <= 32 => l,
+                _ => return Err(format!("{text:?}: the prefix length must be 0 to 32")),
+            },
+        };
+        let net = Cidr { addr, len };
+        let masked = Ipv4Addr::from(u32::from(addr) & net.mask());
+        if masked != addr {
+            return Err(format!(
+                "{text:?} has host bits set (the network is {masked}/{len})"
+            ));
+        }
+        Ok(net)
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0)
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The validated `[firewall]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallConfig {
+    /// Every packet from these sources is dropped.
+    pub deny: Vec<Cidr>,
+    pub closed_ports: ClosedPorts,
+    /// Answer ICMP echo requests to VIPs.
+    pub icmp_echo_reply: bool,
+    /// New flows a second one source may open (0: no limit), and its burst.
+    pub source_new_flows_per_sec: u32,
+    pub source_new_flows_burst: u32,
+    /// New flows a second across all sources (0: no cap), and its burst.
+    pub new_flows_per_sec: u32,
+    pub new_flows_burst: u32,
+}
+
+impl Default for FirewallConfig {
+    /// What an absent `[firewall]` means.
+    fn default() -> Self {
+        FirewallConfig {
+            deny: Vec::new(),
+            closed_ports: ClosedPorts::Drop,
+            icmp_echo_reply: true,
+            source_new_flows_per_sec: DEFAULT_SOURCE_NEW_FLOWS_PER_SEC,
+            source_new_flows_burst: DEFAULT_SOURCE_NEW_FLOWS_PER_SEC,
+            new_flows_per_sec: DEFAULT_NEW_FLOWS_PER_SEC,
+            new_flows_burst: DEFAULT_NEW_FLOWS_PER_SEC,
+        }
+    }
+}
+
+/// A service's source rules: the most specific matching CIDR decides; a source
+/// no rule matches is allowed, unless the service has allow rules.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceRules {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -324,6 +484,7 @@ pub struct HealthCheck {
 pub struct Config {
     pub file: PathBuf,
     pub daemon: DaemonConfig,
+    pub firewall: FirewallConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -364,6 +525,8 @@ pub struct ServiceConfig {
     pub mysql: Option<MysqlMonitor>,
     /// The service's `[service.health]`: what backends added at run time get.
     pub health: Option<HealthCheck>,
+    /// `[service.firewall]`.
+    pub firewall: SourceRules,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -436,6 +599,7 @@ impl Config {
         let mut endpoints = HashMap::new();
         let mut services = Vec::new();
         let mut total_backends = 0;
+        let mut total_rules = 0;
         let mut maglev_services = 0;
         for (si, s) in raw.services.iter().enumerate() {
             let key = format!("service[{si}]");
@@ -676,6 +840,23 @@ impl Config {
                 );
             }
             total_backends += s.backends.len();
+            let firewall = SourceRules {
+                allow: cidrs(
+                    &s.firewall.allow,
+                    &format!("{key}.firewall.allow"),
+                    &mut bad,
+                ),
+                deny: cidrs(&s.firewall.deny, &format!("{key}.firewall.deny"), &mut bad),
+            };
+            for (i, c) in firewall.deny.iter().enumerate() {
+                if firewall.allow.contains(c) {
+                    bad(
+                        format!("{key}.firewall.deny[{i}]"),
+                        format!("{c} is also allowed: a CIDR is either allowed or denied"),
+                    );
+                }
+            }
+            total_rules += firewall.allow.len() + firewall.deny.len();
             if let Some(vip) = vip {
                 services.push(ServiceConfig {
                     name: s.name.clone(),
@@ -688,6 +869,7 @@ impl Config {
                     steering: s.steering,
                     mysql,
                     health: svc_health,
+                    firewall,
                     backends,
                 });
             }
@@ -723,6 +905,16 @@ impl Config {
                 }
             },
         };
+        if total_rules > lb_common::firewall::MAX_SERVICE_RULES as usize {
+            bad(
+                "service".into(),
+                format!(
+                    "{total_rules} firewall rules in all services, at most {} are supported",
+                    lb_common::firewall::MAX_SERVICE_RULES
+                ),
+            );
+        }
+        let firewall = validate_firewall(&raw.firewall, &services, &mut bad);
         if total_backends > lb_common::MAX_BACKENDS as usize {
             bad(
                 "service".into(),
@@ -756,8 +948,93 @@ impl Config {
                 metrics_listen,
                 stateless_reverse_nat: raw.daemon.stateless_reverse_nat,
             },
+            firewall,
             services,
         })
+    }
+}
+
+/// Parses a list of CIDRs, reporting each bad or repeated one under `key[i]`.
+fn cidrs(list: &[String], key: &str, bad: &mut dyn FnMut(String, String)) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = Vec::with_capacity(list.len());
+    for (i, text) in list.iter().enumerate() {
+        match Cidr::parse(text) {
+            Ok(c) if out.contains(&c) => bad(format!("{key}[{i}]"), format!("{c} is listed twice")),
+            Ok(c) => out.push(c),
+            Err(e) => bad(format!("{key}[{i}]"), e),
+        }
+    }
+    out
+}
+
+/// Checks `[firewall]` and fills in its defaults.
+fn validate_firewall(
+    f: &RawFirewall,
+    services: &[ServiceConfig],
+    bad: &mut dyn FnMut(String, String),
+) -> FirewallConfig {
+    let deny = cidrs(&f.deny, "firewall.deny", bad);
+    if deny.len() > lb_common::firewall::MAX_DENY_RULES as usize {
+        bad(
+            "firewall.deny".into(),
+            format!(
+                "{} CIDRs, at most {} are supported",
+                deny.len(),
+                lb_common::firewall::MAX_DENY_RULES
+            ),
+        );
+    }
+    for (i, c) in deny.iter().enumerate() {
+        // Replies and health-check answers come from the backends.
+        let cut_off = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
+            .find(|(_, b)| c.contains(b.address));
+        if let Some((s, b)) = cut_off {
+            bad(
+                format!("firewall.deny[{i}]"),
+                format!(
+                    "{c} covers backend {:?} of service {:?} ({}): its replies would be dropped",
+                    b.name, s.name, b.address
+                ),
+            );
+        }
+    }
+    let mut rate = |key: &str, per_sec: u32, burst: Option<u32>| -> u32 {
+        // A rate above 1e9 would cost less than a nanosecond of credit.
+        if per_sec > 1_000_000_000 {
+            bad(
+                format!("firewall.{key}_per_sec"),
+                format!("{per_sec} is above 1000000000 (use 0 for no limit)"),
+            );
+        }
+        match burst {
+            Some(0) if per_sec > 0 => {
+                bad(
+                    format!("firewall.{key}_burst"),
+                    "must be at least 1 (no flow could ever start)".into(),
+                );
+                0
+            }
+            Some(b) => b,
+            // One second's worth.
+            None => per_sec,
+        }
+    };
+    let source_new_flows_burst = rate(
+        "source_new_flows",
+        f.source_new_flows_per_sec,
+        f.source_new_flows_burst,
+    );
+    let new_flows_burst = rate("new_flows", f.new_flows_per_sec, f.new_flows_burst);
+    FirewallConfig {
+        deny,
+        closed_ports: f.closed_ports,
+        icmp_echo_reply: f.icmp_echo_reply,
+        source_new_flows_per_sec: f.source_new_flows_per_sec,
+        source_new_flows_burst,
+        new_flows_per_sec: f.new_flows_per_sec,
+        new_flows_burst,
     }
 }
 

@@ -12,13 +12,16 @@
 //! newer program replaces the old one on the pinned links atomically.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -27,14 +30,21 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    counter, maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey,
-    Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING,
-    MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_MAGLEV,
-    SERVICE_F_RESET_IF_EMPTY,
+    counter,
+    firewall::{
+        limit_ns, Firewall, RuleKey, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST,
+        FIREWALL_F_ECHO_REPLY, RULE_ALLOW, RULE_DENY,
+    },
+    maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING, MAX_BACKENDS,
+    MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL,
+    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use serde::Serialize;
 
-use crate::config::{Protocol, Scheduler, ServiceConfig, XdpMode};
+use crate::config::{
+    Cidr, ClosedPorts, FirewallConfig, Protocol, Scheduler, ServiceConfig, SourceRules, XdpMode,
+};
 
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -72,11 +82,17 @@ pub const MAPS: &[&str] = &[
     "COUNTERS",
     "SERVICE_TRAFFIC",
     "BACKEND_TRAFFIC",
+    "VIPS",
+    "FIREWALL",
+    "FW_DENY",
+    "FW_RULES",
+    "SOURCE_RATE",
+    "GLOBAL_RATE",
 ];
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
 /// maps of another layout (bump it whenever a map's type or size changes).
-pub const LAYOUT_VERSION: u64 = 4;
+pub const LAYOUT_VERSION: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -126,6 +142,8 @@ pub struct ServiceSpec {
     pub maglev: Option<(u32, u32)>,
     /// Refuse TCP connections with a reset while no backend can take them.
     pub reset_if_empty: bool,
+    /// Which sources may reach it.
+    pub rules: SourceRules,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -152,6 +170,7 @@ impl ServiceSpec {
             maglev: (s.scheduler == Scheduler::Maglev)
                 .then_some((s.maglev_table_size, maglev_seed)),
             reset_if_empty: false,
+            rules: s.firewall.clone(),
             backends: s
                 .backends
                 .iter()
@@ -265,6 +284,11 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     adopting: Option<Adoption>,
     nr_cpus: usize,
+    /// What the firewall maps hold (read back at load: pinned maps may
+    /// carry an earlier daemon's entries).
+    vips: HashSet<[u8; 4]>,
+    deny: HashSet<Cidr>,
+    rules: HashMap<(u32, Cidr), u32>,
 }
 
 impl Dataplane {
@@ -408,7 +432,11 @@ impl Dataplane {
             pin_dir,
             adopting: None,
             nr_cpus,
+            vips: HashSet::new(),
+            deny: HashSet::new(),
+            rules: HashMap::new(),
         };
+        dp.read_firewall_maps()?;
         if let Some(a) = adoption {
             // Generations survive in every slot, present or not.
             let all: Vec<Backend> = {
@@ -646,7 +674,185 @@ impl Dataplane {
         if let Some(a) = self.adopting.take() {
             self.forget_unadopted(a)?;
         }
+        self.sync_vips(services)?;
+        self.forget_rules_of_gone_services()?;
         self.sync_backend_vips(services)
+    }
+
+    /// Reads back what the firewall maps hold (an earlier daemon's pins).
+    fn read_firewall_maps(&mut self) -> Result<()> {
+        let vips: BpfHashMap<_, [u8; 4], u32> =
+            BpfHashMap::try_from(self.map_ref("VIPS")?).map_err(map_err("VIPS"))?;
+        self.vips = vips.keys().filter_map(|k| k.ok()).collect();
+        let deny: LpmTrie<_, [u8; 4], u32> =
+            LpmTrie::try_from(self.map_ref("FW_DENY")?).map_err(map_err("FW_DENY"))?;
+        self.deny = deny
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| Cidr {
+                addr: Ipv4Addr::from(k.data()),
+                len: k.prefix_len() as u8,
+            })
+            .collect();
+        let rules: LpmTrie<_, RuleKey, u32> =
+            LpmTrie::try_from(self.map_ref("FW_RULES")?).map_err(map_err("FW_RULES"))?;
+        self.rules = rules
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| {
+                let d = k.data();
+                let cidr = Cidr {
+                    addr: Ipv4Addr::from(d.addr),
+                    len: (k.prefix_len() - 32) as u8,
+                };
+                ((u32::from_be_bytes(d.service), cidr), v)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Makes VIPS hold exactly the services' addresses.
+    fn sync_vips(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        let want: HashSet<[u8; 4]> = services.iter().map(|s| s.vip.octets()).collect();
+        let mut m: BpfHashMap<_, [u8; 4], u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("VIPS")
+                .ok_or(DataplaneError::MissingMap("VIPS"))?,
+        )
+        .map_err(map_err("VIPS"))?;
+        for v in want.difference(&self.vips) {
+            m.insert(v, 1, 0).map_err(map_err("VIPS"))?;
+        }
+        for v in self.vips.difference(&want) {
+            let _ = m.remove(v);
+        }
+        self.vips = want;
+        Ok(())
+    }
+
+    /// Writes the firewall's settings and global deny list; in force for the
+    /// next packet. New deny entries are written before the flag that makes
+    /// the data path read them, old ones removed after.
+    pub fn set_firewall(&mut self, f: &FirewallConfig) -> Result<()> {
+        let want: HashSet<Cidr> = f.deny.iter().copied().collect();
+        let key = |c: &Cidr| LpmKey::new(c.len as u32, c.addr.octets());
+        let added: Vec<Cidr> = want.difference(&self.deny).copied().collect();
+        let removed: Vec<Cidr> = self.deny.difference(&want).copied().collect();
+        {
+            let mut m: LpmTrie<_, [u8; 4], u32> =
+                LpmTrie::try_from(self.map("FW_DENY")?).map_err(map_err("FW_DENY"))?;
+            for c in &added {
+                m.insert(&key(c), 1, 0).map_err(map_err("FW_DENY"))?;
+            }
+        }
+        let (source_cost_ns, source_burst_ns) = limit_ns(
+            f.source_new_flows_per_sec as u64,
+            f.source_new_flows_burst as u64,
+        );
+        // The global cap is shared out between the CPUs: each enforces its
+        // part with its own bucket (no contention on the packet path).
+        let (cost, burst) = limit_ns(f.new_flows_per_sec as u64, f.new_flows_burst as u64);
+        let cpus = self.nr_cpus.max(1) as u64;
+        let global_cost_ns = cost.saturating_mul(cpus);
+        let value = Firewall {
+            flags: if want.is_empty() {
+                0
+            } else {
+                FIREWALL_F_DENY_LIST
+            } | if f.closed_ports == ClosedPorts::Drop {
+                FIREWALL_F_CLOSED_DROP
+            } else {
+                0
+            } | if f.icmp_echo_reply {
+                FIREWALL_F_ECHO_REPLY
+            } else {
+                0
+            },
+            _pad: 0,
+            source_cost_ns,
+            source_burst_ns,
+            global_cost_ns,
+            global_burst_ns: burst.max(global_cost_ns),
+        };
+        self.array::<Firewall>("FIREWALL")?
+            .set(0, value, 0)
+            .map_err(map_err("FIREWALL"))?;
+        {
+            let mut m: LpmTrie<_, [u8; 4], u32> =
+                LpmTrie::try_from(self.map("FW_DENY")?).map_err(map_err("FW_DENY"))?;
+            for c in &removed {
+                let _ = m.remove(&key(c));
+            }
+        }
+        self.deny = want;
+        Ok(())
+    }
+
+    /// Writes service `id`'s source rules (adding before removing, so a
+    /// changed list never lets through what both versions deny); returns the
+    /// service's firewall flags.
+    fn write_rules(&mut self, id: u32, rules: &SourceRules) -> Result<u32> {
+        let want: HashMap<Cidr, u32> = rules
+            .allow
+            .iter()
+            .map(|c| (*c, RULE_ALLOW))
+            .chain(rules.deny.iter().map(|c| (*c, RULE_DENY)))
+            .collect();
+        let key = |c: &Cidr| {
+            LpmKey::new(
+                32 + c.len as u32,
+                RuleKey {
+                    service: id.to_be_bytes(),
+                    addr: c.addr.octets(),
+                },
+            )
+        };
+        let have: Vec<(Cidr, u32)> = self
+            .rules
+            .iter()
+            .filter(|((sid, _), _)| *sid == id)
+            .map(|((_, c), v)| (*c, *v))
+            .collect();
+        let mut m: LpmTrie<_, RuleKey, u32> = LpmTrie::try_from(
+            self.ebpf
+                .map_mut("FW_RULES")
+                .ok_or(DataplaneError::MissingMap("FW_RULES"))?,
+        )
+        .map_err(map_err("FW_RULES"))?;
+        for (c, v) in &want {
+            if !have.contains(&(*c, *v)) {
+                m.insert(&key(c), v, 0).map_err(map_err("FW_RULES"))?;
+                self.rules.insert((id, *c), *v);
+            }
+        }
+        for (c, _) in have {
+            if !want.contains_key(&c) {
+                let _ = m.remove(&key(&c));
+                self.rules.remove(&(id, c));
+            }
+        }
+        Ok(match (want.is_empty(), rules.allow.is_empty()) {
+            (true, _) => 0,
+            (false, true) => SERVICE_F_FIREWALL,
+            (false, false) => SERVICE_F_FIREWALL | SERVICE_F_ALLOWLIST,
+        })
+    }
+
+    /// Removes the rules of service ids no service holds any more.
+    fn forget_rules_of_gone_services(&mut self) -> Result<()> {
+        let live: HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        let gone: Vec<u32> = self
+            .rules
+            .keys()
+            .map(|(id, _)| *id)
+            .filter(|id| !live.contains(id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for id in gone {
+            self.write_rules(id, &SourceRules::default())?;
+        }
+        Ok(())
     }
 
     /// After the first apply that follows an adoption: whatever the earlier
@@ -956,11 +1162,13 @@ impl Dataplane {
                 (base, len, SERVICE_F_MAGLEV, seed)
             }
         };
+        let firewall_flags = self.write_rules(id, &s.rules)?;
         let value = Service {
             id,
             ring_base: base,
             ring_len: len,
             flags: flags
+                | firewall_flags
                 | if s.reset_if_empty {
                     SERVICE_F_RESET_IF_EMPTY
                 } else {

@@ -184,6 +184,7 @@ impl ServiceState {
             // Steered services refuse what they cannot place: a write with no
             // primary fails fast instead of hanging.
             reset_if_empty: c.steering != Steering::None,
+            rules: c.firewall.clone(),
             backends: self
                 .backends
                 .iter()
@@ -304,6 +305,9 @@ impl Balancer {
     fn sync(&mut self) -> Result<()> {
         let seed = self.file.daemon.maglev_seed;
         let specs: Vec<ServiceSpec> = self.services.iter().map(|s| s.spec(seed)).collect();
+        self.dp
+            .set_firewall(&self.file.firewall)
+            .map_err(|e| format!("{e:#}"))?;
         self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
         self.sync_checkers();
         if self.file.daemon.manage_neighbours {

@@ -87,6 +87,7 @@ fn services() -> Vec<ServiceConfig> {
             steering: Steering::None,
             mysql: None,
             health: None,
+            firewall: Default::default(),
             backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
         },
         ServiceConfig {
@@ -100,6 +101,7 @@ fn services() -> Vec<ServiceConfig> {
             steering: Steering::None,
             mysql: None,
             health: None,
+            firewall: Default::default(),
             backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
         },
     ]
