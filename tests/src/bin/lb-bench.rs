@@ -100,6 +100,7 @@ fn service(n_backends: usize, scheduler: Scheduler) -> ServiceConfig {
         steering: Steering::None,
         mysql: None,
         health: None,
+        firewall: Default::default(),
         // Every backend resolves: two addresses, many ports.
         backends: (0..n_backends)
             .map(|i| BackendConfig {
