@@ -465,6 +465,12 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// The map named `name`, read-only (tests and benchmarks read the data
+    /// path's state through it; everything else goes through `apply`).
+    pub fn map_named(&self, name: &str) -> Option<&aya::maps::Map> {
+        self.ebpf.map(name)
+    }
+
     /// The program's aya-log reader (only if it was built with log statements).
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(&mut self.ebpf)

@@ -9,6 +9,7 @@ pub mod frames;
 pub mod http;
 pub mod load;
 pub mod mariadb;
+pub mod model;
 pub mod netns;
 pub mod nginx;
 pub mod seed;

@@ -1,0 +1,745 @@
+//! A reference model of the data path: what the XDP program must do with a
+//! frame, given what its maps hold, written in plain Rust over byte slices
+//! from the rules (parse.rs, icmp.rs and the README) rather than from the
+//! program's pointer code. The differential fuzz test runs both on the same
+//! frames and compares the action, the frame left behind and the counters.
+//!
+//! The model starts from the maps as the daemon wrote them (services,
+//! backends, rings, Maglev tables, VIPs, firewall) and then keeps its own
+//! connection and reply tables and round-robin positions, updated as the
+//! program updates its maps. Route lookups follow the `testrun` namespace,
+//! whose routes and neighbours are fixed. Rate limits depend on the clock, so
+//! the model requires them off (the kernel tests cover them).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap as BpfHashMap, PerCpuArray};
+use lb_common::{
+    checksum, counter,
+    firewall::{
+        Firewall, RuleKey, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST, FIREWALL_F_ECHO_REPLY,
+        RULE_ALLOW,
+    },
+    maglev, Backend, BackendKey, FlowKey, ReverseFlow, Service, ServiceKey, BACKEND_F_DROP_FLOWS,
+    BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL,
+    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+};
+use lb_userspace::dataplane::Dataplane;
+
+use crate::testrun::{
+    B1, B1_MAC, B2, B2_MAC, CLIENT, CLIENT_MAC, X0_MAC, X1_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    XDP_TX,
+};
+
+/// What the program did with a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: u32,
+    pub frame: Vec<u8>,
+    /// The outcome counter bumped (`lb_common::counter`).
+    pub outcome: u32,
+}
+
+/// A tracked client flow.
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    backend: u32,
+    generation: u32,
+    closing: bool,
+}
+
+enum Route {
+    Via {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    Local,
+    NoNeigh,
+}
+
+pub struct Model {
+    services: HashMap<ServiceKey, Service>,
+    backends: Vec<Backend>,
+    rings: HashMap<u32, u32>,
+    maglev: HashMap<u32, u32>,
+    rr: HashMap<u32, u64>,
+    vips: HashSet<[u8; 4]>,
+    firewall: Firewall,
+    /// (network, prefix length).
+    deny: Vec<(u32, u32)>,
+    /// (service id, network, prefix length, rule).
+    rules: Vec<(u32, u32, u32, u32)>,
+    backend_vips: HashMap<BackendKey, ReverseFlow>,
+    conntrack: HashMap<FlowKey, Tracked>,
+    reverse: HashMap<FlowKey, ReverseFlow>,
+    /// Per outcome counter: how many times the model bumped it.
+    pub counts: Vec<u64>,
+    x0: u32,
+    x1: u32,
+}
+
+fn map<'a>(dp: &'a Dataplane, name: &str) -> &'a aya::maps::Map {
+    dp.map_named(name)
+        .unwrap_or_else(|| panic!("the program has no map {name}"))
+}
+
+impl Model {
+    /// A model of `dp` as it stands (its connection table empty), for frames
+    /// received on `x0` (client side) or `x1` (backend side) of the testrun net.
+    pub fn from_maps(dp: &Dataplane, x0: u32, x1: u32) -> Model {
+        let mut m = Model {
+            services: HashMap::new(),
+            backends: Vec::new(),
+            rings: HashMap::new(),
+            maglev: HashMap::new(),
+            rr: HashMap::new(),
+            vips: HashSet::new(),
+            firewall: Firewall::default(),
+            deny: Vec::new(),
+            rules: Vec::new(),
+            backend_vips: HashMap::new(),
+            conntrack: HashMap::new(),
+            reverse: HashMap::new(),
+            counts: vec![0; counter::COUNT as usize],
+            x0,
+            x1,
+        };
+        m.reload(dp);
+        m
+    }
+
+    /// Reads the control plane's maps again (after an `apply`); the model's
+    /// own tables (flows, replies) are kept, as the program's are.
+    pub fn reload(&mut self, dp: &Dataplane) {
+        let services: BpfHashMap<_, ServiceKey, Service> =
+            BpfHashMap::try_from(map(dp, "SERVICES")).unwrap();
+        self.services = services.iter().map(|r| r.unwrap()).collect();
+        let backends: Array<_, Backend> = Array::try_from(map(dp, "BACKENDS")).unwrap();
+        self.backends = backends.iter().map(|r| r.unwrap()).collect();
+        let rings: Array<_, u32> = Array::try_from(map(dp, "RINGS")).unwrap();
+        let tables: Array<_, u32> = Array::try_from(map(dp, "MAGLEV")).unwrap();
+        let positions: Array<_, u64> = Array::try_from(map(dp, "RR_POSITION")).unwrap();
+        self.rings.clear();
+        self.maglev.clear();
+        for s in self.services.values() {
+            let (source, into, limit) = if s.flags & SERVICE_F_MAGLEV != 0 {
+                (&tables, &mut self.maglev, MAGLEV_MAP_SIZE)
+            } else {
+                (&rings, &mut self.rings, RING_MAP_SIZE)
+            };
+            for slot in s.ring_base..(s.ring_base + s.ring_len).min(limit) {
+                into.insert(slot, source.get(&slot, 0).unwrap());
+            }
+            self.rr.insert(s.id, positions.get(&s.id, 0).unwrap());
+        }
+        let vips: BpfHashMap<_, [u8; 4], u32> = BpfHashMap::try_from(map(dp, "VIPS")).unwrap();
+        self.vips = vips.keys().map(|k| k.unwrap()).collect();
+        let fw: Array<_, Firewall> = Array::try_from(map(dp, "FIREWALL")).unwrap();
+        self.firewall = fw.get(&0, 0).unwrap();
+        assert_eq!(
+            (self.firewall.source_cost_ns, self.firewall.global_cost_ns),
+            (0, 0),
+            "the model has no clock: rate limits must be off"
+        );
+        let deny: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(dp, "FW_DENY")).unwrap();
+        self.deny = deny
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                (u32::from_be_bytes(k.data()), k.prefix_len())
+            })
+            .collect();
+        let rules: LpmTrie<_, RuleKey, u32> = LpmTrie::try_from(map(dp, "FW_RULES")).unwrap();
+        self.rules = rules
+            .iter()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let d = k.data();
+                (
+                    u32::from_be_bytes(d.service),
+                    u32::from_be_bytes(d.addr),
+                    k.prefix_len() - 32,
+                    v,
+                )
+            })
+            .collect();
+        let bv: BpfHashMap<_, BackendKey, ReverseFlow> =
+            BpfHashMap::try_from(map(dp, "BACKEND_VIPS")).unwrap();
+        self.backend_vips = bv.iter().map(|r| r.unwrap()).collect();
+    }
+
+    /// The kernel's outcome counters, summed over CPUs.
+    pub fn kernel_counts(dp: &Dataplane) -> Vec<u64> {
+        let c: PerCpuArray<_, u64> = PerCpuArray::try_from(map(dp, "COUNTERS")).unwrap();
+        (0..counter::COUNT)
+            .map(|i| c.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    /// What the program must do with `frame` received on `ingress`.
+    pub fn run(&mut self, frame: &[u8], ingress: u32) -> Verdict {
+        let mut f = frame.to_vec();
+        let (action, outcome) = self.decide(&mut f, ingress);
+        self.counts[outcome as usize] += 1;
+        Verdict {
+            action,
+            frame: f,
+            outcome,
+        }
+    }
+
+    fn decide(&mut self, f: &mut Vec<u8>, ingress: u32) -> (u32, u32) {
+        // Ethernet.
+        if f.len() < 14 || be16(f, 12) != 0x0800 {
+            return (XDP_PASS, counter::PASS_NOT_IPV4);
+        }
+        // IPv4: a whole, valid header whose packet fits the frame.
+        if f.len() < 34 {
+            return (XDP_DROP, counter::DROP_MALFORMED);
+        }
+        let vihl = f[14];
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let tot_len = be16(f, 16) as usize;
+        if vihl >> 4 != 4 || ihl < 20 || tot_len < ihl || 14 + tot_len > f.len() {
+            return (XDP_DROP, counter::DROP_MALFORMED);
+        }
+        let src = addr(f, 26);
+        let dst = addr(f, 30);
+        let proto = f[23];
+        let fragment = be16(f, 20) & 0x3fff != 0;
+        let l4 = 14 + ihl;
+        let other = |m: &Model, outcome: u32| {
+            if m.denied(src) {
+                (XDP_DROP, counter::DROP_DENIED_GLOBAL)
+            } else if outcome == counter::PASS_OTHER_PROTO && m.closed(dst) {
+                (XDP_DROP, counter::DROP_CLOSED_PORT)
+            } else {
+                (XDP_PASS, outcome)
+            }
+        };
+        if fragment {
+            return other(self, counter::PASS_FRAGMENT);
+        }
+        match proto {
+            IPPROTO_TCP => {
+                if f.len() < l4 + 20 || f[l4 + 12] >> 4 < 5 || tot_len < ihl + 20 {
+                    return (XDP_DROP, counter::DROP_MALFORMED);
+                }
+            }
+            IPPROTO_UDP | IPPROTO_ICMP => {
+                if f.len() < l4 + 8 || tot_len < ihl + 8 {
+                    return (XDP_DROP, counter::DROP_MALFORMED);
+                }
+            }
+            _ => return other(self, counter::PASS_OTHER_PROTO),
+        }
+        if self.denied(src) {
+            return (XDP_DROP, counter::DROP_DENIED_GLOBAL);
+        }
+        if proto == IPPROTO_ICMP {
+            return self.icmp(f, ingress, l4, 14 + tot_len);
+        }
+        self.l4(f, ingress, l4)
+    }
+
+    fn denied(&self, src: [u8; 4]) -> bool {
+        self.firewall.flags & FIREWALL_F_DENY_LIST != 0
+            && self.deny.iter().any(|&(net, len)| within(src, net, len))
+    }
+
+    fn closed(&self, dst: [u8; 4]) -> bool {
+        self.firewall.flags & FIREWALL_F_CLOSED_DROP != 0 && self.vips.contains(&dst)
+    }
+
+    fn allows(&self, svc: &Service, src: [u8; 4]) -> bool {
+        if svc.flags & SERVICE_F_FIREWALL == 0 {
+            return true;
+        }
+        let best = self
+            .rules
+            .iter()
+            .filter(|&&(id, net, len, _)| id == svc.id && within(src, net, len))
+            .max_by_key(|&&(_, _, len, _)| len);
+        match best {
+            Some(&(_, _, _, rule)) => rule == RULE_ALLOW,
+            None => svc.flags & SERVICE_F_ALLOWLIST == 0,
+        }
+    }
+
+    /// A TCP or UDP packet with whole headers.
+    fn l4(&mut self, f: &mut Vec<u8>, ingress: u32, l4: usize) -> (u32, u32) {
+        let proto = f[23];
+        let key = FlowKey {
+            src: addr(f, 26),
+            dst: addr(f, 30),
+            sport: [f[l4], f[l4 + 1]],
+            dport: [f[l4 + 2], f[l4 + 3]],
+            proto,
+            _pad: [0; 3],
+        };
+        let tcp_flags = if proto == IPPROTO_TCP { f[l4 + 13] } else { 0 };
+        let (fin, syn, rst, ack) = (
+            tcp_flags & 1 != 0,
+            tcp_flags & 2 != 0,
+            tcp_flags & 4 != 0,
+            tcp_flags & 0x10 != 0,
+        );
+        let tcp = proto == IPPROTO_TCP;
+        let opening = !tcp || (syn && !ack);
+        let closing = tcp && (fin || rst);
+        let skey = ServiceKey {
+            vip: key.dst,
+            port: key.dport,
+            proto,
+            _pad: 0,
+        };
+        if let Some(svc) = self.services.get(&skey).copied() {
+            if !self.allows(&svc, key.src) {
+                return (XDP_DROP, counter::DROP_DENIED_SERVICE);
+            }
+            let known = match self.conntrack.get_mut(&key) {
+                Some(t) if !(opening && t.closing) => {
+                    t.closing |= closing;
+                    Some(*t)
+                }
+                _ => None,
+            };
+            let (bid, generation, new_flow) = match known {
+                Some(t) => (t.backend, Some(t.generation), false),
+                None => {
+                    if tcp && !opening {
+                        if svc.flags & SERVICE_F_MAGLEV == 0 {
+                            return (XDP_DROP, counter::DROP_TCP_NO_FLOW);
+                        }
+                        self.counts[counter::FLOWS_RECOVERED as usize] += 1;
+                    }
+                    match self.pick(&svc, &key) {
+                        Some(b) => (b, None, true),
+                        None => {
+                            if tcp && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
+                                return (reset(f), counter::RESET_NO_BACKEND);
+                            }
+                            return (XDP_DROP, counter::DROP_NO_BACKEND);
+                        }
+                    }
+                }
+            };
+            let Some(b) = self.backend(bid) else {
+                return (XDP_DROP, counter::DROP_BACKEND_GONE);
+            };
+            if let Some(g) = generation {
+                if g != b.generation {
+                    return (XDP_DROP, counter::DROP_BACKEND_GONE);
+                }
+                if b.flags & BACKEND_F_DROP_FLOWS != 0 {
+                    return (XDP_DROP, counter::DROP_BACKEND_DOWN);
+                }
+                if b.flags & BACKEND_F_RESET_FLOWS != 0 && tcp {
+                    return (reset(f), counter::RESET_FLOW);
+                }
+            }
+            if new_flow {
+                self.conntrack.insert(
+                    key,
+                    Tracked {
+                        backend: bid,
+                        generation: b.generation,
+                        closing: false,
+                    },
+                );
+                self.reverse.insert(
+                    FlowKey {
+                        src: b.addr,
+                        dst: key.src,
+                        sport: b.port,
+                        dport: key.sport,
+                        proto,
+                        _pad: [0; 3],
+                    },
+                    ReverseFlow {
+                        vip: key.dst,
+                        vport: key.dport,
+                        _pad: [0; 2],
+                        backend: bid,
+                        service: svc.id,
+                    },
+                );
+                self.counts[counter::NEW_FLOWS as usize] += 1;
+            }
+            if !decrement_ttl(f) {
+                return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+            }
+            let route = self.route(b.addr);
+            rewrite(f, l4, Side::Destination, b.addr, b.port);
+            return self.send(f, ingress, route, counter::FORWARDED);
+        }
+        if self.closed(key.dst) {
+            return (XDP_DROP, counter::DROP_CLOSED_PORT);
+        }
+        let rev = match self.reverse.get(&key).copied() {
+            Some(rev) => {
+                if tcp && syn && ack {
+                    let fwd = FlowKey {
+                        src: key.dst,
+                        dst: rev.vip,
+                        sport: key.dport,
+                        dport: rev.vport,
+                        proto,
+                        _pad: [0; 3],
+                    };
+                    let stale = self.conntrack.get(&fwd).is_none_or(|t| t.closing);
+                    if stale {
+                        self.reverse.remove(&key);
+                        return (XDP_PASS, counter::PASS_NO_SERVICE);
+                    }
+                }
+                Some(rev)
+            }
+            None => self
+                .backend_vips
+                .get(&BackendKey {
+                    addr: key.src,
+                    port: key.sport,
+                    proto,
+                    _pad: 0,
+                })
+                .copied(),
+        };
+        let Some(rev) = rev else {
+            return (XDP_PASS, counter::PASS_NO_SERVICE);
+        };
+        let route = self.route(key.dst);
+        if let Route::Local = route {
+            return (XDP_PASS, counter::PASS_NO_SERVICE);
+        }
+        if !decrement_ttl(f) {
+            return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+        }
+        rewrite(f, l4, Side::Source, rev.vip, rev.vport);
+        self.send(f, ingress, route, counter::REPLIES)
+    }
+
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends
+            .get(id as usize)
+            .copied()
+            .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
+    }
+
+    fn pick(&mut self, svc: &Service, key: &FlowKey) -> Option<u32> {
+        let len = svc.ring_len;
+        if svc.flags & SERVICE_F_MAGLEV != 0 {
+            if len == 0 || len > maglev::MAX_TABLE_SIZE || svc.ring_base > MAGLEV_MAP_SIZE - len {
+                return None;
+            }
+            let h = maglev::flow_hash(
+                key.src,
+                key.dst,
+                key.sport,
+                key.dport,
+                key.proto,
+                svc.hash_seed,
+            );
+            return self.maglev.get(&(svc.ring_base + h % len)).copied();
+        }
+        if len == 0 || len > RING_SIZE || svc.ring_base > RING_MAP_SIZE - RING_SIZE {
+            return None;
+        }
+        let pos = self.rr.entry(svc.id).or_insert(0);
+        let n = *pos;
+        *pos += 1;
+        self.rings
+            .get(&(svc.ring_base + (n % len as u64) as u32))
+            .copied()
+    }
+
+    /// The testrun namespace's FIB: x0 10.0.1.1/24 with the client's
+    /// neighbour, x1 10.0.2.1/24 with the two backends', nothing else.
+    fn route(&self, dst: [u8; 4]) -> Route {
+        let d = Ipv4Addr::from(dst);
+        let [a, b, c, last] = dst;
+        if d == Ipv4Addr::new(10, 0, 1, 1) || d == Ipv4Addr::new(10, 0, 2, 1) {
+            return Route::Local;
+        }
+        if (a, b) != (10, 0) || !(c == 1 || c == 2) || last == 255 {
+            // No route, or a broadcast: the kernel does not forward it.
+            return Route::Local;
+        }
+        let known = [
+            (CLIENT, self.x0, X0_MAC, CLIENT_MAC),
+            (B1, self.x1, X1_MAC, B1_MAC),
+            (B2, self.x1, X1_MAC, B2_MAC),
+        ];
+        match known.iter().find(|k| k.0 == d) {
+            Some(&(_, ifindex, smac, dmac)) => Route::Via {
+                ifindex,
+                smac,
+                dmac,
+            },
+            None => Route::NoNeigh,
+        }
+    }
+
+    fn send(&self, f: &mut [u8], ingress: u32, route: Route, sent: u32) -> (u32, u32) {
+        match route {
+            Route::Via {
+                ifindex,
+                smac,
+                dmac,
+            } => {
+                f[0..6].copy_from_slice(&dmac);
+                f[6..12].copy_from_slice(&smac);
+                (
+                    if ifindex == ingress {
+                        XDP_TX
+                    } else {
+                        XDP_REDIRECT
+                    },
+                    sent,
+                )
+            }
+            Route::NoNeigh => (XDP_PASS, counter::PASS_NO_NEIGH),
+            Route::Local => (XDP_PASS, counter::PASS_NO_SERVICE),
+        }
+    }
+
+    /// ICMP: `l4` is the ICMP header's offset, `end` the IPv4 packet's end.
+    fn icmp(&mut self, f: &mut [u8], ingress: u32, l4: usize, end: usize) -> (u32, u32) {
+        let dst = addr(f, 30);
+        let to_vip = self.vips.contains(&dst);
+        match f[l4] {
+            8 if to_vip && self.firewall.flags & FIREWALL_F_ECHO_REPLY != 0 => {
+                echo_reply(f, l4);
+                return (XDP_REDIRECT, counter::ICMP_ECHO_REPLIED);
+            }
+            3 | 11 | 12 => {
+                if let Some(done) = self.icmp_error(f, ingress, l4, end, to_vip) {
+                    return done;
+                }
+            }
+            _ => {}
+        }
+        if to_vip && self.closed(dst) {
+            return (XDP_DROP, counter::DROP_ICMP);
+        }
+        (XDP_PASS, counter::PASS_OTHER_PROTO)
+    }
+
+    fn icmp_error(
+        &mut self,
+        f: &mut [u8],
+        ingress: u32,
+        l4: usize,
+        end: usize,
+        to_vip: bool,
+    ) -> Option<(u32, u32)> {
+        // The quoted packet: a whole IPv4 header and 8 bytes of TCP/UDP.
+        let q = l4 + 8;
+        if f.len() < q + 20 {
+            return None;
+        }
+        let qihl = ((f[q] & 0x0f) as usize) * 4;
+        let qproto = f[q + 9];
+        if f[q] >> 4 != 4 || qihl < 20 || !(qproto == IPPROTO_TCP || qproto == IPPROTO_UDP) {
+            return None;
+        }
+        let ql4 = q + qihl;
+        if ql4 + 8 > end {
+            return None;
+        }
+        let (qsrc, qdst) = (addr(f, q + 12), addr(f, q + 16));
+        let (qsport, qdport) = ([f[ql4], f[ql4 + 1]], [f[ql4 + 2], f[ql4 + 3]]);
+        let (src, dst) = (addr(f, 26), addr(f, 30));
+        let key = FlowKey {
+            src: qdst,
+            dst: qsrc,
+            sport: qdport,
+            dport: qsport,
+            proto: qproto,
+            _pad: [0; 3],
+        };
+        let quote = Quote {
+            ip: q,
+            l4: ql4,
+            proto: qproto,
+            end,
+        };
+        if to_vip {
+            let t = *self.conntrack.get(&key)?;
+            let b = self
+                .backend(t.backend)
+                .filter(|b| b.generation == t.generation)?;
+            let route = self.route(b.addr);
+            if let Route::Local = route {
+                return Some((XDP_PASS, counter::PASS_OTHER_PROTO));
+            }
+            if !decrement_ttl(f) {
+                return Some((XDP_PASS, counter::PASS_TTL_EXPIRED));
+            }
+            set_addr(f, 14, 30, b.addr);
+            quote.rewrite(f, l4, Side::Source, b.addr, b.port);
+            return Some(self.send(f, ingress, route, counter::ICMP_TO_BACKEND));
+        }
+        let rev = *self.reverse.get(&key)?;
+        let new_src = if src == qdst { rev.vip } else { src };
+        let route = self.route(dst);
+        if let Route::Local = route {
+            return Some((XDP_PASS, counter::PASS_OTHER_PROTO));
+        }
+        if !decrement_ttl(f) {
+            return Some((XDP_PASS, counter::PASS_TTL_EXPIRED));
+        }
+        set_addr(f, 14, 26, new_src);
+        quote.rewrite(f, l4, Side::Destination, rev.vip, rev.vport);
+        Some(self.send(f, ingress, route, counter::ICMP_TO_CLIENT))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Where the packet an ICMP error quotes lies in the frame.
+struct Quote {
+    ip: usize,
+    l4: usize,
+    proto: u8,
+    end: usize,
+}
+
+impl Quote {
+    /// Rewrites one end of the quoted packet and every checksum covering it:
+    /// the quoted IPv4 header's, its TCP/UDP checksum when the quote reaches
+    /// it, and the ICMP checksum (at `icmp` + 2) over all of them.
+    fn rewrite(&self, f: &mut [u8], icmp: usize, side: Side, a: [u8; 4], port: [u8; 2]) {
+        let (addr_at, port_at) = match side {
+            Side::Source => (self.ip + 12, self.l4),
+            Side::Destination => (self.ip + 16, self.l4 + 2),
+        };
+        let old_addr = addr(f, addr_at);
+        let old_ip_check = [f[self.ip + 10], f[self.ip + 11]];
+        let ip_check = checksum::replace4(old_ip_check, old_addr, a);
+        f[addr_at..addr_at + 4].copy_from_slice(&a);
+        f[self.ip + 10..self.ip + 12].copy_from_slice(&ip_check);
+        let mut icmp_check = checksum::replace4([f[icmp + 2], f[icmp + 3]], old_addr, a);
+        icmp_check = checksum::replace2(icmp_check, old_ip_check, ip_check);
+        let old_port = [f[port_at], f[port_at + 1]];
+        f[port_at..port_at + 2].copy_from_slice(&port);
+        icmp_check = checksum::replace2(icmp_check, old_port, port);
+        let check_at = self.l4 + if self.proto == IPPROTO_TCP { 16 } else { 6 };
+        if check_at + 2 <= self.end {
+            let old = [f[check_at], f[check_at + 1]];
+            let new = if self.proto == IPPROTO_TCP {
+                checksum::replace2(checksum::replace4(old, old_addr, a), old_port, port)
+            } else {
+                checksum::udp_replace2(checksum::udp_replace4(old, old_addr, a), old_port, port)
+            };
+            f[check_at..check_at + 2].copy_from_slice(&new);
+            icmp_check = checksum::replace2(icmp_check, old, new);
+        }
+        f[icmp + 2..icmp + 4].copy_from_slice(&icmp_check);
+    }
+}
+
+fn be16(f: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([f[at], f[at + 1]])
+}
+
+fn addr(f: &[u8], at: usize) -> [u8; 4] {
+    [f[at], f[at + 1], f[at + 2], f[at + 3]]
+}
+
+fn within(a: [u8; 4], net: u32, len: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from_be_bytes(a) & mask == net
+}
+
+/// Sets the IPv4 address at `at` and updates the header checksum of the
+/// header at `ip`.
+fn set_addr(f: &mut [u8], ip: usize, at: usize, a: [u8; 4]) {
+    let old = addr(f, at);
+    let check = checksum::replace4([f[ip + 10], f[ip + 11]], old, a);
+    f[at..at + 4].copy_from_slice(&a);
+    f[ip + 10..ip + 12].copy_from_slice(&check);
+}
+
+fn decrement_ttl(f: &mut [u8]) -> bool {
+    let (ttl, proto) = (f[22], f[23]);
+    if ttl <= 1 {
+        return false;
+    }
+    f[22] = ttl - 1;
+    let check = checksum::replace2([f[24], f[25]], [ttl, proto], [ttl - 1, proto]);
+    f[24..26].copy_from_slice(&check);
+    true
+}
+
+/// DNAT (`Destination`) or SNAT (`Source`) of a TCP/UDP packet whose L4
+/// header is at `l4`.
+fn rewrite(f: &mut [u8], l4: usize, side: Side, a: [u8; 4], port: [u8; 2]) {
+    let addr_at = if side == Side::Source { 26 } else { 30 };
+    let port_at = if side == Side::Source { l4 } else { l4 + 2 };
+    let old = addr(f, addr_at);
+    set_addr(f, 14, addr_at, a);
+    let old_port = [f[port_at], f[port_at + 1]];
+    let tcp = f[23] == IPPROTO_TCP;
+    let check_at = l4 + if tcp { 16 } else { 6 };
+    let c = [f[check_at], f[check_at + 1]];
+    let c = if tcp {
+        checksum::replace2(checksum::replace4(c, old, a), old_port, port)
+    } else {
+        checksum::udp_replace2(checksum::udp_replace4(c, old, a), old_port, port)
+    };
+    f[check_at..check_at + 2].copy_from_slice(&c);
+    f[port_at..port_at + 2].copy_from_slice(&port);
+}
+
+/// The echo reply: addresses swapped, TTL 64, type 0, MACs swapped; it leaves
+/// by the interface it came in on.
+fn echo_reply(f: &mut [u8], icmp: usize) {
+    let (src, dst) = (addr(f, 26), addr(f, 30));
+    f[26..30].copy_from_slice(&dst);
+    f[30..34].copy_from_slice(&src);
+    let (ttl, proto) = (f[22], f[23]);
+    f[22] = 64;
+    let check = checksum::replace2([f[24], f[25]], [ttl, proto], [64, proto]);
+    f[24..26].copy_from_slice(&check);
+    let code = f[icmp + 1];
+    let check = checksum::replace2([f[icmp + 2], f[icmp + 3]], [f[icmp], code], [0, code]);
+    f[icmp] = 0;
+    f[icmp + 2..icmp + 4].copy_from_slice(&check);
+    swap_macs(f);
+}
+
+fn swap_macs(f: &mut [u8]) {
+    let (dst, src) = f.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+}
+
+/// The TCP reset that refuses the segment in `f` (see `lb_common::reset`):
+/// bare headers, sent back by redirect; a drop when it cannot be made.
+fn reset(f: &mut Vec<u8>) -> u32 {
+    if f.len() < 54 || f[14] != 0x45 {
+        return XDP_DROP;
+    }
+    let ip: [u8; 20] = f[14..34].try_into().unwrap();
+    let tcp: [u8; 20] = f[34..54].try_into().unwrap();
+    let tot_len = be16(f, 16) as u32;
+    let doff = (tcp[12] >> 4) as u32 * 4;
+    let payload = tot_len.saturating_sub(20 + doff);
+    let Some((ip_out, tcp_out)) = lb_common::reset::tcp_reset(&ip, &tcp, payload) else {
+        return XDP_DROP;
+    };
+    f.truncate(54);
+    swap_macs(f);
+    f[14..34].copy_from_slice(&ip_out);
+    f[34..54].copy_from_slice(&tcp_out);
+    XDP_REDIRECT
+}
