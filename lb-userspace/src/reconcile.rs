@@ -741,11 +741,13 @@ impl Balancer {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
+        let (entries, capacity) = self.dp.conntrack_entries().map_err(e)?;
         Ok(json!({
             "config_file": self.file.file,
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,
+            "conntrack": { "entries": entries, "capacity": capacity },
         }))
     }
 }

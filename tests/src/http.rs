@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -20,9 +20,35 @@ pub struct Conn {
     host: String,
 }
 
+/// One request on a new TCP connection from the namespace's address `from`,
+/// giving up on the handshake after `wait` (a source the firewall drops gets
+/// no answer at all: the error is a timeout, not a refusal).
+pub fn get_from(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    wait: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut c = Conn::open_from(from, addr, wait)?;
+    c.get_with(path, true)
+}
+
 impl Conn {
     pub fn open(addr: SocketAddr) -> std::io::Result<Conn> {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        Conn::over(s, addr)
+    }
+
+    /// Like [`Conn::open`], from source address `from`, waiting `wait` for the handshake.
+    pub fn open_from(from: Ipv4Addr, addr: SocketAddr, wait: Duration) -> std::io::Result<Conn> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        s.bind(&SocketAddr::new(from.into(), 0).into())?;
+        s.connect_timeout(&addr.into(), wait)?;
+        Conn::over(s.into(), addr)
+    }
+
+    fn over(s: TcpStream, addr: SocketAddr) -> std::io::Result<Conn> {
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.set_write_timeout(Some(Duration::from_secs(5)))?;
         s.set_nodelay(true)?;

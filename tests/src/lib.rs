@@ -5,6 +5,7 @@
 
 pub mod bench_e2e;
 pub mod daemon;
+pub mod flood;
 pub mod frames;
 pub mod http;
 pub mod load;
