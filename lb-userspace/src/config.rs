@@ -1297,4 +1297,113 @@ address = "10.0.2.12"
             "{e}"
         );
     }
+
+    #[test]
+    fn firewall_defaults_when_absent() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.firewall, FirewallConfig::default());
+        assert_eq!(c.firewall.closed_ports, ClosedPorts::Drop);
+        assert!(c.firewall.icmp_echo_reply);
+        assert_eq!(c.services[0].firewall, SourceRules::default());
+    }
+
+    #[test]
+    fn firewall_rules_parse() {
+        let text = GOOD.replace(
+            "[[service]]",
+            "[firewall]\ndeny = [\"192.0.2.0/24\", \"198.51.100.7\"]\nclosed_ports = \"pass\"\n\
+             icmp_echo_reply = false\nsource_new_flows_per_sec = 50\nnew_flows_per_sec = 0\n\n[[service]]",
+        ) + "\n[service.firewall]\nallow = [\"10.0.1.0/24\"]\ndeny = [\"10.0.1.66/32\"]\n";
+        let c = parse(&text).unwrap();
+        let f = &c.firewall;
+        assert_eq!(
+            f.deny,
+            [
+                Cidr::parse("192.0.2.0/24").unwrap(),
+                Cidr {
+                    addr: "198.51.100.7".parse().unwrap(),
+                    len: 32
+                }
+            ]
+        );
+        assert_eq!(f.closed_ports, ClosedPorts::Pass);
+        assert!(!f.icmp_echo_reply);
+        assert_eq!(
+            (f.source_new_flows_per_sec, f.source_new_flows_burst),
+            (50, 50)
+        );
+        assert_eq!(f.new_flows_per_sec, 0);
+        let r = &c.services[0].firewall;
+        assert_eq!(r.allow, [Cidr::parse("10.0.1.0/24").unwrap()]);
+        assert_eq!(r.deny, [Cidr::parse("10.0.1.66/32").unwrap()]);
+    }
+
+    #[test]
+    fn firewall_mistakes_are_named() {
+        let with_fw =
+            |fw: &str| GOOD.replace("[[service]]", &format!("[firewall]\n{fw}\n\n[[service]]"));
+        for (fw, key, what) in [
+            (
+                "deny = [\"10.0.0.0/33\"]",
+                "firewall.deny[0]",
+                "prefix length",
+            ),
+            (
+                "deny = [\"10.0.1.5/24\"]",
+                "firewall.deny[0]",
+                "host bits set (the network is 10.0.1.0/24)",
+            ),
+            (
+                "deny = [\"ten\"]",
+                "firewall.deny[0]",
+                "not an IPv4 address or CIDR",
+            ),
+            (
+                "deny = [\"1.2.3.4\", \"1.2.3.4/32\"]",
+                "firewall.deny[1]",
+                "listed twice",
+            ),
+            (
+                "deny = [\"10.0.2.0/24\"]",
+                "firewall.deny[0]",
+                "covers backend \"web1\"",
+            ),
+            (
+                "source_new_flows_burst = 0",
+                "firewall.source_new_flows_burst",
+                "at least 1",
+            ),
+            (
+                "new_flows_per_sec = 2000000000",
+                "firewall.new_flows_per_sec",
+                "above 1000000000",
+            ),
+        ] {
+            let e = problems(&with_fw(fw));
+            assert!(e.contains(key) && e.contains(what), "{fw}: {e}");
+        }
+        let e = problems(&with_fw("closed_ports = \"reject\""));
+        assert!(e.contains("unknown variant `reject`"), "{e}");
+        let e = problems(&with_fw("colour = 1"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = problems(
+            &(GOOD.to_owned()
+                + "\n[service.firewall]\nallow = [\"10.0.1.0/24\"]\ndeny = [\"10.0.1.0/24\"]\n"),
+        );
+        assert!(
+            e.contains("service[0].firewall.deny[0]") && e.contains("also allowed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cidrs_contain_what_they_should() {
+        let c = Cidr::parse("10.0.1.64/26").unwrap();
+        assert!(c.contains("10.0.1.64".parse().unwrap()));
+        assert!(c.contains("10.0.1.127".parse().unwrap()));
+        assert!(!c.contains("10.0.1.128".parse().unwrap()));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains("255.255.255.255".parse().unwrap()));
+        assert_eq!(all.to_string(), "0.0.0.0/0");
+    }
 }
