@@ -232,6 +232,9 @@ impl Metrics {
             let (action, reason) = match name.as_str() {
                 "forwarded" => ("forward", "to_backend"),
                 "replies" => ("forward", "to_client"),
+                "icmp_to_backend" => ("forward", "icmp_to_backend"),
+                "icmp_to_client" => ("forward", "icmp_to_client"),
+                "icmp_echo_replied" => ("reply", "icmp_echo"),
                 "new_flows" => {
                     flows.with_label_values(&["scheduled"]).inc_by(v);
                     continue;
