@@ -12,6 +12,53 @@ use std::{
 
 use serde::Deserialize;
 
+/// The largest config file read (a bigger one is a mistake: /dev/zero, say).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// The largest password file read.
+const MAX_PASSWORD_BYTES: u64 = 4096;
+/// The longest service or backend name.
+const MAX_NAME_LEN: usize = 64;
+/// The most checks in a row `rise` and `fall` may ask for.
+const MAX_RISE_FALL: u32 = 1000;
+
+/// Reads a regular file of at most `max` bytes as UTF-8. Anything else (a
+/// directory, a FIFO that would block, a device that never ends) is refused
+/// before a byte is read.
+pub fn read_small_file(path: &Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > max {
+        return Err(format!("{} bytes, at most {max} are read", meta.len()));
+    }
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("more than {max} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text ({e})"))
+}
+
+/// What is wrong with a service or backend name, if anything: it appears in
+/// logs, metrics labels and `lb status`, so it must be short and printable.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        return Some(format!("longer than {MAX_NAME_LEN} characters"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Some(format!("{name:?} contains control characters"));
+    }
+    None
+}
+
 /// Where `lb` listens for `lb status` and friends when the config does not say.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
 /// Where metrics and the status page listen when the config does not say:
@@ -29,12 +76,8 @@ pub struct Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read the config file: {source}", file.display())]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: cannot read the config file: {error}", file.display())]
+    Read { file: PathBuf, error: String },
     /// TOML syntax, an unknown key, or a value of the wrong type; toml's message
     /// names the key and shows the line.
     #[error("{}: {message}", file.display())]
@@ -543,9 +586,9 @@ pub struct BackendConfig {
 impl Config {
     /// Reads and validates `file`; checks that the interfaces exist here.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = read_small_file(file, MAX_CONFIG_BYTES).map_err(|error| ConfigError::Read {
             file: file.to_owned(),
-            source,
+            error,
         })?;
         Config::parse(file, &text, &interface_exists)
     }
@@ -603,8 +646,8 @@ impl Config {
         let mut maglev_services = 0;
         for (si, s) in raw.services.iter().enumerate() {
             let key = format!("service[{si}]");
-            if s.name.is_empty() {
-                bad(format!("{key}.name"), "must not be empty".into());
+            if let Some(p) = name_problem(&s.name) {
+                bad(format!("{key}.name"), p);
             } else if let Some(prev) = names.insert(&s.name, si) {
                 bad(
                     format!("{key}.name"),
@@ -612,7 +655,12 @@ impl Config {
                 );
             }
             let vip = match s.vip.parse::<Ipv4Addr>() {
-                Ok(v) if v.is_unspecified() || v.is_multicast() || v.is_broadcast() => {
+                Ok(v)
+                    if v.is_unspecified()
+                        || v.is_multicast()
+                        || v.is_broadcast()
+                        || v.is_loopback() =>
+                {
                     bad(
                         format!("{key}.vip"),
                         format!("{v} cannot be a service address"),
@@ -656,8 +704,8 @@ impl Config {
             let mut backends = Vec::new();
             for (bi, b) in s.backends.iter().enumerate() {
                 let bkey = format!("{key}.backend[{bi}]");
-                if b.name.is_empty() {
-                    bad(format!("{bkey}.name"), "must not be empty".into());
+                if let Some(p) = name_problem(&b.name) {
+                    bad(format!("{bkey}.name"), p);
                 } else if !bnames.insert(&b.name) {
                     bad(
                         format!("{bkey}.name"),
@@ -665,10 +713,22 @@ impl Config {
                     );
                 }
                 let address = match b.address.parse::<Ipv4Addr>() {
-                    Ok(a) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
+                    Ok(a)
+                        if a.is_unspecified()
+                            || a.is_multicast()
+                            || a.is_broadcast()
+                            || a.is_loopback() =>
+                    {
                         bad(
                             format!("{bkey}.address"),
                             format!("{a} cannot be a backend address"),
+                        );
+                        None
+                    }
+                    Ok(a) if Some(a) == vip => {
+                        bad(
+                            format!("{bkey}.address"),
+                            format!("{a} is the service's own VIP: packets would loop"),
                         );
                         None
                     }
@@ -772,6 +832,12 @@ impl Config {
                     None
                 }
                 (Some(m), _) => {
+                    if m.user.is_empty() || m.user.chars().any(|c| c.is_control()) {
+                        bad(
+                            format!("{key}.mysql.user"),
+                            "must be a non-empty name without control characters".into(),
+                        );
+                    }
                     if s.protocol != Protocol::Tcp {
                         bad(
                             format!("{key}.steering"),
@@ -798,7 +864,7 @@ impl Config {
                         .parent()
                         .map(|d| d.join(&m.password_file))
                         .unwrap_or_else(|| m.password_file.clone());
-                    match std::fs::read_to_string(&password_file) {
+                    match read_small_file(&password_file, MAX_PASSWORD_BYTES) {
                         Ok(p) => Some(MysqlMonitor {
                             user: m.user.clone(),
                             password_file: password_file.clone(),
@@ -884,10 +950,44 @@ impl Config {
             );
         }
         if let Some(p) = &raw.daemon.pin_dir {
-            if !p.starts_with("/sys/fs/bpf/") {
+            let plain = p.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+            if !plain || !p.starts_with("/sys/fs/bpf/") || p == Path::new("/sys/fs/bpf") {
                 bad(
                     "daemon.pin_dir".into(),
-                    format!("{} is not under /sys/fs/bpf/ (bpffs)", p.display()),
+                    format!(
+                        "{} is not a directory of its own under /sys/fs/bpf/ (bpffs), written \
+                         without . or ..",
+                        p.display()
+                    ),
+                );
+            }
+        }
+        if let Some(p) = &raw.daemon.control_socket {
+            // The daemon replaces a stale socket there: the path must be
+            // an absolute file name of its own.
+            let plain = p.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+            if !p.is_absolute()
+                || !plain
+                || p.file_name().is_none()
+                || p.parent() == Some(Path::new("/"))
+            {
+                bad(
+                    "daemon.control_socket".into(),
+                    format!(
+                        "{:?} must be an absolute path to a file in a directory (like {DEFAULT_CONTROL_SOCKET}), \
+                         without . or ..",
+                        p.display().to_string()
+                    ),
                 );
             }
         }
@@ -1055,6 +1155,19 @@ fn validate_health(
     let path = h.path.clone().unwrap_or_else(|| "/".into());
     if !path.starts_with('/') {
         fail("path", format!("{path:?} must start with '/'"));
+    } else if path.chars().any(|c| c.is_control() || c == ' ') {
+        fail(
+            "path",
+            format!("{path:?} contains spaces or control characters (percent-encode them)"),
+        );
+    }
+    if let Some(host) = &h.host {
+        if host.is_empty() || host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            fail(
+                "host",
+                format!("{host:?} is not a host name (empty, or spaces or control characters)"),
+            );
+        }
     }
     let expect_status = h.expect_status.unwrap_or(200);
     if !(100..=599).contains(&expect_status) {
@@ -1096,6 +1209,12 @@ fn validate_health(
     }
     let rise = h.rise.unwrap_or(2);
     let fall = h.fall.unwrap_or(3);
+    if rise > MAX_RISE_FALL {
+        fail("rise", format!("{rise} is above {MAX_RISE_FALL}"));
+    }
+    if fall > MAX_RISE_FALL {
+        fail("fall", format!("{fall} is above {MAX_RISE_FALL}"));
+    }
     if rise == 0 {
         fail("rise", "must be at least 1".into());
     }
@@ -1405,5 +1524,109 @@ address = "10.0.2.12"
         let all = Cidr::parse("0.0.0.0/0").unwrap();
         assert!(all.contains("255.255.255.255".parse().unwrap()));
         assert_eq!(all.to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn hostile_values_are_refused() {
+        let svc_line = |from: &str, to: &str| GOOD.replacen(from, to, 1);
+        for (text, key, what) in [
+            (
+                svc_line("xdp_mode = \"auto\"", "control_socket = \"lb.sock\""),
+                "daemon.control_socket",
+                "absolute path",
+            ),
+            (
+                svc_line("xdp_mode = \"auto\"", "control_socket = \"/\""),
+                "daemon.control_socket",
+                "absolute path",
+            ),
+            (
+                svc_line(
+                    "xdp_mode = \"auto\"",
+                    "pin_dir = \"/sys/fs/bpf/../../../tmp/x\"",
+                ),
+                "daemon.pin_dir",
+                "without . or ..",
+            ),
+            (
+                svc_line("xdp_mode = \"auto\"", "pin_dir = \"/sys/fs/bpf\""),
+                "daemon.pin_dir",
+                "a directory of its own",
+            ),
+            (
+                svc_line("10.0.0.100", "127.0.0.1"),
+                "service[0].vip",
+                "cannot be a service address",
+            ),
+            (
+                svc_line("10.0.2.11", "127.0.0.2"),
+                "backend[0].address",
+                "cannot be a backend address",
+            ),
+            (
+                svc_line("10.0.2.11", "10.0.0.100"),
+                "backend[0].address",
+                "the service's own VIP",
+            ),
+            (
+                svc_line("name = \"web\"", "name = \"we\\nb\""),
+                "service[0].name",
+                "control characters",
+            ),
+            (
+                svc_line("name = \"web1\"", &format!("name = \"{}\"", "x".repeat(65))),
+                "backend[0].name",
+                "longer than 64",
+            ),
+        ] {
+            let e = problems(&text);
+            assert!(e.contains(key) && e.contains(what), "{key}: {e}");
+        }
+        let health =
+            |kv: &str| GOOD.to_owned() + &format!("\n[service.health]\nkind = \"http\"\n{kv}\n");
+        for (kv, key) in [
+            ("host = \"a\\r\\nX-Evil: 1\"", "health.host"),
+            ("host = \"\"", "health.host"),
+            ("path = \"/a b\"", "health.path"),
+            ("rise = 4294967295", "health.rise"),
+            ("fall = 1001", "health.fall"),
+        ] {
+            let e = problems(&health(kv));
+            assert!(e.contains(key), "{kv}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("lb-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, what) in [
+            (Path::new("/dev/zero"), "not a regular file"),
+            (dir.as_path(), "not a regular file"),
+        ] {
+            let e = read_small_file(path, 100).unwrap_err();
+            assert!(e.contains(what), "{}: {e}", path.display());
+        }
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'a'; 101]).unwrap();
+        assert!(read_small_file(&big, 100)
+            .unwrap_err()
+            .contains("at most 100"));
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(read_small_file(&fifo, 100)
+            .unwrap_err()
+            .contains("not a regular file"));
+        let e = Config::load(&dir.join("nonexistent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e.matches("No such file").count(),
+            1,
+            "the OS error is said once: {e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -109,7 +109,15 @@ pub fn serve(path: &Path, to_owner: mpsc::Sender<Envelope>) -> Result<ServeGuard
         }
     }
     // A socket file left by a daemon that died is stale; a live one answers.
-    if path.exists() {
+    // Anything that is not a socket is never removed.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there; it is left alone",
+            )));
+        }
         if StdUnixStream::connect(path).is_ok() {
             return Err(bind_err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,

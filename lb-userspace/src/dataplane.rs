@@ -1458,11 +1458,20 @@ pub fn remove_pins(dir: &Path) -> std::result::Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(format!("reading it: {e}")),
     };
+    // Only what this program pins: anything else there is someone else's.
+    let ours = |name: &str| {
+        MAPS.contains(&name) || name == "LAYOUT" || name == "prog-lb" || name.starts_with("link-")
+    };
     for e in entries.flatten() {
+        if !e.file_name().to_str().is_some_and(ours) {
+            continue;
+        }
         std::fs::remove_file(e.path())
             .map_err(|err| format!("removing {}: {err}", e.path().display()))?;
     }
-    std::fs::remove_dir(dir).map_err(|e| format!("removing it: {e}"))
+    // Left in place if anything else lives there.
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
 }
 
 /// Creates the LAYOUT pin: a one-entry array holding [`LAYOUT_VERSION`].
