@@ -914,8 +914,9 @@ impl Config {
                 ),
                 deny: cidrs(&s.firewall.deny, &format!("{key}.firewall.deny"), &mut bad),
             };
+            let allowed: HashSet<&Cidr> = firewall.allow.iter().collect();
             for (i, c) in firewall.deny.iter().enumerate() {
-                if firewall.allow.contains(c) {
+                if allowed.contains(c) {
                     bad(
                         format!("{key}.firewall.deny[{i}]"),
                         format!("{c} is also allowed: a CIDR is either allowed or denied"),
@@ -1057,9 +1058,10 @@ impl Config {
 /// Parses a list of CIDRs, reporting each bad or repeated one under `key[i]`.
 fn cidrs(list: &[String], key: &str, bad: &mut dyn FnMut(String, String)) -> Vec<Cidr> {
     let mut out: Vec<Cidr> = Vec::with_capacity(list.len());
+    let mut seen = HashSet::with_capacity(list.len());
     for (i, text) in list.iter().enumerate() {
         match Cidr::parse(text) {
-            Ok(c) if out.contains(&c) => bad(format!("{key}[{i}]"), format!("{c} is listed twice")),
+            Ok(c) if !seen.insert(c) => bad(format!("{key}[{i}]"), format!("{c} is listed twice")),
             Ok(c) => out.push(c),
             Err(e) => bad(format!("{key}[{i}]"), e),
         }
@@ -1084,7 +1086,13 @@ fn validate_firewall(
             ),
         );
     }
-    for (i, c) in deny.iter().enumerate() {
+    // (Too long a list is refused above; checking its coverage would only be slow.)
+    let checked = if deny.len() > lb_common::firewall::MAX_DENY_RULES as usize {
+        &deny[..0]
+    } else {
+        &deny[..]
+    };
+    for (i, c) in checked.iter().enumerate() {
         // Replies and health-check answers come from the backends.
         let cut_off = services
             .iter()
