@@ -117,6 +117,8 @@ pub enum DataplaneError {
     Program(#[source] ProgramError),
     #[error("service {service}: {problem}")]
     Capacity { service: String, problem: String },
+    #[error("duplicating a map's descriptor: {0}")]
+    Dup(#[source] std::io::Error),
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
     #[error("pinned state in {}: {problem}", dir.display())]
@@ -1320,30 +1322,70 @@ impl Dataplane {
         }
     }
 
-    /// Entries in the connection table, and its capacity.
-    pub fn conntrack_entries(&self) -> Result<(u64, u64)> {
-        let table: BpfHashMap<_, FlowKey, Flow> =
-            BpfHashMap::try_from(self.map_ref("CONNTRACK")?).map_err(map_err("CONNTRACK"))?;
-        Ok((
-            table.keys().count() as u64,
-            lb_common::CONNTRACK_SIZE as u64,
-        ))
+    /// A handle for counting flows away from the daemon's loop: its own
+    /// descriptor of the connection table, and which backend each id is now.
+    pub fn census(&self) -> Result<FlowCensus> {
+        let fd = match self.map_ref("CONNTRACK")? {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
+                std::os::fd::AsFd::as_fd(m.fd())
+                    .try_clone_to_owned()
+                    .map_err(DataplaneError::Dup)?
+            }
+            _ => return Err(DataplaneError::MissingMap("CONNTRACK")),
+        };
+        let table = MapData::from_fd(fd).map_err(map_err("CONNTRACK"))?;
+        Ok(FlowCensus {
+            table,
+            backends: self
+                .backends
+                .iter()
+                .map(|(k, &bid)| ((bid, self.generations[bid as usize]), k.clone()))
+                .collect(),
+            capacity: lb_common::CONNTRACK_SIZE as u64,
+        })
     }
+}
 
-    /// Flows per (service, backend) in the connection table that have not
-    /// closed and saw a packet within their idle time (TCP: `tcp_idle`, UDP:
-    /// `udp_idle`). It walks the whole table: for status, not for hot loops.
-    pub fn active_flows(
-        &self,
-        tcp_idle: std::time::Duration,
-        udp_idle: std::time::Duration,
-    ) -> Result<HashMap<(String, String), u64>> {
-        let table: BpfHashMap<_, FlowKey, Flow> =
-            BpfHashMap::try_from(self.map_ref("CONNTRACK")?).map_err(map_err("CONNTRACK"))?;
+/// Counts the connection table's flows (see [`Dataplane::census`]). Taking a
+/// census walks the whole table, one system call per entry: seconds for a
+/// full table, so it runs on a thread of its own, never in the daemon's loop.
+pub struct FlowCensus {
+    table: MapData,
+    /// (backend id, generation) -> (service, backend).
+    backends: HashMap<(u32, u32), (String, String)>,
+    capacity: u64,
+}
+
+/// What a census found.
+#[derive(Debug, Default, Clone)]
+pub struct Census {
+    /// Entries in the table (open, closing and idle flows until evicted).
+    pub entries: u64,
+    pub capacity: u64,
+    /// Per (service, backend): flows that have not closed and saw a packet
+    /// within their idle time.
+    pub active: HashMap<(String, String), u64>,
+}
+
+impl FlowCensus {
+    /// Walks the table once: every entry counts in `entries`; one that has
+    /// not closed and saw a packet within its idle time (TCP: `tcp_idle`,
+    /// UDP: `udp_idle`) counts as active for its backend.
+    pub fn take(self, tcp_idle: std::time::Duration, udp_idle: std::time::Duration) -> Census {
+        let mut census = Census {
+            capacity: self.capacity,
+            ..Census::default()
+        };
+        let Ok(table) =
+            BpfHashMap::<_, FlowKey, Flow>::try_from(aya::maps::Map::LruHashMap(self.table))
+        else {
+            return census;
+        };
         let now = monotonic_ns();
         let mut by_id: HashMap<(u32, u32), u64> = HashMap::new();
         for entry in table.iter() {
             let Ok((k, f)) = entry else { continue };
+            census.entries += 1;
             let idle = if k.proto == lb_common::IPPROTO_TCP {
                 tcp_idle
             } else {
@@ -1356,13 +1398,12 @@ impl Dataplane {
             }
             *by_id.entry((f.backend, f.generation)).or_default() += 1;
         }
-        let mut out = HashMap::new();
-        for (key, &bid) in &self.backends {
-            if let Some(n) = by_id.get(&(bid, self.generations[bid as usize])) {
-                out.insert(key.clone(), *n);
+        for (id, n) in by_id {
+            if let Some(key) = self.backends.get(&id) {
+                census.active.insert(key.clone(), n);
             }
         }
-        Ok(out)
+        census
     }
 }
 

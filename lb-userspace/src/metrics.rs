@@ -11,6 +11,7 @@ use prometheus::{
 use serde_json::Value;
 
 /// What outlives one scrape: the health-check latency histograms.
+#[derive(Clone)]
 pub struct Metrics {
     check_latency: HistogramVec,
 }

@@ -528,18 +528,13 @@ impl Balancer {
     /// Answers a control request.
     pub fn control(&mut self, req: Request) -> Response {
         let r = match req {
-            Request::Status => {
-                return self
-                    .status()
-                    .map(Response::Ok)
-                    .unwrap_or_else(Response::Error)
-            }
-            Request::Metrics => {
-                let r = self.status().and_then(|st| {
-                    let table = self.dp.conntrack_entries().map_err(|e| format!("{e:#}"))?;
-                    Ok(json!({ "text": self.metrics.render(&st, table) }))
-                });
-                return r.map(Response::Ok).unwrap_or_else(Response::Error);
+            // The daemon's loop takes these off the loop (`flow_query`); here
+            // the census is taken in place.
+            Request::Status | Request::Metrics => {
+                return match self.flow_query() {
+                    Ok(q) => q.answer(&req),
+                    Err(e) => Response::Error(e),
+                };
             }
             // The daemon's loop handles it: it owns the process's lifetime.
             Request::Stop { .. } => Err("stop is handled by the daemon".into()),
@@ -674,19 +669,25 @@ impl Balancer {
         Ok(format!("{service}/{name} weight {weight}"))
     }
 
-    /// Everything `lb status` shows, as JSON.
-    pub fn status(&self) -> Result<serde_json::Value> {
+    /// A status or metrics answer, all but its flow counts: those walk the
+    /// whole connection table, which [`FlowQuery::answer`] does off the
+    /// daemon's loop, so health and MySQL reports are handled meanwhile.
+    pub fn flow_query(&self) -> Result<FlowQuery> {
+        Ok(FlowQuery {
+            status: self.status_without_flows()?,
+            census: self.dp.census().map_err(|e| format!("{e:#}"))?,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Everything `lb status` shows, as JSON, but the flow counts.
+    fn status_without_flows(&self) -> Result<serde_json::Value> {
         let e = |e: crate::dataplane::DataplaneError| format!("{e:#}");
-        let active = self
-            .dp
-            .active_flows(TCP_ACTIVE_IDLE, UDP_ACTIVE_IDLE)
-            .map_err(e)?;
         let mut services = Vec::new();
         for s in &self.services {
             let c = &s.config;
             let mut backends = Vec::new();
             for b in &s.backends {
-                let key = (c.name.clone(), b.config.name.clone());
                 let traffic: TrafficStatus = self
                     .dp
                     .backend_traffic(&c.name, &b.config.name)
@@ -694,6 +695,7 @@ impl Balancer {
                     .into();
                 backends.push(json!({
                     "name": b.config.name,
+                    "active_flows": 0,
                     "address": b.config.address,
                     "port": b.config.port,
                     "weight": b.config.weight,
@@ -708,7 +710,6 @@ impl Balancer {
                         "last": b.health.last,
                         "history": b.history,
                     })),
-                    "active_flows": active.get(&key).copied().unwrap_or(0),
                     "mysql": b.mysql.as_ref().map(|o| json!({
                         "role": mysql_role(&s.roles, &b.config.name, o),
                         "observation": o,
@@ -741,14 +742,51 @@ impl Balancer {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
-        let (entries, capacity) = self.dp.conntrack_entries().map_err(e)?;
         Ok(json!({
             "config_file": self.file.file,
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,
-            "conntrack": { "entries": entries, "capacity": capacity },
+            "conntrack": { "entries": 0, "capacity": lb_common::CONNTRACK_SIZE },
         }))
+    }
+}
+
+/// A status or metrics answer waiting for its flow counts (see
+/// [`Balancer::flow_query`]).
+pub struct FlowQuery {
+    status: serde_json::Value,
+    census: crate::dataplane::FlowCensus,
+    metrics: crate::metrics::Metrics,
+}
+
+impl FlowQuery {
+    /// Takes the census (seconds with a full table: call it off the loop)
+    /// and answers `req`, a status or metrics request.
+    pub fn answer(self, req: &Request) -> Response {
+        let FlowQuery {
+            mut status,
+            census,
+            metrics,
+        } = self;
+        let census = census.take(TCP_ACTIVE_IDLE, UDP_ACTIVE_IDLE);
+        for s in status["services"].as_array_mut().into_iter().flatten() {
+            let service = s["name"].as_str().unwrap_or_default().to_owned();
+            for b in s["backends"].as_array_mut().into_iter().flatten() {
+                let key = (
+                    service.clone(),
+                    b["name"].as_str().unwrap_or_default().to_owned(),
+                );
+                b["active_flows"] = json!(census.active.get(&key).copied().unwrap_or(0));
+            }
+        }
+        status["conntrack"] = json!({ "entries": census.entries, "capacity": census.capacity });
+        match req {
+            Request::Metrics => Response::Ok(json!({
+                "text": metrics.render(&status, (census.entries, census.capacity)),
+            })),
+            _ => Response::Ok(status),
+        }
     }
 }
 
