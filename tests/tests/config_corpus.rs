@@ -3,10 +3,12 @@
 //! message that names the file and holds each `# expect:` line at the top of
 //! the file, and no panic. What cannot be a file in the repository (a config
 //! path that is a directory, a symlink loop, a password file that is a
-//! directory) is made in a temp dir. The shipped examples in `config/` are good
-//! and stay out of the corpus.
+//! directory) or would be too big to keep there (one deny CIDR or backend more
+//! than the maps hold) is made in a temp dir. The shipped examples in
+//! `config/` are good and stay out of the corpus.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
@@ -17,7 +19,7 @@ use lb_tests::{daemon::lb_binary, TempDir};
 use lb_userspace::config::Config;
 
 /// The corpus may grow; it must not shrink unnoticed.
-const MIN_CORPUS_FILES: usize = 143;
+const MIN_CORPUS_FILES: usize = 193;
 
 /// `lb check` answers in milliseconds; one that takes longer has hung.
 const TIME_LIMIT: Duration = Duration::from_secs(5);
@@ -194,6 +196,7 @@ fn paths_that_cannot_be_corpus_files_are_refused() {
     std::os::unix::fs::symlink(d.join("loop.toml"), d.join("loop.toml")).expect("a symlink loop");
     std::os::unix::fs::symlink(d.join("gone.toml"), d.join("dangling.toml"))
         .expect("a dangling symlink");
+    write("monitor.pass", "secret\n");
     let plain = write("plain.toml", GOOD);
     std::fs::create_dir(d.join("secrets")).expect("a directory");
     std::fs::write(d.join("binary.pass"), [0xff, 0xfe, 0x00, 0x80]).expect("a binary password");
@@ -216,11 +219,43 @@ fn paths_that_cannot_be_corpus_files_are_refused() {
         }
     }
 
+    // One CIDR more than the global deny list holds, none near a backend.
+    let deny_rules = lb_common::firewall::MAX_DENY_RULES + 1;
+    let deny: Vec<String> = (0..deny_rules)
+        .map(|i| {
+            format!(
+                "\"{}\"",
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i)
+            )
+        })
+        .collect();
+    let too_many_deny = GOOD.replace(
+        "[[service]]",
+        &format!("[firewall]\ndeny = [{}]\n\n[[service]]", deny.join(", ")),
+    );
+    // One source rule more than all services together may have, shared
+    // between two services (each alone would fit).
+    let rules = lb_common::firewall::MAX_SERVICE_RULES as usize + 1;
+    let cidr_list = |range: std::ops::Range<usize>| {
+        range
+            .map(|i| format!("\"10.{}.{}.0/24\"", 64 + i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let too_many_rules = format!(
+        "{GOOD}\n[service.firewall]\nallow = [{}]\n\n\
+         [[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\n\
+         [service.firewall]\ndeny = [{}]\n\n\
+         [[service.backend]]\nname = \"web1\"\naddress = \"10.0.2.11\"\n",
+        cidr_list(0..rules / 2),
+        cidr_list(rules / 2..rules),
+    );
+
     let want = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let cases = [
         (
             d.to_owned(),
-            want(&["cannot read the config file", "Is a directory"]),
+            want(&["cannot read the config file: not a regular file"]),
         ),
         (
             d.join("absent.toml"),
@@ -248,8 +283,10 @@ fn paths_that_cannot_be_corpus_files_are_refused() {
             ),
             want(&[
                 "service[0].mysql.password_file",
-                &format!("cannot read {}", d.join("secrets").display()),
-                "Is a directory",
+                &format!(
+                    "cannot read {}: not a regular file",
+                    d.join("secrets").display()
+                ),
             ]),
         ),
         (
@@ -259,9 +296,22 @@ fn paths_that_cannot_be_corpus_files_are_refused() {
             ),
             want(&[
                 "service[0].mysql.password_file",
-                "binary.pass",
-                "stream did not contain valid UTF-8",
+                "binary.pass: not UTF-8 text",
             ]),
+        ),
+        (
+            write("too-many-deny-cidrs.toml", &too_many_deny),
+            want(&[&format!(
+                "firewall.deny: {deny_rules} CIDRs, at most {} are supported",
+                lb_common::firewall::MAX_DENY_RULES
+            )]),
+        ),
+        (
+            write("too-many-service-rules.toml", &too_many_rules),
+            want(&[&format!(
+                "service: {rules} firewall rules in all services, at most {} are supported",
+                lb_common::firewall::MAX_SERVICE_RULES
+            )]),
         ),
         (
             write("too-many-backends.toml", &too_many),
@@ -272,6 +322,31 @@ fn paths_that_cannot_be_corpus_files_are_refused() {
         ),
     ];
     assert_all_refused(&cases);
+}
+
+/// A read error gives the OS's reason once, not once from `lb` and again from
+/// the error it wraps.
+#[test]
+fn a_read_error_says_the_os_error_once() {
+    let dir = TempDir::new("corpus-once");
+    let absent = dir.path().join("absent.toml");
+    let out = Command::new(lb_binary())
+        .args(["check", "--config"])
+        .arg(&absent)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running lb check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "lb check said: {text}");
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {text}"
+    );
 }
 
 #[test]

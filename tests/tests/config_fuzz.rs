@@ -2,18 +2,22 @@
 //! good config mutated byte by byte, and well-formed TOML with values of any
 //! type at the real keys. `Config::parse` must return, never panic; a refusal
 //! must say something and name the file; an acceptance must hold what the
-//! validator promises. proptest shrinks a failing input to a small one. A
-//! last test keeps the generator honest: its documents must reach the
-//! validator, not all stop at TOML and serde.
+//! validator promises, and a generated document's firewall must be read as
+//! written. proptest shrinks a failing input to a small one. A last test
+//! keeps the generator honest: its documents must reach the validator, not
+//! all stop at TOML and serde.
 //! `LB_FUZZ_CASES=200000 cargo test -p lb-tests --test config_fuzz` runs long.
 
-use std::{collections::HashSet, path::PathBuf};
+use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
 use lb_tests::TempDir;
-use lb_userspace::config::{Config, Steering};
+use lb_userspace::config::{
+    Cidr, ClosedPorts, Config, Steering, DEFAULT_NEW_FLOWS_PER_SEC,
+    DEFAULT_SOURCE_NEW_FLOWS_PER_SEC,
+};
 use proptest::{
     prelude::*,
-    sample::{select, Index},
+    sample::{select, subsequence, Index},
     strategy::ValueTree,
     test_runner::{Config as ProptestConfig, TestCaseError, TestRunner},
 };
@@ -35,6 +39,15 @@ maglev_seed = 7
 metrics_listen = "127.0.0.1:9100"
 stateless_reverse_nat = false
 
+[firewall]
+deny = ["192.0.2.0/24", "198.51.100.7"]
+closed_ports = "pass"
+icmp_echo_reply = false
+source_new_flows_per_sec = 500
+source_new_flows_burst = 2000
+new_flows_per_sec = 50000
+new_flows_burst = 100000
+
 [[service]]
 name = "web"
 vip = "10.0.0.100"
@@ -52,6 +65,10 @@ interval_ms = 1000
 timeout_ms = 500
 rise = 2
 fall = 3
+
+[service.firewall]
+allow = ["10.0.1.0/24", "10.0.4.0/22"]
+deny = ["10.0.1.64/26"]
 
 [[service.backend]]
 name = "web1"
@@ -98,6 +115,9 @@ timeout_ms = 200
 max_replica_lag_s = 5
 on_demotion = "reset"
 
+[service.firewall]
+allow = ["10.0.2.0/24"]
+
 [[service.backend]]
 name = "db1"
 address = "10.0.3.21"
@@ -121,13 +141,18 @@ impl Fixture {
     /// Parses `text`: it must return, a refusal must name the file and say
     /// something, an acceptance must be a config the validator should accept.
     fn parse_returns(&self, text: &str) -> Result<(), TestCaseError> {
+        self.parse(text).map(drop)
+    }
+
+    /// As `parse_returns`, and the config if it was accepted.
+    fn parse(&self, text: &str) -> Result<Option<Config>, TestCaseError> {
         let verdict = match Config::parse(&self.file, text, &iface_ok) {
-            Ok(cfg) => holds_its_promises(&cfg),
+            Ok(cfg) => holds_its_promises(&cfg).map(|()| Some(cfg)),
             Err(e) => {
                 let message = e.to_string();
                 let prefix = format!("{}: ", self.file.display());
                 if message.starts_with(&prefix) && message.len() > prefix.len() {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(TestCaseError::fail(format!(
                         "the refusal does not name the file and the problem: {message:?}"
@@ -178,6 +203,144 @@ fn holds_its_promises(cfg: &Config) -> Result<(), TestCaseError> {
             }
         }
     }
+    firewall_holds_its_promises(cfg)
+}
+
+/// The firewall part of `holds_its_promises`: networks without host bits, no
+/// CIDR twice in a list, within the maps' sizes, no global deny over a
+/// backend (its replies would be dropped), no CIDR both allowed and denied in
+/// a service, rates a token bucket can count and bursts that let a flow in.
+fn firewall_holds_its_promises(cfg: &Config) -> Result<(), TestCaseError> {
+    let fw = &cfg.firewall;
+    are_networks(&fw.deny, "firewall.deny")?;
+    prop_assert!(fw.deny.len() <= lb_common::firewall::MAX_DENY_RULES as usize);
+    let limits = [
+        (fw.source_new_flows_per_sec, fw.source_new_flows_burst),
+        (fw.new_flows_per_sec, fw.new_flows_burst),
+    ];
+    for (per_sec, burst) in limits {
+        prop_assert!(per_sec <= 1_000_000_000, "{fw:?}");
+        prop_assert!(per_sec == 0 || burst >= 1, "a burst no flow fits: {fw:?}");
+    }
+    let mut rules = 0;
+    for s in &cfg.services {
+        let r = &s.firewall;
+        are_networks(&r.allow, &format!("{}: allow", s.name))?;
+        are_networks(&r.deny, &format!("{}: deny", s.name))?;
+        for c in &r.deny {
+            prop_assert!(!r.allow.contains(c), "{c} allowed and denied: {s:?}");
+        }
+        rules += r.allow.len() + r.deny.len();
+        for b in &s.backends {
+            for c in &fw.deny {
+                prop_assert!(
+                    !covers(c, b.address),
+                    "the global deny {c} covers backend {b:?}: {cfg:?}"
+                );
+            }
+        }
+    }
+    prop_assert!(rules <= lb_common::firewall::MAX_SERVICE_RULES as usize);
+    Ok(())
+}
+
+/// The network mask of `c`, worked out here rather than taken from lb.
+fn mask(c: &Cidr) -> u32 {
+    match c.len {
+        0 => 0,
+        len => u32::MAX << (32 - u32::from(len)),
+    }
+}
+
+fn covers(c: &Cidr, a: Ipv4Addr) -> bool {
+    u32::from(a) & mask(c) == u32::from(c.addr)
+}
+
+/// Every CIDR in `list` a network (no host bits), none twice.
+fn are_networks(list: &[Cidr], what: &str) -> Result<(), TestCaseError> {
+    for c in list {
+        prop_assert!(c.len <= 32, "{what}: prefix length {}", c.len);
+        prop_assert_eq!(
+            u32::from(c.addr) & !mask(c),
+            0,
+            "{}: {} has host bits",
+            what,
+            c
+        );
+    }
+    let distinct: HashSet<&Cidr> = list.iter().collect();
+    prop_assert_eq!(
+        distinct.len(),
+        list.len(),
+        "{}: a CIDR twice: {:?}",
+        what,
+        list
+    );
+    Ok(())
+}
+
+/// An accepted document's firewall is the one it wrote, in the same places:
+/// each CIDR as written (the canonical form, or a bare address for a /32),
+/// each setting as given or its documented default, a burst one second's
+/// worth of its rate unless given.
+fn means_what_it_says(doc: &Table, cfg: &Config) -> Result<(), TestCaseError> {
+    let cidrs_as_written = |rules: Option<&Value>, key: &str, parsed: &[Cidr]| {
+        let written: Vec<&str> = rules
+            .and_then(|t| t.get(key))
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let read: Vec<String> = parsed.iter().map(Cidr::to_string).collect();
+        let same = written.len() == read.len()
+            && written
+                .iter()
+                .zip(&read)
+                .all(|(w, r)| w == r || format!("{w}/32") == *r);
+        prop_assert!(same, "{key} = {written:?} was read as {read:?}");
+        Ok(())
+    };
+    let written = doc.get("firewall");
+    let fw = &cfg.firewall;
+    cidrs_as_written(written, "deny", &fw.deny)?;
+    let setting = |key: &str| written.and_then(|t| t.get(key));
+    let number = |key: &str, default: u32| {
+        setting(key)
+            .and_then(Value::as_integer)
+            .unwrap_or(i64::from(default))
+    };
+    let source_rate = number("source_new_flows_per_sec", DEFAULT_SOURCE_NEW_FLOWS_PER_SEC);
+    let rate = number("new_flows_per_sec", DEFAULT_NEW_FLOWS_PER_SEC);
+    let read = [
+        fw.source_new_flows_per_sec,
+        fw.source_new_flows_burst,
+        fw.new_flows_per_sec,
+        fw.new_flows_burst,
+    ]
+    .map(i64::from);
+    let burst =
+        |key: &str, per_sec: i64| setting(key).and_then(Value::as_integer).unwrap_or(per_sec);
+    let want = [
+        source_rate,
+        burst("source_new_flows_burst", source_rate),
+        rate,
+        burst("new_flows_burst", rate),
+    ];
+    prop_assert_eq!(read, want, "the rates and bursts of {:?}", written);
+    let closed = match setting("closed_ports").and_then(Value::as_str) {
+        Some("pass") => ClosedPorts::Pass,
+        _ => ClosedPorts::Drop,
+    };
+    prop_assert_eq!(fw.closed_ports, closed);
+    let echo = setting("icmp_echo_reply").and_then(Value::as_bool);
+    prop_assert_eq!(fw.icmp_echo_reply, echo.unwrap_or(true));
+    let services = doc.get("service").and_then(Value::as_array);
+    for (i, s) in cfg.services.iter().enumerate() {
+        let rules = services
+            .and_then(|v| v.get(i))
+            .and_then(|t| t.get("firewall"));
+        cidrs_as_written(rules, "allow", &s.firewall.allow)?;
+        cidrs_as_written(rules, "deny", &s.firewall.deny)?;
+    }
     Ok(())
 }
 
@@ -215,6 +378,17 @@ const TOKENS: &[&str] = &[
     "[service.health]\n",
     "[service.mysql]\n",
     "[service.backend.health]\n",
+    "[firewall]\n",
+    "[service.firewall]\n",
+    "deny = ",
+    "allow = ",
+    "closed_ports = ",
+    "new_flows_burst = ",
+    "[\"10.0.1.0/24\"]",
+    "\"10.0.2.0/24\"",
+    "/0",
+    "/32",
+    "/33",
     "interfaces = ",
     "[\"lo\"]",
     "name = ",
@@ -337,6 +511,8 @@ fn a_mutated_good_config_is_parsed_without_a_panic() {
     let good = Config::parse(&fx.file, GOOD, &iface_ok)
         .unwrap_or_else(|e| panic!("GOOD is a valid config: {e}"));
     holds_its_promises(&good).expect("GOOD holds its promises");
+    let doc: Table = GOOD.parse().expect("GOOD is TOML");
+    means_what_it_says(&doc, &good).expect("GOOD is read as written");
     check(proptest::collection::vec(edit(), 1..6), |edits| {
         let mut bytes = GOOD.as_bytes().to_vec();
         for e in &edits {
@@ -402,22 +578,53 @@ fn variants(
     prop_oneof![40 => strings(names), 1 => strings(wrong)].boxed()
 }
 
-fn addresses() -> BoxedStrategy<Value> {
+/// An address from `pool` or anywhere, now and then one from `bad`.
+fn addresses(pool: &'static [&'static str], bad: &'static [&'static str]) -> BoxedStrategy<Value> {
     let good = prop_oneof![
-        strings(&["10.0.0.100", "10.0.0.101", "10.0.2.11", "10.0.2.12"]),
-        any::<[u8; 4]>().prop_map(|o| Value::String(std::net::Ipv4Addr::from(o).to_string())),
+        strings(pool),
+        any::<[u8; 4]>().prop_map(|o| Value::String(Ipv4Addr::from(o).to_string())),
     ];
-    let bad = strings(&[
-        "0.0.0.0",
-        "224.0.0.1",
-        "255.255.255.255",
-        "256.1.1.1",
-        "10.0.0",
-        "fd00::1",
-        "10.0.0.100:80",
+    mostly(good.boxed(), strings(bad))
+}
+
+/// A list of CIDRs: a few distinct ones from `pool` or random networks, now
+/// and then one lb must refuse (host bits, a prefix above 32, not IPv4, a
+/// network of the backends', a repeat).
+fn cidr_lists(pool: &'static [&'static str]) -> BoxedStrategy<Value> {
+    const BAD: &[&str] = &[
+        "10.0.1.5/24",
+        "10.0.1.0/33",
+        "10.0.1.0/",
+        "10.0.1.0/-1",
+        "10.0.1",
+        "fd00::/8",
         "",
-    ]);
-    mostly(good.boxed(), bad)
+        "10.0.2.0/24",
+        "10.0.2.11",
+        "0.0.0.0/0",
+    ];
+    let network = (any::<u32>(), 0..=32u32).prop_map(|(a, len)| {
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        format!("{}/{len}", Ipv4Addr::from(a & mask))
+    });
+    let anything =
+        (any::<[u8; 4]>(), 0..=40u8).prop_map(|(a, len)| format!("{}/{len}", Ipv4Addr::from(a)));
+    let good = prop_oneof![
+        subsequence(pool, 0..=pool.len().min(3))
+            .prop_map(|v| v.into_iter().map(str::to_owned).collect::<Vec<_>>()),
+        proptest::collection::btree_set(network, 0..4).prop_map(|s| s.into_iter().collect()),
+    ];
+    let one = prop_oneof![
+        select(pool).prop_map(str::to_owned),
+        select(BAD).prop_map(str::to_owned),
+        anything,
+    ];
+    let bad = proptest::collection::vec(one, 1..5);
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    mostly(
+        good.prop_map(strings).boxed(),
+        bad.prop_map(strings).boxed(),
+    )
 }
 
 /// A plausible value for `key`, now and then a value of any type.
@@ -440,7 +647,7 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             strings(&["/sys/fs/bpf/lb"]),
             strings(&["/sys/fs/bpf", "/tmp/lb", "lb", ""]),
         ),
-        "manage_neighbours" | "stateless_reverse_nat" => {
+        "manage_neighbours" | "stateless_reverse_nat" | "icmp_echo_reply" => {
             any::<bool>().prop_map(Value::Boolean).boxed()
         }
         "maglev_seed" | "max_replica_lag_s" => integers(&[0, 1, 5, 4_294_967_295]),
@@ -452,7 +659,34 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             "[a-z][a-z0-9-]{0,5}".prop_map(Value::String).boxed(),
             strings(&["web", "db", ""]),
         ),
-        "vip" | "address" => addresses(),
+        "vip" => addresses(
+            &["10.0.0.100", "10.0.0.101"],
+            &[
+                "0.0.0.0",
+                "224.0.0.1",
+                "255.255.255.255",
+                "127.0.0.1",
+                "256.1.1.1",
+                "10.0.0",
+                "fd00::1",
+                "10.0.0.100:80",
+                "",
+            ],
+        ),
+        // The VIPs among the bad: a backend may not be its own service's VIP.
+        "address" => addresses(
+            &["10.0.2.11", "10.0.2.12", "10.0.3.21"],
+            &[
+                "0.0.0.0",
+                "224.0.0.1",
+                "255.255.255.255",
+                "127.0.0.1",
+                "10.0.0.100",
+                "10.0.0.101",
+                "10.0.2",
+                "",
+            ],
+        ),
         "port" => mostly(integers(&[53, 80, 443, 3306, 8080, 65_535]), integers(&[0])),
         "protocol" => variants(&["tcp", "udp"], &["sctp", "TCP"]),
         "scheduler" => variants(
@@ -483,10 +717,28 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
         "rise" | "fall" => mostly(integers(&[1, 2, 3]), integers(&[0, 4_294_967_295])),
         "user" => mostly(strings(&["lbmonitor"]), strings(&[""])),
         "password_file" => mostly(
-            strings(&["monitor.pass", "/dev/null"]),
-            strings(&["absent.pass", "/", ""]),
+            strings(&["monitor.pass"]),
+            strings(&["absent.pass", "/", "/dev/null", ""]),
         ),
         "on_demotion" => variants(&["reset", "keep"], &["kill"]),
+        // Sources to keep out, and (in a service) the client networks.
+        "deny" => cidr_lists(&[
+            "192.0.2.0/24",
+            "198.51.100.7",
+            "203.0.113.128/25",
+            "10.0.1.64/26",
+            "10.0.1.70/32",
+        ]),
+        "allow" => cidr_lists(&["10.0.1.0/24", "10.0.1.70", "10.0.4.0/22", "0.0.0.0/0"]),
+        "closed_ports" => variants(&["drop", "pass"], &["reject", "DROP"]),
+        "source_new_flows_per_sec" | "new_flows_per_sec" => mostly(
+            integers(&[0, 1, 500, 10_000, 100_000, 1_000_000_000]),
+            integers(&[1_000_000_001, 4_294_967_295, -1, 4_294_967_296]),
+        ),
+        "source_new_flows_burst" | "new_flows_burst" => mostly(
+            integers(&[1, 5, 10_000, 4_294_967_295]),
+            integers(&[0, -1, 4_294_967_296]),
+        ),
         other => panic!("no plausible values for {other}"),
     };
     prop_oneof![200 => plausible, 1 => any_value().boxed()].boxed()
@@ -596,7 +848,18 @@ fn config_document() -> impl Strategy<Value = Table> {
         "rise",
         "fall",
     ];
+    const FIREWALL: &[&str] = &[
+        "deny",
+        "closed_ports",
+        "icmp_echo_reply",
+        "source_new_flows_per_sec",
+        "source_new_flows_burst",
+        "new_flows_per_sec",
+        "new_flows_burst",
+    ];
     let health = || proptest::option::weighted(0.3, section(&[], HEALTH).prop_map(Value::Table));
+    let source_rules =
+        proptest::option::weighted(0.4, section(&[], &["allow", "deny"]).prop_map(Value::Table));
     let backend = (section(&["name", "address"], &["port", "weight"]), health())
         .prop_map(|(t, h)| with(t, "health", h));
     let mysql = section(
@@ -620,10 +883,11 @@ fn config_document() -> impl Strategy<Value = Table> {
         ),
         health(),
         proptest::option::weighted(0.3, mysql.prop_map(Value::Table)),
+        source_rules,
         proptest::collection::vec(backend, 0..4),
     )
-        .prop_map(|(t, h, m, b)| {
-            let t = with(with(t, "health", h), "mysql", m);
+        .prop_map(|(t, h, m, f, b)| {
+            let t = with(with(with(t, "health", h), "mysql", m), "firewall", f);
             with(t, "backend", Some(tables(b)))
         });
     let daemon = section(
@@ -640,15 +904,17 @@ fn config_document() -> impl Strategy<Value = Table> {
     );
     (
         proptest::option::weighted(0.97, daemon),
+        proptest::option::weighted(0.6, section(&[], FIREWALL)),
         proptest::collection::vec(service, 0..4),
         any::<bool>(),
     )
-        .prop_map(|(daemon, services, tidied)| {
+        .prop_map(|(daemon, firewall, services, tidied)| {
             let services = match tidied {
                 true => services.into_iter().map(tidy).collect(),
                 false => services,
             };
             let top = with(Table::new(), "daemon", daemon.map(Value::Table));
+            let top = with(top, "firewall", firewall.map(Value::Table));
             with(top, "service", Some(tables(services)))
         })
 }
@@ -659,20 +925,25 @@ fn well_formed_toml_with_any_values_is_parsed_without_a_panic() {
     check(config_document(), |doc| {
         let text = toml::to_string(&doc)
             .map_err(|e| TestCaseError::fail(format!("toml cannot write {doc:?}: {e}")))?;
-        fx.parse_returns(&text)
+        match fx.parse(&text)? {
+            Some(cfg) => means_what_it_says(&doc, &cfg)
+                .map_err(|e| TestCaseError::fail(format!("{e}\n--- the file:\n{text}\n---"))),
+            None => Ok(()),
+        }
     });
 }
 
 /// The generator reaches past TOML and serde: of its documents, some are
-/// accepted, some with two services or more, and many are refused by the
-/// validator itself.
+/// accepted, some with two services or more, some with firewall rules, and
+/// many are refused by the validator itself, some for their firewall.
 #[test]
 fn generated_documents_reach_the_validator() {
     let fx = Fixture::new();
     // A fixed seed: this is a statement about the generator, not a search.
     let mut runner = TestRunner::deterministic();
     let documents = config_document();
-    let (mut accepted, mut several, mut invalid) = (0, 0, 0);
+    let (mut accepted, mut several, mut with_rules) = (0, 0, 0);
+    let (mut invalid, mut firewall_refused) = (0, 0);
     for _ in 0..300 {
         let doc = documents
             .new_tree(&mut runner)
@@ -683,14 +954,31 @@ fn generated_documents_reach_the_validator() {
             Ok(cfg) => {
                 accepted += 1;
                 several += usize::from(cfg.services.len() >= 2);
+                let rules = cfg
+                    .services
+                    .iter()
+                    .any(|s| !s.firewall.allow.is_empty() || !s.firewall.deny.is_empty());
+                with_rules += usize::from(rules || !cfg.firewall.deny.is_empty());
             }
-            Err(lb_userspace::config::ConfigError::Invalid { .. }) => invalid += 1,
+            Err(lb_userspace::config::ConfigError::Invalid { problems, .. }) => {
+                invalid += 1;
+                firewall_refused += usize::from(
+                    problems
+                        .iter()
+                        .any(|p| p.key.starts_with("firewall") || p.key.contains(".firewall")),
+                );
+            }
             Err(_) => {}
         }
     }
+    eprintln!(
+        "of 300: {accepted} accepted ({several} with two services or more, {with_rules} with \
+         firewall rules), {invalid} refused by the validator ({firewall_refused} for the firewall)"
+    );
     assert!(
-        accepted >= 20 && several >= 3 && invalid >= 60,
+        accepted >= 20 && several >= 3 && with_rules >= 5 && invalid >= 60 && firewall_refused >= 5,
         "of 300 generated documents {accepted} were accepted ({several} with two services or \
-         more) and {invalid} refused by the validator: the generator no longer reaches it"
+         more, {with_rules} with firewall rules) and {invalid} refused by the validator \
+         ({firewall_refused} for the firewall): the generator no longer reaches it"
     );
 }
