@@ -292,8 +292,15 @@ impl Cidr {
             .map_err(|_| format!("{text:?} is not an IPv4 address or CIDR (a.b.c.d/len)"))?;
         let len = match len {
             None => 32,
+            // Digits only, no leading zero: "/+24" and "/024" are typos.
             Some(l) => match l.parse::<u8>() {
-                Ok(l) if l <= 32 => l,
+                Ok(n)
+                    if n <= 32
+                        && l.bytes().all(|b| b.is_ascii_digit())
+                        && (l == "0" || !l.starts_with('0')) =>
+                {
+                    n
+                }
                 _ => return Err(format!("{text:?}: the prefix length must be 0 to 32")),
             },
         };
@@ -638,6 +645,14 @@ impl Config {
                 ),
             );
         }
+        // The global deny list as a set, for the services' allow rules to be
+        // checked against (its own problems are reported by validate_firewall).
+        let global_deny: HashSet<Cidr> = raw
+            .firewall
+            .deny
+            .iter()
+            .filter_map(|t| Cidr::parse(t).ok())
+            .collect();
         let mut names = HashMap::new();
         let mut endpoints = HashMap::new();
         let mut services = Vec::new();
@@ -906,16 +921,14 @@ impl Config {
                 );
             }
             total_backends += s.backends.len();
-            let firewall = SourceRules {
-                allow: cidrs(
-                    &s.firewall.allow,
-                    &format!("{key}.firewall.allow"),
-                    &mut bad,
-                ),
-                deny: cidrs(&s.firewall.deny, &format!("{key}.firewall.deny"), &mut bad),
-            };
-            let allowed: HashSet<&Cidr> = firewall.allow.iter().collect();
-            for (i, c) in firewall.deny.iter().enumerate() {
+            let allow = cidrs(
+                &s.firewall.allow,
+                &format!("{key}.firewall.allow"),
+                &mut bad,
+            );
+            let deny = cidrs(&s.firewall.deny, &format!("{key}.firewall.deny"), &mut bad);
+            let allowed: HashSet<&Cidr> = allow.iter().map(|(_, c)| c).collect();
+            for (i, c) in &deny {
                 if allowed.contains(c) {
                     bad(
                         format!("{key}.firewall.deny[{i}]"),
@@ -923,6 +936,18 @@ impl Config {
                     );
                 }
             }
+            for (i, c) in &allow {
+                if let Some(d) = covered_by(c, &global_deny) {
+                    bad(
+                        format!("{key}.firewall.allow[{i}]"),
+                        format!("{c} is inside {d} of [firewall] deny: none of it could reach the service"),
+                    );
+                }
+            }
+            let firewall = SourceRules {
+                allow: allow.into_iter().map(|(_, c)| c).collect(),
+                deny: deny.into_iter().map(|(_, c)| c).collect(),
+            };
             total_rules += firewall.allow.len() + firewall.deny.len();
             if let Some(vip) = vip {
                 services.push(ServiceConfig {
@@ -1056,17 +1081,29 @@ impl Config {
 }
 
 /// Parses a list of CIDRs, reporting each bad or repeated one under `key[i]`.
-fn cidrs(list: &[String], key: &str, bad: &mut dyn FnMut(String, String)) -> Vec<Cidr> {
-    let mut out: Vec<Cidr> = Vec::with_capacity(list.len());
+/// Returns each good one with its position in the file (for later messages).
+fn cidrs(list: &[String], key: &str, bad: &mut dyn FnMut(String, String)) -> Vec<(usize, Cidr)> {
+    let mut out = Vec::with_capacity(list.len());
     let mut seen = HashSet::with_capacity(list.len());
     for (i, text) in list.iter().enumerate() {
         match Cidr::parse(text) {
             Ok(c) if !seen.insert(c) => bad(format!("{key}[{i}]"), format!("{c} is listed twice")),
-            Ok(c) => out.push(c),
+            Ok(c) => out.push((i, c)),
             Err(e) => bad(format!("{key}[{i}]"), e),
         }
     }
     out
+}
+
+/// The CIDR of `deny` (a set) that holds all of `c`, if any.
+fn covered_by(c: &Cidr, deny: &HashSet<Cidr>) -> Option<Cidr> {
+    (0..=c.len).find_map(|len| {
+        let net = Cidr {
+            addr: Ipv4Addr::from(u32::from(c.addr) & Cidr { addr: c.addr, len }.mask()),
+            len,
+        };
+        deny.get(&net).copied()
+    })
 }
 
 /// Checks `[firewall]` and fills in its defaults.
@@ -1092,7 +1129,7 @@ fn validate_firewall(
     } else {
         &deny[..]
     };
-    for (i, c) in checked.iter().enumerate() {
+    for (i, c) in checked {
         // Replies and health-check answers come from the backends.
         let cut_off = services
             .iter()
@@ -1136,7 +1173,7 @@ fn validate_firewall(
     );
     let new_flows_burst = rate("new_flows", f.new_flows_per_sec, f.new_flows_burst);
     FirewallConfig {
-        deny,
+        deny: deny.into_iter().map(|(_, c)| c).collect(),
         closed_ports: f.closed_ports,
         icmp_echo_reply: f.icmp_echo_reply,
         source_new_flows_per_sec: f.source_new_flows_per_sec,
@@ -1636,5 +1673,44 @@ address = "10.0.2.12"
             "the OS error is said once: {e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn firewall_messages_name_the_position_in_the_file() {
+        let text = GOOD.replace(
+            "[[service]]",
+            "[firewall]\ndeny = [\"192.0.2.0/24\", \"192.0.2.0/24\", \"10.0.2.0/24\"]\n\n[[service]]",
+        ) + "\n[service.firewall]\nallow = [\"10.0.1.0/24\"]\n\
+              deny = [\"10.0.1.64/26\", \"10.0.1.64/26\", \"10.0.1.0/24\"]\n";
+        let e = problems(&text);
+        assert!(
+            e.contains("firewall.deny[2]: 10.0.2.0/24 covers backend"),
+            "{e}"
+        );
+        assert!(
+            e.contains("service[0].firewall.deny[2]: 10.0.1.0/24 is also allowed"),
+            "{e}"
+        );
+        assert!(
+            e.contains("service[0].firewall.deny[1]: 10.0.1.64/26 is listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_allow_rule_the_global_deny_list_swallows_is_refused() {
+        let text = GOOD.replace(
+            "[[service]]",
+            "[firewall]\ndeny = [\"10.0.0.0/16\"]\n\n[[service]]",
+        ) + "\n[service.firewall]\nallow = [\"10.9.0.0/16\", \"10.0.1.0/24\"]\n";
+        let e = problems(&text);
+        assert!(
+            e.contains("service[0].firewall.allow[1]: 10.0.1.0/24 is inside 10.0.0.0/16"),
+            "{e}"
+        );
+        for typo in ["192.0.2.0/+24", "192.0.2.0/024", "192.0.2.0/ 24"] {
+            assert!(Cidr::parse(typo).is_err(), "{typo}");
+        }
+        assert_eq!(Cidr::parse("0.0.0.0/0").unwrap().len, 0);
     }
 }
