@@ -12,6 +12,10 @@ use std::{
 
 use serde::Deserialize;
 
+/// Bounds of `[daemon] conntrack_size`.
+pub const MIN_CONNTRACK_SIZE: u32 = 1024;
+pub const MAX_CONNTRACK_SIZE: u32 = 16 << 20;
+
 /// The largest config file read (a bigger one is a mistake: /dev/zero, say).
 const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// The largest password file read.
@@ -177,6 +181,7 @@ struct RawDaemon {
     metrics_listen: Option<String>,
     #[serde(default)]
     stateless_reverse_nat: bool,
+    conntrack_size: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -558,6 +563,8 @@ pub struct DaemonConfig {
     /// not this balancer saw the flow (active-active). Off by default: it
     /// would also rewrite traffic that reaches the backends without the VIP.
     pub stateless_reverse_nat: bool,
+    /// Entries of the connection table (and of the reply table beside it).
+    pub conntrack_size: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -993,6 +1000,17 @@ impl Config {
                 );
             }
         }
+        if let Some(n) = raw.daemon.conntrack_size {
+            if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
+                bad(
+                    "daemon.conntrack_size".into(),
+                    format!(
+                        "{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE} \
+                         (each entry takes about 240 bytes of kernel memory, twice)"
+                    ),
+                );
+            }
+        }
         if let Some(p) = &raw.daemon.control_socket {
             // The daemon replaces a stale socket there: the path must be
             // an absolute file name of its own.
@@ -1073,6 +1091,10 @@ impl Config {
                 maglev_seed: raw.daemon.maglev_seed,
                 metrics_listen,
                 stateless_reverse_nat: raw.daemon.stateless_reverse_nat,
+                conntrack_size: raw
+                    .daemon
+                    .conntrack_size
+                    .unwrap_or(lb_common::CONNTRACK_SIZE),
             },
             firewall,
             services,
@@ -1712,5 +1734,26 @@ address = "10.0.2.12"
             assert!(Cidr::parse(typo).is_err(), "{typo}");
         }
         assert_eq!(Cidr::parse("0.0.0.0/0").unwrap().len, 0);
+    }
+
+    #[test]
+    fn the_connection_table_size_is_bounded() {
+        let with =
+            |n: u64| GOOD.replacen("xdp_mode = \"auto\"", &format!("conntrack_size = {n}"), 1);
+        assert_eq!(
+            parse(GOOD).unwrap().daemon.conntrack_size,
+            lb_common::CONNTRACK_SIZE
+        );
+        assert_eq!(
+            parse(&with(1_000_000)).unwrap().daemon.conntrack_size,
+            1_000_000
+        );
+        for n in [0, 1023, (16 << 20) + 1] {
+            let e = problems(&with(n));
+            assert!(
+                e.contains("daemon.conntrack_size") && e.contains("outside"),
+                "{e}"
+            );
+        }
     }
 }

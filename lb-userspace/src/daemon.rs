@@ -42,7 +42,8 @@ pub fn preflight(cfg: &Config) -> Result<()> {
 pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     preflight(&cfg)?;
     let pin_dir = cfg.daemon.pin_dir.clone();
-    let (dp, adopted) = Dataplane::load_pinned(&pin_dir, fresh).context("loading the data path")?;
+    let (dp, adopted) = Dataplane::load_pinned(&pin_dir, fresh, cfg.daemon.conntrack_size)
+        .context("loading the data path")?;
     if adopted {
         tracing::info!(pins = %pin_dir.display(), "adopted the pinned maps and links of an earlier daemon: established flows continue");
     }

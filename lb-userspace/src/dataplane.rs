@@ -286,6 +286,8 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     adopting: Option<Adoption>,
     nr_cpus: usize,
+    /// Entries of the connection table.
+    conntrack_size: u32,
     /// What the firewall maps hold (read back at load: pinned maps may
     /// carry an earlier daemon's entries).
     vips: HashSet<[u8; 4]>,
@@ -298,7 +300,7 @@ impl Dataplane {
     /// maps, without attaching it: for tests and one-off use.
     pub fn load() -> Result<Dataplane> {
         let ebpf = Ebpf::load(&program_object()?).map_err(DataplaneError::Load)?;
-        Dataplane::finish_load(ebpf, None, None)
+        Dataplane::finish_load(lb_common::CONNTRACK_SIZE, ebpf, None, None)
     }
 
     /// Like [`Dataplane::load`], with a connection table (and reverse table)
@@ -311,7 +313,7 @@ impl Dataplane {
         let ebpf = loader
             .load(&program_object()?)
             .map_err(DataplaneError::Load)?;
-        Dataplane::finish_load(ebpf, None, None)
+        Dataplane::finish_load(entries, ebpf, None, None)
     }
 
     /// Writes flows straight into the connection table, all on one backend of
@@ -353,7 +355,7 @@ impl Dataplane {
     /// needed). Maps pinned there by an earlier daemon are adopted, with
     /// their contents, unless `fresh`, which removes them first. Returns the
     /// data path and whether it adopted earlier state.
-    pub fn load_pinned(dir: &Path, fresh: bool) -> Result<(Dataplane, bool)> {
+    pub fn load_pinned(dir: &Path, fresh: bool, conntrack_size: u32) -> Result<(Dataplane, bool)> {
         let pins = |problem: String| DataplaneError::Pins {
             dir: dir.to_owned(),
             problem,
@@ -377,7 +379,23 @@ impl Dataplane {
                 )));
             }
         }
+        if adopted {
+            // A pinned map is reused as it is: its size must be the one asked.
+            let have = aya::maps::MapInfo::from_pin(dir.join("CONNTRACK"))
+                .map_err(|e| pins(format!("CONNTRACK: {e}")))?
+                .max_entries();
+            if have != conntrack_size {
+                return Err(pins(format!(
+                    "its connection table has {have} entries and the config asks for \
+                     {conntrack_size} ([daemon] conntrack_size): keep the size, or start with \
+                     `lb run --fresh` (established flows will be lost)"
+                )));
+            }
+        }
         let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries("CONNTRACK", conntrack_size)
+            .map_max_entries("REVERSE", conntrack_size);
         let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -393,7 +411,7 @@ impl Dataplane {
         } else {
             None
         };
-        let mut dp = Dataplane::finish_load(ebpf, Some(dir.to_owned()), adoption)?;
+        let mut dp = Dataplane::finish_load(conntrack_size, ebpf, Some(dir.to_owned()), adoption)?;
         if !adopted {
             write_layout(&layout_pin).map_err(pins)?;
         }
@@ -408,6 +426,7 @@ impl Dataplane {
     }
 
     fn finish_load(
+        conntrack_size: u32,
         mut ebpf: Ebpf,
         pin_dir: Option<PathBuf>,
         adoption: Option<Adoption>,
@@ -434,6 +453,7 @@ impl Dataplane {
             pin_dir,
             adopting: None,
             nr_cpus,
+            conntrack_size,
             vips: HashSet::new(),
             deny: HashSet::new(),
             rules: HashMap::new(),
@@ -1341,7 +1361,7 @@ impl Dataplane {
                 .iter()
                 .map(|(k, &bid)| ((bid, self.generations[bid as usize]), k.clone()))
                 .collect(),
-            capacity: lb_common::CONNTRACK_SIZE as u64,
+            capacity: self.conntrack_size as u64,
         })
     }
 }

@@ -747,7 +747,7 @@ impl Balancer {
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,
-            "conntrack": { "entries": 0, "capacity": lb_common::CONNTRACK_SIZE },
+            "conntrack": { "entries": 0, "capacity": self.file.daemon.conntrack_size },
         }))
     }
 }

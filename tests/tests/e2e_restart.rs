@@ -263,3 +263,54 @@ fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
     let more = lb_tests::burst_ok(&t.client, vip(), 20);
     assert_eq!(more, 20, "new connections go through lb2");
 }
+
+#[test]
+fn root_the_connection_table_takes_the_configured_size_and_a_pinned_one_keeps_its_own() {
+    require_root();
+    let t = Topology::new(&prefix(), 1);
+    let _webs: Vec<Nginx> = t.start_webs();
+    let config = |sock: &std::path::Path, size: u32| {
+        lb_config(sock, &service_block("web", 80, "tcp", 1, 80)).replace(
+            "xdp_mode = \"native\"",
+            &format!("xdp_mode = \"native\"\nconntrack_size = {size}"),
+        )
+    };
+    let mut lb = LbDaemon::start(&t.lb, |sock| config(sock, 4096));
+    let pins = pin_dir_for(&lb.socket);
+    let size = |map: &str| {
+        aya::maps::MapInfo::from_pin(pins.join(map))
+            .unwrap()
+            .max_entries()
+    };
+    assert_eq!((size("CONNTRACK"), size("REVERSE")), (4096, 4096));
+    assert_eq!(lb.status()["conntrack"]["capacity"], 4096);
+    assert!(t
+        .client
+        .run(|| matches!(http::get(vip(), "/"), Ok((200, _)))));
+
+    // Another size cannot adopt the pinned table: refused, and nothing changes.
+    lb.kill();
+    let socket = lb.socket.clone();
+    std::fs::write(&lb.config, config(&socket, 8192)).unwrap();
+    let out = lb_tests::netns::Netns::attach(&t.lb.name)
+        .command_same_mounts(lb_tests::daemon::lb_binary())
+        .args(["run", "--config"])
+        .arg(&lb.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("4096 entries")
+            && text.contains("conntrack_size")
+            && text.contains("--fresh"),
+        "{text}"
+    );
+    assert_eq!(size("CONNTRACK"), 4096, "the pinned table is untouched");
+    // Starting afresh takes the new size.
+    lb.restart(&["--fresh"]);
+    assert_eq!((size("CONNTRACK"), size("REVERSE")), (8192, 8192));
+    assert!(t
+        .client
+        .run(|| matches!(http::get(vip(), "/"), Ok((200, _)))));
+}
