@@ -48,9 +48,20 @@ pub fn read_small_file(path: &Path, max: u64) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text ({e})"))
 }
 
+/// What is wrong with a backend address of a service at `vip`, if anything.
+pub fn backend_address_problem(a: Ipv4Addr, vip: Option<Ipv4Addr>) -> Option<String> {
+    if a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback() {
+        return Some(format!("{a} cannot be a backend address"));
+    }
+    if Some(a) == vip {
+        return Some(format!("{a} is the service's own VIP: packets would loop"));
+    }
+    None
+}
+
 /// What is wrong with a service or backend name, if anything: it appears in
 /// logs, metrics labels and `lb status`, so it must be short and printable.
-fn name_problem(name: &str) -> Option<String> {
+pub fn name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("must not be empty".into());
     }
@@ -735,26 +746,13 @@ impl Config {
                     );
                 }
                 let address = match b.address.parse::<Ipv4Addr>() {
-                    Ok(a)
-                        if a.is_unspecified()
-                            || a.is_multicast()
-                            || a.is_broadcast()
-                            || a.is_loopback() =>
-                    {
-                        bad(
-                            format!("{bkey}.address"),
-                            format!("{a} cannot be a backend address"),
-                        );
-                        None
-                    }
-                    Ok(a) if Some(a) == vip => {
-                        bad(
-                            format!("{bkey}.address"),
-                            format!("{a} is the service's own VIP: packets would loop"),
-                        );
-                        None
-                    }
-                    Ok(a) => Some(a),
+                    Ok(a) => match backend_address_problem(a, vip) {
+                        Some(p) => {
+                            bad(format!("{bkey}.address"), p);
+                            None
+                        }
+                        None => Some(a),
+                    },
                     Err(_) => {
                         bad(
                             format!("{bkey}.address"),

@@ -159,7 +159,10 @@ async fn handle(
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    TokioBufReader::new(r).read_line(&mut line).await?;
+    // One request is a short line: a longer one is not read past this.
+    TokioBufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST_BYTES))
+        .read_line(&mut line)
+        .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::Error(format!("bad request: {e}")),
         Ok(req) => {
@@ -177,6 +180,9 @@ async fn handle(
     w.write_all(&out).await?;
     w.shutdown().await
 }
+
+/// The longest request line read from a client.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 /// Stops serving and removes the socket file when dropped.
 pub struct ServeGuard {

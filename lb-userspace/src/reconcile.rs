@@ -595,14 +595,23 @@ impl Balancer {
                 lb_common::MAX_BACKENDS
             ));
         }
+        if let Some(p) = crate::config::name_problem(name) {
+            return Err(format!("backend name {name:?}: {p}"));
+        }
+        // Its replies must not be dropped by the firewall.
+        if let Some(c) = self.file.firewall.deny.iter().find(|c| c.contains(address)) {
+            return Err(format!(
+                "{address} is on the firewall's deny list ({c}): its replies would be dropped"
+            ));
+        }
         let s = self.service_mut(service)?;
-        if name.is_empty() || s.backends.iter().any(|b| b.config.name == name) {
+        if s.backends.iter().any(|b| b.config.name == name) {
             return Err(format!(
                 "service {service:?} already has a backend named {name:?}"
             ));
         }
-        if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
-            return Err(format!("{address} cannot be a backend address"));
+        if let Some(p) = crate::config::backend_address_problem(address, Some(s.config.vip)) {
+            return Err(p);
         }
         let port = port.unwrap_or(s.config.port);
         if port == 0 {
