@@ -3,6 +3,7 @@
 //! frame builders for BPF_PROG_TEST_RUN. Everything it creates is removed by
 //! RAII guards when they drop, also when a test panics.
 
+pub mod bench_control;
 pub mod bench_e2e;
 pub mod daemon;
 pub mod flood;

@@ -11,19 +11,22 @@
 //! taken. Only a case whose output equals its input is also measured with
 //! repeat = 1,000,000.
 //!
+//! Then end to end (see `lb_tests::bench_e2e`) and the control plane:
+//! failover and promotion times and memory (see `lb_tests::bench_control`).
+//!
 //! `lb-bench [--quick] [--out DIR]` writes DIR/latest.md, latest.json and
-//! latest.svg (default DIR: bench/results) and prints the table.
+//! latest.svg (default DIR: bench/results) and prints the tables; a full run
+//! into bench/results also writes them into README.md's Benchmark section.
 
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use aya::programs::Xdp;
-use lb_common::FlowKey;
 use lb_tests::{
+    bench_control::{self, DaemonMemory, FailoverRun, Failure, PromotionRun},
     frames::{Frame, TCP_ACK, TCP_SYN},
     testrun::{
         self, TestRunNet, B1, B1_MAC, B2, B2_MAC, CLIENT, CLIENT_MAC, VIP, X0_MAC, X1_MAC,
@@ -282,15 +285,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
         for n in [1_000u32, 100_000, 1_000_000] {
             let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
             apply(&mut dp, &[service(2, Scheduler::RoundRobin)]);
-            let keys = (0..n).map(|i| FlowKey {
-                src: Ipv4Addr::from(0x0a64_0000 + i).octets(),
-                dst: VIP.octets(),
-                sport: ((i % 50_000) as u16 + 1024).to_be_bytes(),
-                dport: 80u16.to_be_bytes(),
-                proto: 6,
-                _pad: [0; 3],
-            });
-            dp.insert_flows("web", "b0", keys)
+            dp.insert_flows("web", "b0", bench_control::flow_keys(n))
                 .map_err(|e| format!("{e:#}"))?;
             let _ = testrun::run(dp.program_mut(), &client_tcp(3000, TCP_SYN), b.x0, 1)?;
             let r = b.measure(
@@ -522,13 +517,315 @@ fn e2e_markdown(e: &[E2e]) -> String {
     md
 }
 
+/// One control-plane figure: the median over runs, min and max, and how it was measured.
+#[derive(serde::Serialize)]
+struct Figure {
+    figure: String,
+    unit: &'static str,
+    median: f64,
+    min: f64,
+    max: f64,
+    runs: usize,
+    how: String,
+}
+
+/// The median of `values` (NaN if there are none).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+impl Figure {
+    fn new(figure: impl Into<String>, unit: &'static str, values: &[f64], how: String) -> Figure {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let (median, min, max) = match v.as_slice() {
+            [] => (f64::NAN, f64::NAN, f64::NAN),
+            _ => (v[v.len() / 2], v[0], v[v.len() - 1]),
+        };
+        Figure {
+            figure: figure.into(),
+            unit,
+            median,
+            min,
+            max,
+            runs: v.len(),
+            how,
+        }
+    }
+}
+
+/// Everything the control-plane part measured.
+#[derive(serde::Serialize)]
+struct Control {
+    figures: Vec<Figure>,
+    failovers: Vec<FailoverRun>,
+    promotions: Vec<PromotionRun>,
+    daemon: DaemonMemory,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn control_plane(quick: bool) -> Result<Control, String> {
+    use bench_control::{Bed, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, FALL, FLOWS, TABLE_SIZE};
+    let runs = if quick { 3 } else { 5 };
+    println!("control plane: failovers and promotions ({runs} runs each), memory");
+    let phase = std::cell::Cell::new(std::time::Instant::now());
+    let total = |maps: &[bench_control::MapMemory]| {
+        maps.iter().map(|m| m.memlock_bytes).sum::<u64>() as f64 / MIB
+    };
+    let lap = |what: &str| {
+        println!("  ({what}: {:.1} s)", phase.get().elapsed().as_secs_f64());
+        phase.set(std::time::Instant::now());
+    };
+    let mut bed = Bed::new(&format!("bc{}", std::process::id() % 10_000))?;
+    let idle = bed.idle()?;
+    lap("testbed up");
+    let mut failovers = bed.backend_failure(Failure::Stopped, runs, false)?;
+    failovers.extend(bed.backend_failure(Failure::Silent, runs, false)?);
+    lap("backend failures");
+    let mut promotions = bed.switchovers(runs)?;
+    promotions.push(bed.crash_promotion()?);
+    lap("promotions");
+    let daemon = bed.daemon_memory(idle, if quick { 1 } else { 3 }, runs)?;
+    drop(bed);
+    lap("daemon memory, failures during scrapes, testbed down");
+
+    let checks = format!(
+        "HTTP checks every {CHECK_INTERVAL_MS} ms, timeout {CHECK_TIMEOUT_MS} ms, fall {FALL} \
+         (bound: interval x fall + timeout = {} ms)",
+        CHECK_INTERVAL_MS * FALL as u64 + CHECK_TIMEOUT_MS
+    );
+    let rate = median(
+        &failovers
+            .iter()
+            .map(|r| r.connections_per_s)
+            .collect::<Vec<_>>(),
+    );
+    let mut figures = Vec::new();
+    for (failure, runs, what, how) in [
+        (
+            Failure::Stopped,
+            &failovers[..],
+            "web1's nginx stopped",
+            "SIGTERM to web1's nginx at T0 (its ports then refuse)",
+        ),
+        (
+            Failure::Silent,
+            &failovers[..],
+            "web1 stops answering",
+            "at T0 nftables in web1's namespace drops all its input (a hung or unplugged host: checks time out)",
+        ),
+        (
+            Failure::Stopped,
+            &daemon.failover_while_scraped[..],
+            "web1's nginx stopped during a scrape of 1,000,000 flows",
+            &*format!(
+                "as the first row, with {} flows in the daemon's connection table and the failure 20 ms into a \
+                 metrics request (a Prometheus scrape; config/prometheus.yml scrapes every 15 s), which took {:.0} ms (median)",
+                daemon.flows,
+                median(&daemon.failover_while_scraped.iter().filter_map(|r| r.scrape_ms).collect::<Vec<_>>())
+            ),
+        ),
+    ] {
+        let runs: Vec<&FailoverRun> = runs.iter().filter(|r| r.failure == failure).collect();
+        let client: Vec<f64> = runs.iter().filter_map(|r| r.client_last_ms).collect();
+        let late: usize = runs.iter().map(|r| r.client_after_last_flow).sum();
+        let unsettled = runs.iter().filter(|r| !r.settled).count();
+        figures.push(Figure::new(
+            format!("{what}: failure to last new flow sent to web1"),
+            "ms",
+            &runs.iter().map(|r| r.last_new_flow_ms).collect::<Vec<_>>(),
+            format!(
+                "{how}; the client opens about {rate:.0} new TCP connections/s to the VIP; the time of the last \
+                 increase of web1's new-flow counter in the data path (read every 1 ms from the daemon's pinned \
+                 BACKEND_TRAFFIC); {checks}. {}{}",
+                if late > 0 {
+                    format!(
+                        "The client's connections agree up to that point; after it, {late} connection(s) over the \
+                         runs still reached web1 (the last at {:.0} ms, median): SYNs matching flows still tracked to web1",
+                        median(&client)
+                    )
+                } else {
+                    format!("The client's last connection to web1 agrees ({:.0} ms, median)", median(&client))
+                },
+                if unsettled > 0 {
+                    format!("; in {unsettled} run(s) new flows still reached web1 at the end of the window")
+                } else {
+                    String::new()
+                }
+            ),
+        ));
+        figures.push(Figure::new(
+            format!("{what}: failure to marked down"),
+            "ms",
+            &runs.iter().filter_map(|r| r.marked_down_ms).collect::<Vec<_>>(),
+            "the timestamp of the daemon's log line saying web1 changed state to down (wall clock)".into(),
+        ));
+    }
+    let planned: Vec<&PromotionRun> = promotions
+        .iter()
+        .filter(|p| p.kind == "planned switchover")
+        .collect();
+    let monitors = format!(
+        "MySQL monitors every {} ms, timeout {} ms",
+        bench_control::MYSQL_INTERVAL_MS,
+        bench_control::MYSQL_TIMEOUT_MS
+    );
+    figures.push(Figure::new(
+        "MySQL planned switchover: new primary writable to first write through the write VIP on it",
+        "ms",
+        &planned.iter().map(|p| p.switch_ms).collect::<Vec<_>>(),
+        format!(
+            "T0: the replica, caught up, runs STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0 after the \
+             primary went read-only (back and forth between db1 and db2); a client writes through the write VIP \
+             on a new connection every 10 ms; the start of the first write the new primary took; {monitors}; \
+             writes taken by the old primary after it went read-only: {}",
+            planned.iter().map(|p| p.stray_writes).sum::<usize>()
+        ),
+    ));
+    figures.push(Figure::new(
+        "MySQL planned switchover: writes refused (old primary read-only to first write on the new one)",
+        "ms",
+        &planned.iter().map(|p| p.outage_ms).collect::<Vec<_>>(),
+        "as above, from the old primary's SET GLOBAL read_only = 1".into(),
+    ));
+    for p in promotions.iter().filter(|p| p.kind != "planned switchover") {
+        figures.push(Figure::new(
+            "MySQL primary killed, replica promoted: promotion to first write through the write VIP on it",
+            "ms",
+            &[p.switch_ms],
+            format!(
+                "SIGKILL to the primary; the replica was promoted (T0) {:.0} ms later, once `lb status` showed no \
+                 primary (writes were reset meanwhile); measured as above; once: the killed server stays down",
+                p.outage_ms - p.switch_ms
+            ),
+        ));
+    }
+    let d = &daemon;
+    figures.push(Figure::new(
+        format!("Daemon's maps, {} flows in the table (kernel memory)", d.flows),
+        "MiB",
+        &[total(&d.maps)],
+        format!(
+            "the daemon runs with `conntrack_size = {TABLE_SIZE}`; {FLOWS} copies of a real flow written into its \
+             pinned connection table (the daemon then counted {} entries); the sum of `memlock` in the fdinfo of \
+             every map it holds (below); the tables are preallocated LRU hash maps: idle, the same maps took {:.1} MiB",
+            d.present,
+            total(&d.idle.maps)
+        ),
+    ));
+    let kib = |k: u64| k as f64 / 1024.0;
+    for (what, v, how) in [
+        (
+            "Daemon RSS, idle".to_owned(),
+            d.idle.rss_kib,
+            "VmRSS of `lb run` with this testbed's config, once every check has passed".to_owned(),
+        ),
+        (
+            "Daemon RSS after the failover and promotion runs".to_owned(),
+            d.rss_after_runs_kib,
+            "VmRSS".to_owned(),
+        ),
+        (
+            format!("Daemon RSS, {} flows in the table", d.flows),
+            d.rss_full_kib,
+            "VmRSS after the status and metrics requests below".to_owned(),
+        ),
+        (
+            "Daemon peak RSS".to_owned(),
+            d.hwm_kib,
+            format!(
+                "VmHWM at the end of the runs ({:.1} MiB when idle)",
+                kib(d.idle.hwm_kib)
+            ),
+        ),
+    ] {
+        figures.push(Figure::new(what, "MiB", &[kib(v)], how));
+    }
+    for (n, ms) in &d.status_ms {
+        figures.push(Figure::new(
+            format!("`lb status` round trip, {n} entries in the table"),
+            "ms",
+            ms,
+            "on the control socket; status counts the table's active flows with a walk of it"
+                .into(),
+        ));
+    }
+    figures.push(Figure::new(
+        format!(
+            "Metrics request (a Prometheus scrape), {} flows in the table",
+            d.flows
+        ),
+        "ms",
+        &d.metrics_full_ms,
+        "a scrape walks the table as status does".into(),
+    ));
+    Ok(Control {
+        figures,
+        failovers,
+        promotions,
+        daemon,
+    })
+}
+
+fn control_markdown(c: &Control) -> String {
+    use bench_control::{
+        CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, FALL, MYSQL_INTERVAL_MS, MYSQL_TIMEOUT_MS, RISE,
+    };
+    let mut md = format!(
+        "\n## Control plane\n\n\
+         One testbed in namespaces: client, balancer, two nginx backends (web1, web2; :80 and :443) and two MariaDB \
+         servers (db1 primary, db2 its replica, GTID replication), behind the real `lb` daemon with the seed's kinds of \
+         services: `web` (:80, HTTP checks every {CHECK_INTERVAL_MS} ms, timeout {CHECK_TIMEOUT_MS} ms, rise {RISE}, \
+         fall {FALL}), `web-tls` (:443, TCP checks every 250 ms), `mysql-write` and `mysql-read` (MySQL monitors every \
+         {MYSQL_INTERVAL_MS} ms, timeout {MYSQL_TIMEOUT_MS} ms). Times are from the event the row names. Except for the \
+         scrape in the rows that say so, nothing asks the daemon for its status while a time is measured: status and \
+         metrics walk the connection table in the daemon's one loop. The same 2 cores run the client, the servers and \
+         the daemon.\n\n\
+         | figure | median | min-max | runs | how it was measured |\n|---|---:|---:|---:|---|\n"
+    );
+    for f in &c.figures {
+        let prec = if f.unit == "MiB" { 1 } else { 0 };
+        let _ = writeln!(
+            md,
+            "| {} | {:.prec$} {} | {:.prec$}-{:.prec$} | {} | {} |",
+            f.figure, f.median, f.unit, f.min, f.max, f.runs, f.how
+        );
+    }
+    let d = &c.daemon;
+    let _ = write!(
+        md,
+        "\nThe daemon's maps with {} flows in its connection table (fdinfo `memlock`):\n\n\
+         | map | type | entries | KiB |\n|---|---|---:|---:|\n",
+        d.flows
+    );
+    for m in &d.maps {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} |",
+            if m.name.is_empty() {
+                "(unnamed)"
+            } else {
+                &m.name
+            },
+            m.kind,
+            m.max_entries,
+            m.memlock_bytes as f64 / 1024.0
+        );
+    }
+    md
+}
+
 fn write_outputs(
     dir: &Path,
     rows: &[Row],
     e2e: &[E2e],
     pps: &[Pps],
+    control: &Control,
     quick: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
     let mach = machine();
     let when = String::from_utf8_lossy(
@@ -561,9 +858,9 @@ fn write_outputs(
     }
     md.push_str(&e2e_markdown(e2e));
     md.push_str(&pps_markdown(pps));
-    md.push_str("\nNot measured here yet: control-plane timings and memory (see the open benchmark issue).\n");
+    md.push_str(&control_markdown(control));
     std::fs::write(dir.join("latest.md"), &md)?;
-    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows, "end_to_end": e2e, "udp_pps": pps });
+    let json = serde_json::json!({ "machine": mach, "when": when, "command": cmd, "rows": rows, "end_to_end": e2e, "udp_pps": pps, "control_plane": control });
     std::fs::write(
         dir.join("latest.json"),
         serde_json::to_string_pretty(&json).unwrap(),
@@ -593,39 +890,96 @@ fn write_outputs(
     svg.push_str("</svg>\n");
     std::fs::write(dir.join("latest.svg"), svg)?;
     println!("\n{md}");
-    Ok(())
+    Ok(md)
+}
+
+/// Where the README carries the results of the latest full run, between
+/// these two lines: a full run writes them there, so nothing is typed by hand.
+const README_BEGIN: &str =
+    "<!-- bench results: written by `cargo xtask bench` (full run), do not edit -->";
+const README_END: &str = "<!-- end of bench results -->";
+
+/// Puts `md` (latest.md, without its title and with its sections one level
+/// deeper, under the README's Benchmark section) between the README's markers.
+fn update_readme(readme: &Path, md: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(readme).map_err(|e| format!("{}: {e}", readme.display()))?;
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        return Err(format!(
+            "{}: no lines {README_BEGIN} and {README_END} to put the results between",
+            readme.display()
+        ));
+    };
+    let body: Vec<String> = md
+        .lines()
+        .skip_while(|l| l.starts_with("# ") || l.is_empty())
+        .map(|l| match l.strip_prefix("## ") {
+            Some(h) => format!("#### {h}"),
+            None => l.to_owned(),
+        })
+        .collect();
+    let new = format!(
+        "{}\n\n{}\n\n{}",
+        &text[..b + README_BEGIN.len()],
+        body.join("\n").trim_end(),
+        &text[e..]
+    );
+    std::fs::write(readme, new).map_err(|e| format!("{}: {e}", readme.display()))
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let out = args
+    let out_arg = args
         .iter()
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results"));
+        .map(PathBuf::from);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = out_arg
+        .clone()
+        .unwrap_or_else(|| root.join("bench/results"));
     lb_tests::require_root();
     println!(
         "lb benchmark ({}): per-packet cost through BPF_PROG_TEST_RUN",
         if quick { "quick" } else { "full" }
     );
     let start = std::time::Instant::now();
-    match run_all(quick).and_then(|rows| Ok((rows, end_to_end(quick)?))) {
-        Ok((rows, (e2e, pps))) => {
-            if let Err(e) = write_outputs(&out, &rows, &e2e, &pps, quick) {
-                eprintln!("lb-bench: writing {}: {e}", out.display());
-                std::process::exit(1);
-            }
-            println!(
-                "done in {:?}; results in {}",
-                start.elapsed().max(Duration::ZERO),
-                out.display()
-            );
-        }
-        Err(e) => {
-            eprintln!("lb-bench: {e}");
-            std::process::exit(1);
-        }
+    let mut took = Vec::new();
+    let mut timed = |part: &'static str, t: std::time::Instant| {
+        took.push(format!("{part} {:.0} s", t.elapsed().as_secs_f64()));
+    };
+    let mut run = || -> Result<_, String> {
+        let t = std::time::Instant::now();
+        let rows = run_all(quick)?;
+        timed("per packet", t);
+        let t = std::time::Instant::now();
+        let (e2e, pps) = end_to_end(quick)?;
+        timed("end to end", t);
+        let t = std::time::Instant::now();
+        let control = control_plane(quick)?;
+        timed("control plane", t);
+        Ok((rows, e2e, pps, control))
+    };
+    let (rows, e2e, pps, control) = run().unwrap_or_else(|e| {
+        eprintln!("lb-bench: {e}");
+        std::process::exit(1);
+    });
+    let md = write_outputs(&out, &rows, &e2e, &pps, &control, quick).unwrap_or_else(|e| {
+        eprintln!("lb-bench: writing {}: {e}", out.display());
+        std::process::exit(1);
+    });
+    if quick || out_arg.is_some() {
+        println!("README.md not updated (only a full run into bench/results updates it)");
+    } else if let Err(e) = update_readme(&root.join("README.md"), &md) {
+        eprintln!("lb-bench: {e}");
+        std::process::exit(1);
+    } else {
+        println!("README.md's results updated");
     }
+    println!(
+        "done in {:.0} s ({}); results in {}",
+        start.elapsed().as_secs_f64(),
+        took.join(", "),
+        out.display()
+    );
 }
