@@ -183,11 +183,7 @@ fn run_lb(args: &[String]) -> Result<()> {
 }
 
 fn bench(quick: bool) -> Result<()> {
-    setup::ensure_packages(&[
-        ("ip", "iproute2"),
-        ("ethtool", "ethtool"),
-        ("sysctl", "procps"),
-    ])?;
+    setup::ensure_packages(&setup::bench_packages())?;
     // The eBPF build makes the floor program (xdp-floor) alongside lb's.
     build_all()?;
     let args: Vec<String> = if quick {

@@ -47,6 +47,14 @@ pub fn test_packages() -> Vec<(&'static str, &'static str)> {
     p
 }
 
+/// What the benchmark needs: the demo's packages (nginx, MariaDB, nftables)
+/// and the alternatives it compares with and the load it makes.
+pub fn bench_packages() -> Vec<(&'static str, &'static str)> {
+    let mut p = DEMO_PACKAGES.to_vec();
+    p.extend([("haproxy", "haproxy"), ("wrk", "wrk")]);
+    p
+}
+
 /// Installs the Debian packages whose program is missing.
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
