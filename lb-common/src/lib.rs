@@ -111,6 +111,10 @@ pub const BACKEND_F_DROP_FLOWS: u32 = 2;
 /// Client packets of established TCP flows on this backend are answered with
 /// a reset (a demoted MySQL primary: clients reconnect, to the new primary).
 pub const BACKEND_F_RESET_FLOWS: u32 = 4;
+/// The backend takes no new flows (down, drained, disabled, weight 0): a SYN
+/// that matches one of its tracked flows opens a new connection (the earlier
+/// one on those ports was refused or never answered) and is scheduled afresh.
+pub const BACKEND_F_NO_NEW_FLOWS: u32 = 8;
 
 /// A flow as the load balancer sees it on the wire, in one direction.
 /// Client to VIP in the connection table, backend to client in the reverse table.
@@ -139,8 +143,8 @@ pub struct Flow {
     pub flags: u32,
 }
 
-/// The client sent FIN or RST: the flow is ending, and a new SYN on the same
-/// addresses and ports is a new connection to be scheduled afresh.
+/// The client or the backend sent FIN or RST: the flow is ending, and a new
+/// SYN on the same addresses and ports is a new connection to be scheduled afresh.
 pub const FLOW_F_CLOSING: u32 = 1;
 
 /// Value of the reverse-NAT table: how to make a backend's reply look like the VIP's.

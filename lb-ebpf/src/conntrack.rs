@@ -65,6 +65,24 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
     CONNTRACK.insert(key, flow, 0).is_ok() && REVERSE.insert(reply_key, rev, 0).is_ok()
 }
 
+/// Marks the client flow that the reply `key` (backend to client) belongs
+/// to as closing: the backend sent FIN or RST.
+#[inline(always)]
+pub fn mark_closing(key: &FlowKey, rev: &ReverseFlow) {
+    let fwd = FlowKey {
+        src: key.dst,
+        dst: rev.vip,
+        sport: key.dport,
+        dport: rev.vport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    if let Some(f) = CONNTRACK.get_ptr_mut(fwd) {
+        // SAFETY: a live map value; setting a flag bit races harmlessly.
+        unsafe { (*f).flags |= FLOW_F_CLOSING };
+    }
+}
+
 /// Where a reply's VIP side came from.
 pub enum Reverse {
     /// This balancer's own entry for the flow.

@@ -19,8 +19,8 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter, firewall::Firewall, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS,
-    BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_TCP, SERVICE_F_MAGLEV,
-    SERVICE_F_RESET_IF_EMPTY,
+    BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_TCP,
+    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 
 use crate::{
@@ -101,32 +101,35 @@ fn handle(ctx: &XdpContext, fw: &Firewall, p: &Packet) -> (u32, u32) {
             return (xdp_action::XDP_DROP, counter::DROP_DENIED_SERVICE);
         }
         let opening = p.is_tcp_open();
-        let (backend_id, generation, new_flow) =
-            match conntrack::lookup(&key, opening, p.is_tcp_close()) {
-                Some(k) => (k.backend, Some(k.generation), false),
-                None => {
-                    if p.proto == IPPROTO_TCP && !opening {
-                        // Mid-flow segment of a flow we do not know (evicted, or
-                        // it came through another balancer). Maglev knows where
-                        // it belongs; a round-robin service never guesses.
-                        if svc.flags & SERVICE_F_MAGLEV == 0 {
-                            return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
-                        }
-                        stats::count(counter::FLOWS_RECOVERED);
+        let known = conntrack::lookup(&key, opening, p.is_tcp_close())
+            // A SYN for a flow whose backend takes no new flows or is gone is
+            // a new connection on old ports: it is scheduled afresh.
+            .filter(|k| !(p.proto == IPPROTO_TCP && opening && !takes_new_flows(k)));
+        let (backend_id, generation, new_flow) = match known {
+            Some(k) => (k.backend, Some(k.generation), false),
+            None => {
+                if p.proto == IPPROTO_TCP && !opening {
+                    // Mid-flow segment of a flow we do not know (evicted, or
+                    // it came through another balancer). Maglev knows where
+                    // it belongs; a round-robin service never guesses.
+                    if svc.flags & SERVICE_F_MAGLEV == 0 {
+                        return (xdp_action::XDP_DROP, counter::DROP_TCP_NO_FLOW);
                     }
-                    // The SYN-flood guard, before the flow takes a table entry.
-                    if let Err(over) = firewall::admit_new_flow(fw, src) {
-                        return (xdp_action::XDP_DROP, over);
-                    }
-                    let Some(b) = select::pick(&svc, &key) else {
-                        if p.proto == IPPROTO_TCP && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
-                            return (reset::reset(ctx), counter::RESET_NO_BACKEND);
-                        }
-                        return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
-                    };
-                    (b, None, true)
+                    stats::count(counter::FLOWS_RECOVERED);
                 }
-            };
+                // The SYN-flood guard, before the flow takes a table entry.
+                if let Err(over) = firewall::admit_new_flow(fw, src) {
+                    return (xdp_action::XDP_DROP, over);
+                }
+                let Some(b) = select::pick(&svc, &key) else {
+                    if p.proto == IPPROTO_TCP && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
+                        return (reset::reset(ctx), counter::RESET_NO_BACKEND);
+                    }
+                    return (xdp_action::XDP_DROP, counter::DROP_NO_BACKEND);
+                };
+                (b, None, true)
+            }
+        };
         let Some(backend) = backend(backend_id) else {
             return (xdp_action::XDP_DROP, counter::DROP_BACKEND_GONE);
         };
@@ -178,11 +181,25 @@ fn handle(ctx: &XdpContext, fw: &Firewall, p: &Packet) -> (u32, u32) {
         if !nat::decrement_ttl(p.ip) {
             return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
         }
+        if p.is_tcp_close() {
+            // The backend ends the connection (or refuses it): a later SYN
+            // on these ports is a new connection.
+            conntrack::mark_closing(&key, &rev);
+        }
         nat::rewrite_src(p, rev.vip, rev.vport);
         stats::traffic(rev.service, rev.backend, Direction::Reply, bytes);
         return forward::send(ctx, p.eth, route, counter::REPLIES);
     }
     (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE)
+}
+
+/// Whether the tracked flow's backend is still there and takes new flows.
+#[inline(always)]
+fn takes_new_flows(k: &conntrack::Known) -> bool {
+    match backend(k.backend) {
+        Some(b) => b.generation == k.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0,
+        None => false,
+    }
 }
 
 /// The backend with id `id`, if its slot holds one.

@@ -36,9 +36,9 @@ use lb_common::{
         FIREWALL_F_ECHO_REPLY, RULE_ALLOW, RULE_DENY,
     },
     maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
-    BACKEND_F_DROP_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING, MAX_BACKENDS,
-    MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL,
-    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
+    FLOW_F_CLOSING, MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE,
+    SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use serde::Serialize;
 
@@ -1100,7 +1100,8 @@ impl Dataplane {
             };
             let unchanged = !fresh
                 && old_backends.get(&b.name).is_some_and(|o| {
-                    (o.drop_flows, o.reset_flows) == (b.drop_flows, b.reset_flows)
+                    (o.drop_flows, o.reset_flows, o.ring_weight == 0)
+                        == (b.drop_flows, b.reset_flows, b.ring_weight == 0)
                 });
             if !unchanged {
                 let value = Backend {
@@ -1115,6 +1116,11 @@ impl Dataplane {
                         }
                         | if b.reset_flows {
                             BACKEND_F_RESET_FLOWS
+                        } else {
+                            0
+                        }
+                        | if b.ring_weight == 0 {
+                            BACKEND_F_NO_NEW_FLOWS
                         } else {
                             0
                         },

@@ -24,9 +24,9 @@ use lb_common::{
         RULE_ALLOW,
     },
     maglev, Backend, BackendKey, FlowKey, ReverseFlow, Service, ServiceKey, BACKEND_F_DROP_FLOWS,
-    BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL,
-    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE, SERVICE_F_ALLOWLIST,
+    SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use lb_userspace::dataplane::Dataplane;
 
@@ -309,6 +309,14 @@ impl Model {
                 }
                 _ => None,
             };
+            // A SYN on a flow whose backend is gone or takes no new flows is
+            // a new connection on old ports.
+            let known = known.filter(|t| {
+                !(tcp && opening)
+                    || self.backend(t.backend).is_some_and(|b| {
+                        b.generation == t.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0
+                    })
+            });
             let (bid, generation, new_flow) = match known {
                 Some(t) => (t.backend, Some(t.generation), false),
                 None => {
@@ -419,6 +427,20 @@ impl Model {
         }
         if !decrement_ttl(f) {
             return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+        }
+        if closing {
+            // The backend ends or refuses the connection.
+            let fwd = FlowKey {
+                src: key.dst,
+                dst: rev.vip,
+                sport: key.dport,
+                dport: rev.vport,
+                proto,
+                _pad: [0; 3],
+            };
+            if let Some(t) = self.conntrack.get_mut(&fwd) {
+                t.closing = true;
+            }
         }
         rewrite(f, l4, Side::Source, rev.vip, rev.vport);
         self.send(f, ingress, route, counter::REPLIES)

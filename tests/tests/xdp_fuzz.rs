@@ -83,6 +83,8 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
     if changed {
         web.remove(1);
         web.push(backend("b4", B2, 8081));
+        // Drained: its flows go on, SYNs on their ports are new connections.
+        web[0].ring_weight = 0;
     }
     let mut dns_b2 = backend("b2", B2, 5353);
     dns_b2.drop_flows = changed;
@@ -243,9 +245,12 @@ impl Gen {
                 let b = self.rng.pick(&BACKENDS);
                 let port = self.rng.pick(&BACKEND_PORTS);
                 let f = if self.rng.chance(75) {
-                    let flags = self
-                        .rng
-                        .pick(&[TCP_SYN | TCP_ACK, TCP_ACK, TCP_ACK | TCP_FIN]);
+                    let flags = self.rng.pick(&[
+                        TCP_SYN | TCP_ACK,
+                        TCP_ACK,
+                        TCP_ACK | TCP_FIN,
+                        TCP_RST | TCP_ACK,
+                    ]);
                     Frame::tcp((b, port), (client, self.client_port()), flags)
                 } else {
                     Frame::udp((b, port), (client, self.client_port()))

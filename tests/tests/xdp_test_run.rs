@@ -592,6 +592,44 @@ fn root_a_syn_after_the_client_closed_is_a_new_connection() {
 }
 
 #[test]
+fn root_a_syn_on_ports_whose_connection_was_refused_or_whose_backend_left_is_a_new_connection() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        // The backend refuses the connection (RST): the client may reuse its
+        // port, and that SYN must not be pinned to the refusal.
+        let (_, out) = h.send_from_client(&client_frame(47000, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B1.octets());
+        let mut rst = Frame::tcp((B1, 8080), (CLIENT, 47000), TCP_RST | TCP_ACK);
+        rst.src_mac = B1_MAC;
+        rst.dst_mac = X1_MAC;
+        assert_eq!(
+            h.send_from_backend(&rst).0,
+            XDP_REDIRECT,
+            "the reset reaches the client"
+        );
+        let (_, out) = h.send_from_client(&client_frame(47000, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B2.octets(), "scheduled afresh");
+
+        // A SYN whose flow is on a backend that takes no new flows any more
+        // (down, drained) is a new connection too; other packets of the flow
+        // stay where they are.
+        let (_, out) = h.send_from_client(&client_frame(47001, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B1.octets());
+        let mut web = ServiceSpec::from_config(&services()[0], 0);
+        web.backends[0].ring_weight = 0;
+        h.dp.apply(&[web]).unwrap();
+        let ack = client_frame(47001, TCP_ACK);
+        assert_eq!(
+            h.send_from_client(&ack).1,
+            expect_to_backend(&ack, B1, B1_MAC, 8080)
+        );
+        let (_, out) = h.send_from_client(&client_frame(47001, TCP_SYN));
+        assert_eq!(&out[14 + 16..14 + 20], &B2.octets());
+        assert_eq!(h.counter("new_flows"), 4);
+    });
+}
+
+#[test]
 fn root_maglev_places_new_and_unknown_mid_flow_packets_where_the_table_says() {
     let env = Env::new();
     env.with_dataplane(|h| {
