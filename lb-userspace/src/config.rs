@@ -1004,7 +1004,7 @@ impl Config {
                     "daemon.conntrack_size".into(),
                     format!(
                         "{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE} \
-                         (each entry takes about 240 bytes of kernel memory, twice)"
+                         (each flow takes about 200 bytes of kernel memory, in two tables)"
                     ),
                 );
             }
