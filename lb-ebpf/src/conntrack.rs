@@ -65,19 +65,24 @@ pub fn insert(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend) -
     CONNTRACK.insert(key, flow, 0).is_ok() && REVERSE.insert(reply_key, rev, 0).is_ok()
 }
 
-/// Marks the client flow that the reply `key` (backend to client) belongs
-/// to as closing: the backend sent FIN or RST.
+/// The client flow (client to VIP) of the reply `key` (backend to client).
 #[inline(always)]
-pub fn mark_closing(key: &FlowKey, rev: &ReverseFlow) {
-    let fwd = FlowKey {
+fn client_flow(key: &FlowKey, rev: &ReverseFlow) -> FlowKey {
+    FlowKey {
         src: key.dst,
         dst: rev.vip,
         sport: key.dport,
         dport: rev.vport,
         proto: key.proto,
         _pad: [0; 3],
-    };
-    if let Some(f) = CONNTRACK.get_ptr_mut(fwd) {
+    }
+}
+
+/// Marks the client flow that the reply `key` (backend to client) belongs
+/// to as closing: the backend sent FIN or RST.
+#[inline(always)]
+pub fn mark_closing(key: &FlowKey, rev: &ReverseFlow) {
+    if let Some(f) = CONNTRACK.get_ptr_mut(client_flow(key, rev)) {
         // SAFETY: a live map value; setting a flag bit races harmlessly.
         unsafe { (*f).flags |= FLOW_F_CLOSING };
     }
@@ -98,16 +103,8 @@ pub enum Reverse {
 /// through another NAT), not a reply of ours: the stale entry is dropped.
 #[inline(always)]
 pub fn stale_for_handshake(key: &FlowKey, rev: &ReverseFlow) -> bool {
-    let fwd = FlowKey {
-        src: key.dst,
-        dst: rev.vip,
-        sport: key.dport,
-        dport: rev.vport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
     // SAFETY: the value is read at once.
-    let stale = match unsafe { CONNTRACK.get(fwd) } {
+    let stale = match unsafe { CONNTRACK.get(client_flow(key, rev)) } {
         None => true,
         Some(f) => f.flags & FLOW_F_CLOSING != 0,
     };

@@ -130,16 +130,18 @@ fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
     };
     // SAFETY: parse() checked the IPv4 header is inside the frame.
     let (src, dst) = unsafe { ((*m.ip).src_addr, (*m.ip).dst_addr) };
+    // The quoted packet's flow, seen from the other end: the client's flow
+    // if it quotes our reply VIP -> client, the reply table's entry if it
+    // quotes a packet we sent client -> backend.
+    let key = lb_common::FlowKey {
+        src: qdst,
+        dst: qsrc,
+        sport: qdport,
+        dport: qsport,
+        proto: q.proto,
+        _pad: [0; 3],
+    };
     if to_vip {
-        // It quotes our reply VIP -> client: the client's flow names the backend.
-        let key = lb_common::FlowKey {
-            src: qdst,
-            dst: qsrc,
-            sport: qdport,
-            dport: qsport,
-            proto: q.proto,
-            _pad: [0; 3],
-        };
         // SAFETY: the value is copied out at once.
         let flow = unsafe { CONNTRACK.get(key).copied() }?;
         let b = backend(flow.backend).filter(|b| b.generation == flow.generation)?;
@@ -158,15 +160,6 @@ fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
         rewrite_quote(ctx, m, &q, true, b.addr, b.port);
         return Some(forward::send(ctx, m.eth, route, counter::ICMP_TO_BACKEND));
     }
-    // It may quote a packet we sent client -> backend: the reply table knows.
-    let key = lb_common::FlowKey {
-        src: qdst,
-        dst: qsrc,
-        sport: qdport,
-        dport: qsport,
-        proto: q.proto,
-        _pad: [0; 3],
-    };
     // SAFETY: the value is copied out at once.
     let rev = unsafe { REVERSE.get(key).copied() }?;
     let new_src = if src == qdst { rev.vip } else { src };

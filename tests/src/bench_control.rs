@@ -463,7 +463,7 @@ impl Bed {
             .map(|(_, f)| f)
             .ok_or("no flow to the web VIP in the daemon's table")?;
         let flow = Flow {
-            last_seen_ns: monotonic_ns(),
+            last_seen_ns: lb_userspace::dataplane::monotonic_ns(),
             flags: 0,
             ..model
         };
@@ -754,17 +754,6 @@ fn unix_ms() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `n` distinct TCP flows from 10.100.0.0 onwards to the VIP's port 80.

@@ -392,15 +392,10 @@ impl Model {
         let rev = match self.reverse.get(&key).copied() {
             Some(rev) => {
                 if tcp && syn && ack {
-                    let fwd = FlowKey {
-                        src: key.dst,
-                        dst: rev.vip,
-                        sport: key.dport,
-                        dport: rev.vport,
-                        proto,
-                        _pad: [0; 3],
-                    };
-                    let stale = self.conntrack.get(&fwd).is_none_or(|t| t.closing);
+                    let stale = self
+                        .conntrack
+                        .get(&client_flow(&key, &rev))
+                        .is_none_or(|t| t.closing);
                     if stale {
                         self.reverse.remove(&key);
                         return (XDP_PASS, counter::PASS_NO_SERVICE);
@@ -430,15 +425,7 @@ impl Model {
         }
         if closing {
             // The backend ends or refuses the connection.
-            let fwd = FlowKey {
-                src: key.dst,
-                dst: rev.vip,
-                sport: key.dport,
-                dport: rev.vport,
-                proto,
-                _pad: [0; 3],
-            };
-            if let Some(t) = self.conntrack.get_mut(&fwd) {
+            if let Some(t) = self.conntrack.get_mut(&client_flow(&key, &rev)) {
                 t.closing = true;
             }
         }
@@ -667,6 +654,18 @@ impl Quote {
             icmp_check = checksum::replace2(icmp_check, old, new);
         }
         f[icmp + 2..icmp + 4].copy_from_slice(&icmp_check);
+    }
+}
+
+/// The client flow (client to VIP) of the reply `key` (backend to client).
+fn client_flow(key: &FlowKey, rev: &ReverseFlow) -> FlowKey {
+    FlowKey {
+        src: key.dst,
+        dst: rev.vip,
+        sport: key.dport,
+        dport: rev.vport,
+        proto: key.proto,
+        _pad: [0; 3],
     }
 }
 
