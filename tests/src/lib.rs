@@ -14,6 +14,7 @@ pub mod mariadb;
 pub mod model;
 pub mod netns;
 pub mod nginx;
+pub mod scan;
 pub mod seed;
 pub mod testrun;
 pub mod topology;

@@ -113,6 +113,10 @@ pub struct Report {
     pub after_failover: Vec<String>,
     pub switchover: Duration,
     pub write_after_switchover: String,
+    /// Whether the client got an answer from the write VIP's MySQL port.
+    pub client_reached_database: bool,
+    /// What a scan of the web VIP's ports 1-1024 found open.
+    pub open_ports: Vec<u16>,
 }
 
 /// Where and how to run the story.
@@ -461,8 +465,37 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     ));
 
     n.say("");
+    n.say("7. The firewall the seed lacked: the database VIPs answer the app servers only,");
+    n.say("   and a scan of the web VIP finds nothing but the web:");
+    let client_ip = Ipv4Addr::new(10, 0, 1, 2);
+    report.client_reached_database = client.run(move || {
+        let to = (WRITE_VIP, 3306).into();
+        crate::http::Conn::open_from(client_ip, to, Duration::from_secs(1)).is_ok()
+    });
     n.say(format!(
-        "7. The balancer's view (lb status --socket {}):",
+        "   client -> {WRITE_VIP}:3306: {}",
+        if report.client_reached_database {
+            "answered"
+        } else {
+            "no answer (dropped in XDP: drop_denied_service)"
+        }
+    ));
+    let found = crate::scan::scan(
+        &client,
+        client_ip,
+        WWW,
+        (1..=1024).collect(),
+        Duration::from_millis(500),
+    );
+    report.open_ports = found.open.iter().copied().collect();
+    n.say(format!(
+        "   ports 1-1024 of {WWW}: open {:?}; {} silent (closed ports are dropped, not refused)",
+        report.open_ports, found.silent
+    ));
+
+    n.say("");
+    n.say(format!(
+        "8. The balancer's view (lb status --socket {}):",
         opts.socket.display()
     ));
     let (_, status) = lbd.cli(&["status"]);

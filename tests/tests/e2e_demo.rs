@@ -86,10 +86,20 @@ fn root_the_seed_story_runs_end_to_end_and_leaves_nothing_behind() {
         "HTTPS through the VIP: {}",
         r.https
     );
+    assert!(
+        !r.client_reached_database,
+        "the database VIPs answer the web LAN only"
+    );
+    assert_eq!(
+        r.open_ports,
+        [80, 443],
+        "a scan of the web VIP finds only its services"
+    );
     let text = std::fs::read_to_string(&transcript).unwrap();
     assert!(
         text.contains("1. The user resolves www.foobar.com")
-            && text.contains("7. The balancer's view")
+            && text.contains("7. The firewall the seed lacked")
+            && text.contains("8. The balancer's view")
     );
 
     let pids = seed.pids();

@@ -15,6 +15,7 @@ use lb_tests::{
     netns::Netns,
     nginx::Nginx,
     require_root,
+    scan::{self, Scan},
     topology::{backend_addr, lb_config, Topology, CLIENT, VIP},
     unique,
 };
@@ -71,58 +72,8 @@ fn vip(port: u16) -> SocketAddr {
     SocketAddrV4::new(VIP, port).into()
 }
 
-/// What a TCP scan of the VIP from `from` found: open ports, and how many
-/// answered with a refusal (closed) or not at all (filtered).
-struct Scan {
-    open: BTreeSet<u16>,
-    refused: usize,
-    silent: usize,
-}
-
 fn scan(ns: &Netns, from: Ipv4Addr, ports: Vec<u16>) -> Scan {
-    ns.run(move || {
-        let results: Vec<(u16, std::io::Result<()>)> = std::thread::scope(|s| {
-            let chunks: Vec<Vec<u16>> = ports
-                .chunks(ports.len().div_ceil(64))
-                .map(<[u16]>::to_vec)
-                .collect();
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    s.spawn(move || {
-                        chunk
-                            .into_iter()
-                            .map(|p| {
-                                let r =
-                                    http::Conn::open_from(from, vip(p), Duration::from_millis(500))
-                                        .map(|_| ());
-                                (p, r)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
-        });
-        let mut scan = Scan {
-            open: BTreeSet::new(),
-            refused: 0,
-            silent: 0,
-        };
-        for (p, r) in results {
-            match r {
-                Ok(()) => {
-                    scan.open.insert(p);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => scan.refused += 1,
-                Err(_) => scan.silent += 1,
-            }
-        }
-        scan
-    })
+    scan::scan(ns, from, VIP, ports, Duration::from_millis(500))
 }
 
 /// Gives the client namespace more addresses. They are on the balancer's
