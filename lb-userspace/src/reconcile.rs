@@ -6,7 +6,8 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -19,7 +20,7 @@ use crate::{
         ServiceConfig, Steering,
     },
     control::{Request, Response},
-    dataplane::{BackendSpec, Dataplane, ServiceSpec, TrafficStatus},
+    dataplane::{BackendSpec, Census, Dataplane, FlowCensus, ServiceSpec, TrafficStatus},
     health::{self, Health, Report},
     mysql::{self, Observation, Roles},
     neigh,
@@ -237,6 +238,7 @@ pub struct Balancer {
     mysql_reports: mpsc::Sender<mysql::Report>,
     checkers: HashMap<(String, String), Checker<CheckTarget>>,
     metrics: crate::metrics::Metrics,
+    censuses: Arc<CensusCache>,
     monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
     neighbours: HashSet<Ipv4Addr>,
@@ -285,6 +287,7 @@ impl Balancer {
             mysql_reports,
             checkers: HashMap::new(),
             metrics: crate::metrics::Metrics::new(),
+            censuses: Arc::default(),
             monitors: HashMap::new(),
             next_checker: 0,
             neighbours: HashSet::new(),
@@ -686,6 +689,7 @@ impl Balancer {
             status: self.status_without_flows()?,
             census: self.dp.census().map_err(|e| format!("{e:#}"))?,
             metrics: self.metrics.clone(),
+            censuses: self.censuses.clone(),
         })
     }
 
@@ -765,8 +769,31 @@ impl Balancer {
 /// [`Balancer::flow_query`]).
 pub struct FlowQuery {
     status: serde_json::Value,
-    census: crate::dataplane::FlowCensus,
+    census: FlowCensus,
     metrics: crate::metrics::Metrics,
+    censuses: Arc<CensusCache>,
+}
+
+/// The last census and how long it took. One census is taken at a time, and
+/// one younger than twice its own duration is reused: a big table (seconds a
+/// walk) polled by a status page, Prometheus and `lb status` at once costs one
+/// walk now and then, not a core; a small one is counted afresh every time.
+#[derive(Default)]
+pub struct CensusCache(Mutex<Option<(Instant, Duration, Census)>>);
+
+impl CensusCache {
+    fn get_or_take(&self, census: FlowCensus) -> Census {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, took, c)) = last.as_ref() {
+            if at.elapsed() < *took * 2 {
+                return c.clone();
+            }
+        }
+        let started = Instant::now();
+        let c = census.take(TCP_ACTIVE_IDLE, UDP_ACTIVE_IDLE);
+        *last = Some((Instant::now(), started.elapsed(), c.clone()));
+        c
+    }
 }
 
 impl FlowQuery {
@@ -777,8 +804,9 @@ impl FlowQuery {
             mut status,
             census,
             metrics,
+            censuses,
         } = self;
-        let census = census.take(TCP_ACTIVE_IDLE, UDP_ACTIVE_IDLE);
+        let census = censuses.get_or_take(census);
         for s in status["services"].as_array_mut().into_iter().flatten() {
             let service = s["name"].as_str().unwrap_or_default().to_owned();
             for b in s["backends"].as_array_mut().into_iter().flatten() {
