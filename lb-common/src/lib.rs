@@ -245,11 +245,15 @@ pub mod counter {
     /// ICMP to a VIP that is neither an answered echo nor an error about a
     /// tracked flow: dropped.
     pub const DROP_ICMP: u32 = 27;
+    /// Bigger than the egress link's MTU: passed so the kernel sends its
+    /// sender "fragmentation needed" (DF set, path MTU discovery) or
+    /// fragments it (see forward.rs).
+    pub const PASS_TOO_BIG: u32 = 28;
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 28] = [
+    pub const NAMES: [&str; 29] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -278,6 +282,7 @@ pub mod counter {
         "icmp_to_backend",
         "icmp_to_client",
         "drop_icmp",
+        "pass_too_big",
     ];
 }
 

@@ -18,6 +18,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
 /// What the FIB says about a destination.
@@ -32,6 +33,9 @@ pub enum Route {
     Local,
     /// The next hop's MAC is not resolved yet: the kernel must forward it.
     NoNeigh,
+    /// The packet is bigger than the egress link's MTU: the kernel must
+    /// fragment it or tell its sender.
+    TooBig,
     /// No usable route.
     Unreachable,
 }
@@ -80,6 +84,7 @@ pub fn route(
         },
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig,
         _ => Route::Unreachable,
     }
 }
@@ -109,6 +114,10 @@ pub fn send(ctx: &XdpContext, eth: *mut EthHdr, route: Route, sent: u32) -> (u32
         // The kernel resolves the neighbour and forwards the rewritten packet
         // (the daemon keeps backends' neighbours resolved, so this is rare).
         Route::NoNeigh => (xdp_action::XDP_PASS, counter::PASS_NO_NEIGH),
+        // The kernel fragments it (DF clear) or answers "fragmentation
+        // needed" to its source: the client's own packet, as rewritten, or a
+        // reply without DF (replies with DF are passed before rewriting).
+        Route::TooBig => (xdp_action::XDP_PASS, counter::PASS_TOO_BIG),
         Route::Local => (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE),
         Route::Unreachable => (xdp_action::XDP_DROP, counter::DROP_NO_ROUTE),
     }

@@ -178,6 +178,14 @@ fn handle(ctx: &XdpContext, fw: &Firewall, p: &Packet) -> (u32, u32) {
             // not a client's reply, whatever port it comes from.
             return (xdp_action::XDP_PASS, counter::PASS_NO_SERVICE);
         }
+        if let Route::TooBig = route {
+            if p.dont_fragment() {
+                // Passed as it came: the kernel tells the backend
+                // "fragmentation needed", and it sends smaller segments
+                // (path MTU discovery across the balancer).
+                return (xdp_action::XDP_PASS, counter::PASS_TOO_BIG);
+            }
+        }
         if !nat::decrement_ttl(p.ip) {
             return (xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED);
         }

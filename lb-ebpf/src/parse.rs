@@ -57,6 +57,13 @@ impl Packet {
         }
     }
 
+    /// The IPv4 header's Don't Fragment bit.
+    #[inline(always)]
+    pub fn dont_fragment(&self) -> bool {
+        // SAFETY: parse() checked that the header is inside the frame.
+        unsafe { u16::from_be_bytes((*self.ip).frags) & IP_DF != 0 }
+    }
+
     /// FIN or RST: the sender is ending the connection.
     #[inline(always)]
     pub fn is_tcp_close(&self) -> bool {
@@ -111,6 +118,7 @@ pub enum Parsed {
     Drop(u32),
 }
 
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 

@@ -60,7 +60,11 @@ enum Route {
     },
     Local,
     NoNeigh,
+    TooBig,
 }
+
+/// The MTU of every link of the testrun namespace.
+const MTU: usize = 1500;
 
 pub struct Model {
     services: HashMap<ServiceKey, Service>,
@@ -382,7 +386,7 @@ impl Model {
             if !decrement_ttl(f) {
                 return (XDP_PASS, counter::PASS_TTL_EXPIRED);
             }
-            let route = self.route(b.addr);
+            let route = self.route(f, b.addr);
             rewrite(f, l4, Side::Destination, b.addr, b.port);
             return self.send(f, ingress, route, counter::FORWARDED);
         }
@@ -416,9 +420,16 @@ impl Model {
         let Some(rev) = rev else {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
         };
-        let route = self.route(key.dst);
+        let route = self.route(f, key.dst);
         if let Route::Local = route {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
+        }
+        if let Route::TooBig = route {
+            if be16(f, 20) & 0x4000 != 0 {
+                // Don't Fragment: passed as it came, for the kernel to tell
+                // the backend.
+                return (XDP_PASS, counter::PASS_TOO_BIG);
+            }
         }
         if !decrement_ttl(f) {
             return (XDP_PASS, counter::PASS_TTL_EXPIRED);
@@ -467,9 +478,11 @@ impl Model {
             .copied()
     }
 
-    /// The testrun namespace's FIB: x0 10.0.1.1/24 with the client's
-    /// neighbour, x1 10.0.2.1/24 with the two backends', nothing else.
-    fn route(&self, dst: [u8; 4]) -> Route {
+    /// The testrun namespace's FIB for the packet in `f`: x0 10.0.1.1/24 with
+    /// the client's neighbour, x1 10.0.2.1/24 with the two backends', nothing
+    /// else; a forwarded packet bigger than the MTU is too big (checked
+    /// before the neighbour, as the kernel does).
+    fn route(&self, f: &[u8], dst: [u8; 4]) -> Route {
         let d = Ipv4Addr::from(dst);
         let [a, b, c, last] = dst;
         if d == Ipv4Addr::new(10, 0, 1, 1) || d == Ipv4Addr::new(10, 0, 2, 1) {
@@ -484,6 +497,9 @@ impl Model {
             (B1, self.x1, X1_MAC, B1_MAC),
             (B2, self.x1, X1_MAC, B2_MAC),
         ];
+        if be16(f, 16) as usize > MTU {
+            return Route::TooBig;
+        }
         match known.iter().find(|k| k.0 == d) {
             Some(&(_, ifindex, smac, dmac)) => Route::Via {
                 ifindex,
@@ -513,6 +529,7 @@ impl Model {
                 )
             }
             Route::NoNeigh => (XDP_PASS, counter::PASS_NO_NEIGH),
+            Route::TooBig => (XDP_PASS, counter::PASS_TOO_BIG),
             Route::Local => (XDP_PASS, counter::PASS_NO_SERVICE),
         }
     }
@@ -583,7 +600,7 @@ impl Model {
             let b = self
                 .backend(t.backend)
                 .filter(|b| b.generation == t.generation)?;
-            let route = self.route(b.addr);
+            let route = self.route(f, b.addr);
             if let Route::Local = route {
                 return Some((XDP_PASS, counter::PASS_OTHER_PROTO));
             }
@@ -596,7 +613,7 @@ impl Model {
         }
         let rev = *self.reverse.get(&key)?;
         let new_src = if src == qdst { rev.vip } else { src };
-        let route = self.route(dst);
+        let route = self.route(f, dst);
         if let Route::Local = route {
             return Some((XDP_PASS, counter::PASS_OTHER_PROTO));
         }

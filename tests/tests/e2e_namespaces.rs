@@ -244,3 +244,46 @@ fn root_run_with_a_bad_config_changes_nothing_in_the_kernel() {
     assert_eq!(before, after, "interfaces unchanged");
     assert!(!sock.exists(), "no control socket was opened");
 }
+
+#[test]
+fn root_path_mtu_discovery_works_across_the_balancer() {
+    require_root();
+    let t = Topology::new(&prefix(), 1);
+    // The client's side of the balancer is a narrower link (a tunnel, say)
+    // than the backend's: the client offers a 1460-byte MSS, the backend's
+    // full-size segments do not fit, and only "fragmentation needed" from the
+    // balancer teaches the backend to send smaller ones.
+    t.lb.ip(&["link", "set", "eth0", "mtu", "1280"]);
+    let site = lb_tests::TempDir::new("pmtu-site");
+    let body: String = (0..200_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    std::fs::write(site.path().join("big"), &body).unwrap();
+    let _web = Nginx::start_with_servers(
+        &t.backends[0],
+        "web1",
+        SocketAddrV4::new(backend_addr(1), 80),
+        &format!(
+            "server {{\n    listen {}:80;\n    location / {{ root {}; }}\n  }}",
+            backend_addr(1),
+            site.path().display()
+        ),
+    );
+    let lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 1, 80))
+    });
+    let got = t.client.run(|| http::get(vip(80), "/big"));
+    let (status, answer) = got.expect("a 200 KB answer across the narrower link");
+    assert_eq!(status, 200);
+    assert!(
+        answer == body,
+        "the body arrived whole ({} bytes)",
+        answer.len()
+    );
+    let too_big = lb.status()["counters"]["pass_too_big"].as_u64().unwrap();
+    assert!(
+        too_big >= 1,
+        "the too-big segment went to the kernel, which told the backend"
+    );
+    println!("{too_big} too-big segment(s) passed to the kernel; the answer arrived whole");
+}

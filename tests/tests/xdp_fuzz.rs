@@ -428,6 +428,14 @@ impl Gen {
                 if self.rng.chance(3) {
                     t.payload = (0..self.rng.below(64)).map(|_| self.rng.byte()).collect();
                 }
+                if self.rng.chance(2) {
+                    // Around the links' MTU (1500): some fit, some are too big.
+                    let n = 1400 + self.rng.below(200) as usize;
+                    t.payload = vec![0x5a; n];
+                    if self.rng.chance(50) {
+                        t.frag = 0; // DF clear
+                    }
+                }
                 let (ours, theirs) = if backside {
                     (X1_MAC, [2, 0, 0, 0, 2, 0x11])
                 } else {
