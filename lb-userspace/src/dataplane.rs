@@ -292,6 +292,8 @@ pub struct Dataplane {
     /// carry an earlier daemon's entries).
     vips: HashSet<[u8; 4]>,
     deny: HashSet<Cidr>,
+    /// The settings last written by `set_firewall`.
+    firewall: Option<FirewallConfig>,
     rules: HashMap<(u32, Cidr), u32>,
 }
 
@@ -456,6 +458,7 @@ impl Dataplane {
             conntrack_size,
             vips: HashSet::new(),
             deny: HashSet::new(),
+            firewall: None,
             rules: HashMap::new(),
         };
         dp.read_firewall_maps()?;
@@ -762,6 +765,10 @@ impl Dataplane {
     /// next packet. New deny entries are written before the flag that makes
     /// the data path read them, old ones removed after.
     pub fn set_firewall(&mut self, f: &FirewallConfig) -> Result<()> {
+        if self.firewall.as_ref() == Some(f) {
+            // The reconciler syncs on every report: nothing to write.
+            return Ok(());
+        }
         let want: HashSet<Cidr> = f.deny.iter().copied().collect();
         let key = |c: &Cidr| LpmKey::new(c.len as u32, c.addr.octets());
         let added: Vec<Cidr> = want.difference(&self.deny).copied().collect();
@@ -813,6 +820,7 @@ impl Dataplane {
             }
         }
         self.deny = want;
+        self.firewall = Some(f.clone());
         Ok(())
     }
 
