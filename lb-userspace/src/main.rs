@@ -350,8 +350,13 @@ fn render_status(v: &serde_json::Value) -> String {
         }
     }
     let _ = writeln!(out, "\npackets by outcome:");
+    let width = lb_common::counter::NAMES
+        .iter()
+        .map(|n| n.len())
+        .max()
+        .unwrap_or(0);
     for name in lb_common::counter::NAMES {
-        let _ = writeln!(out, "  {name:<18} {}", t(&v["counters"][name]));
+        let _ = writeln!(out, "  {name:<width$} {}", t(&v["counters"][name]));
     }
     out
 }
