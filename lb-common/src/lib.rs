@@ -25,6 +25,14 @@ pub const RING_MAP_SIZE: u32 = MAX_SERVICES * 2 * RING_SIZE;
 /// Entries of the connection table (and of the reverse-NAT table), LRU-evicted.
 pub const CONNTRACK_SIZE: u32 = 262_144;
 
+/// Interfaces the TC hook knows by index (`IFACES`): indexes at or above it
+/// are sent through the device's egress.
+pub const MAX_IFINDEX: u32 = 4096;
+/// `IFACES` flag: the interface is a veth whose peer lives in another network
+/// namespace, so the TC hook sends into the peer's ingress directly
+/// (`bpf_redirect_peer`) instead of through this side's egress.
+pub const IFACE_F_PEER: u32 = 1;
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -1,15 +1,37 @@
-//! The least an XDP forwarder can do: swap the Ethernet addresses and send the
-//! frame back out (XDP_TX). `cargo xtask bench` measures the balancer against it.
+//! The least a forwarder can do at each hook: swap the Ethernet addresses and
+//! send the frame back out (XDP_TX; at TC, `bpf_redirect` to the interface it
+//! came in on). `cargo xtask bench` measures the balancer against them.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    helpers::generated::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 #[xdp]
 pub fn floor(ctx: XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + 12 > end {
+    if !swap_macs(ctx.data(), ctx.data_end()) {
         return xdp_action::XDP_PASS;
+    }
+    xdp_action::XDP_TX
+}
+
+#[classifier]
+pub fn tc_floor(ctx: TcContext) -> i32 {
+    if !swap_macs(ctx.data(), ctx.data_end()) {
+        return TC_ACT_OK;
+    }
+    // SAFETY: the context is the program's own __sk_buff; plain helper call.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+#[inline(always)]
+fn swap_macs(start: usize, end: usize) -> bool {
+    if start + 12 > end {
+        return false;
     }
     let eth = start as *mut [u8; 12];
     // SAFETY: the 12 address bytes are inside the frame (checked above).
@@ -20,7 +42,7 @@ pub fn floor(ctx: XdpContext) -> u32 {
         b[6..].copy_from_slice(&a[..6]);
         *eth = b;
     }
-    xdp_action::XDP_TX
+    true
 }
 
 #[cfg(not(test))]

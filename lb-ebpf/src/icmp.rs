@@ -14,13 +14,13 @@
 //! outer IPv4 header's, the quoted IPv4 header's, the quoted TCP/UDP header's
 //! (when the quote reaches it) and the ICMP message's.
 
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs::XdpContext};
 use lb_common::{checksum, counter, firewall::Firewall, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     backend, firewall,
-    forward::{self, Route},
+    forward::{self, Kind},
+    hook::{Hook, Outcome, Verdict},
     maps::{CONNTRACK, REVERSE},
     nat,
     parse::{ptr_at, Icmp},
@@ -34,15 +34,16 @@ const PARAMETER_PROBLEM: u8 = 12;
 /// TTL of the echo replies the data path sends (Linux's default).
 const REPLY_TTL: u8 = 64;
 
-/// Handles one ICMP message; returns the action and the outcome counter.
+/// Handles one ICMP message.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, fw: &Firewall, m: &Icmp) -> (u32, u32) {
+pub fn handle<H: Hook>(ctx: &H, fw: &Firewall, m: &Icmp) -> Outcome {
     // SAFETY: parse() checked both headers are inside the frame.
     let (kind, dst) = unsafe { ((*m.icmp)[0], (*m.ip).dst_addr) };
     let to_vip = firewall::is_vip(dst);
     match kind {
         ECHO_REQUEST if to_vip && firewall::echo_reply(fw) => {
-            return (echo_reply(ctx, m), counter::ICMP_ECHO_REPLIED);
+            echo_reply(m);
+            return Outcome::new(Verdict::Bounce, counter::ICMP_ECHO_REPLIED);
         }
         DEST_UNREACH | TIME_EXCEEDED | PARAMETER_PROBLEM => {
             if let Some(done) = error(ctx, m, to_vip) {
@@ -52,15 +53,15 @@ pub fn handle(ctx: &XdpContext, fw: &Firewall, m: &Icmp) -> (u32, u32) {
         _ => {}
     }
     if to_vip && firewall::closed(fw, dst) {
-        return (xdp_action::XDP_DROP, counter::DROP_ICMP);
+        return Outcome::drop(counter::DROP_ICMP);
     }
-    (xdp_action::XDP_PASS, counter::PASS_OTHER_PROTO)
+    Outcome::pass(counter::PASS_OTHER_PROTO)
 }
 
-/// Turns an echo request into its reply and sends it back out of the
-/// interface it came in on (by redirect: see reset.rs for why not XDP_TX).
+/// Turns an echo request into its reply, to be sent back out of the
+/// interface it came in on.
 #[inline(always)]
-fn echo_reply(ctx: &XdpContext, m: &Icmp) -> u32 {
+fn echo_reply(m: &Icmp) {
     // SAFETY: parse() checked every header written here is inside the frame.
     unsafe {
         let ip = m.ip;
@@ -77,7 +78,6 @@ fn echo_reply(ctx: &XdpContext, m: &Icmp) -> u32 {
         [h[2], h[3]] = check;
         let eth = m.eth;
         core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr);
-        bpf_redirect(ctx.ingress_ifindex() as u32, 0) as u32
     }
 }
 
@@ -91,9 +91,9 @@ struct Quote {
 }
 
 #[inline(always)]
-fn quote(ctx: &XdpContext, m: &Icmp) -> Option<Quote> {
+fn quote<H: Hook>(ctx: &H, m: &Icmp) -> Option<Quote> {
     let offset = m.offset + 8;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, offset)?;
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, offset)?;
     // SAFETY: ip is inside the frame.
     let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
     let ihl = ((vihl & 0x0f) as usize) << 2;
@@ -104,7 +104,7 @@ fn quote(ctx: &XdpContext, m: &Icmp) -> Option<Quote> {
     if l4_offset + 8 > m.end {
         return None;
     }
-    let l4 = ptr_at::<[u8; 8]>(ctx, l4_offset)?;
+    let l4 = ptr_at::<[u8; 8], _>(ctx, l4_offset)?;
     Some(Quote {
         ip,
         l4,
@@ -116,7 +116,7 @@ fn quote(ctx: &XdpContext, m: &Icmp) -> Option<Quote> {
 /// An ICMP error about a tracked flow, rewritten and forwarded; None if it is
 /// about no flow of ours (the caller passes or drops it).
 #[inline(always)]
-fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
+fn error<H: Hook>(ctx: &H, m: &Icmp, to_vip: bool) -> Option<Outcome> {
     let q = quote(ctx, m)?;
     // SAFETY: quote() checked the quoted headers are inside the frame.
     let (qsrc, qdst, qsport, qdport) = unsafe {
@@ -146,11 +146,11 @@ fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
         let flow = unsafe { CONNTRACK.get(key).copied() }?;
         let b = backend(flow.backend).filter(|b| b.generation == flow.generation)?;
         let route = forward::route(ctx, m.ip, IPPROTO_ICMP, src, b.addr, ([0; 2], [0; 2]));
-        if let Route::Local = route {
-            return Some((xdp_action::XDP_PASS, counter::PASS_OTHER_PROTO));
+        if route.kind == Kind::Local {
+            return Some(Outcome::pass(counter::PASS_OTHER_PROTO));
         }
         if !nat::decrement_ttl(m.ip) {
-            return Some((xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED));
+            return Some(Outcome::pass(counter::PASS_TTL_EXPIRED));
         }
         // SAFETY: as above.
         unsafe {
@@ -158,17 +158,17 @@ fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
             (*m.ip).check = checksum::replace4((*m.ip).check, dst, b.addr);
         }
         rewrite_quote(ctx, m, &q, true, b.addr, b.port);
-        return Some(forward::send(ctx, m.eth, route, counter::ICMP_TO_BACKEND));
+        return Some(forward::send(m.eth, route, counter::ICMP_TO_BACKEND));
     }
     // SAFETY: the value is copied out at once.
     let rev = unsafe { REVERSE.get(key).copied() }?;
     let new_src = if src == qdst { rev.vip } else { src };
     let route = forward::route(ctx, m.ip, IPPROTO_ICMP, new_src, dst, ([0; 2], [0; 2]));
-    if let Route::Local = route {
-        return Some((xdp_action::XDP_PASS, counter::PASS_OTHER_PROTO));
+    if route.kind == Kind::Local {
+        return Some(Outcome::pass(counter::PASS_OTHER_PROTO));
     }
     if !nat::decrement_ttl(m.ip) {
-        return Some((xdp_action::XDP_PASS, counter::PASS_TTL_EXPIRED));
+        return Some(Outcome::pass(counter::PASS_TTL_EXPIRED));
     }
     // SAFETY: as above.
     unsafe {
@@ -176,15 +176,15 @@ fn error(ctx: &XdpContext, m: &Icmp, to_vip: bool) -> Option<(u32, u32)> {
         (*m.ip).check = checksum::replace4((*m.ip).check, src, new_src);
     }
     rewrite_quote(ctx, m, &q, false, rev.vip, rev.vport);
-    Some(forward::send(ctx, m.eth, route, counter::ICMP_TO_CLIENT))
+    Some(forward::send(m.eth, route, counter::ICMP_TO_CLIENT))
 }
 
 /// Rewrites one end of the quoted packet (its source if `source`, else its
 /// destination) to `addr`:`port`, updating the quoted IPv4 and TCP/UDP
 /// checksums and the ICMP checksum, which covers them all.
 #[inline(always)]
-fn rewrite_quote(
-    ctx: &XdpContext,
+fn rewrite_quote<H: Hook>(
+    ctx: &H,
     m: &Icmp,
     q: &Quote,
     source: bool,
@@ -193,7 +193,7 @@ fn rewrite_quote(
 ) {
     let check_offset = q.l4_offset + if q.proto == IPPROTO_TCP { 16 } else { 6 };
     let l4_check = if check_offset + 2 <= m.end {
-        ptr_at::<[u8; 2]>(ctx, check_offset)
+        ptr_at::<[u8; 2], _>(ctx, check_offset)
     } else {
         None
     };

@@ -10,7 +10,7 @@ use lb_common::{
         Firewall, RuleKey, TokenBucket, MAX_DENY_RULES, MAX_SERVICE_RULES, SOURCE_RATE_SIZE,
     },
     Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic, CONNTRACK_SIZE,
-    MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_SERVICES, RING_MAP_SIZE,
+    MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_IFINDEX, MAX_SERVICES, RING_MAP_SIZE,
 };
 
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
@@ -86,3 +86,8 @@ pub static SOURCE_RATE: LruHashMap<[u8; 4], TokenBucket> =
 /// This CPU's share of the global new-flow cap.
 #[map(name = "GLOBAL_RATE")]
 pub static GLOBAL_RATE: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Interface index -> `IFACE_F_*` flags, written by the daemon (how the TC
+/// hook sends out of each interface).
+#[map(name = "IFACES")]
+pub static IFACES: Array<u32> = Array::with_max_entries(MAX_IFINDEX, 0);

@@ -1,9 +1,14 @@
-//! Address and port rewriting with incremental checksum updates (RFC 1624).
+//! Address and port rewriting. The IPv4 header's checksum is updated here
+//! (RFC 1624); the TCP/UDP checksum's update is handed back as an [`L4Fix`]
+//! for the hook to apply, last (see `hook.rs` for why).
 
 use lb_common::checksum;
 use network_types::ip::Ipv4Hdr;
 
-use crate::parse::{Packet, L4};
+use crate::{
+    hook::L4Fix,
+    parse::{Packet, L4},
+};
 
 /// Decrements the TTL as a router does, or returns false when it would expire.
 #[inline(always)]
@@ -24,46 +29,50 @@ pub fn decrement_ttl(ip: *mut Ipv4Hdr) -> bool {
 
 /// Rewrites the destination (client to backend: DNAT).
 #[inline(always)]
-pub fn rewrite_dst(p: &Packet, addr: [u8; 4], port: [u8; 2]) {
+pub fn rewrite_dst(p: &Packet, addr: [u8; 4], port: [u8; 2]) -> L4Fix {
     // SAFETY: parse() checked every header is inside the frame.
     unsafe {
-        let old = (*p.ip).dst_addr;
+        let old_addr = (*p.ip).dst_addr;
         (*p.ip).dst_addr = addr;
-        (*p.ip).check = checksum::replace4((*p.ip).check, old, addr);
-        match p.l4 {
-            L4::Tcp(t) => {
-                let c = checksum::replace4((*t).check, old, addr);
-                (*t).check = checksum::replace2(c, (*t).dest, port);
-                (*t).dest = port;
-            }
-            L4::Udp(u) => {
-                let c = checksum::udp_replace4((*u).check, old, addr);
-                (*u).check = checksum::udp_replace2(c, (*u).dst, port);
-                (*u).dst = port;
-            }
-        }
+        (*p.ip).check = checksum::replace4((*p.ip).check, old_addr, addr);
+        let old_port = match p.l4 {
+            L4::Tcp(t) => core::mem::replace(&mut (*t).dest, port),
+            L4::Udp(u) => core::mem::replace(&mut (*u).dst, port),
+        };
+        fix(p, old_addr, addr, old_port, port)
     }
 }
 
 /// Rewrites the source (backend to client: the reply comes from the VIP again).
 #[inline(always)]
-pub fn rewrite_src(p: &Packet, addr: [u8; 4], port: [u8; 2]) {
+pub fn rewrite_src(p: &Packet, addr: [u8; 4], port: [u8; 2]) -> L4Fix {
     // SAFETY: as above.
     unsafe {
-        let old = (*p.ip).src_addr;
+        let old_addr = (*p.ip).src_addr;
         (*p.ip).src_addr = addr;
-        (*p.ip).check = checksum::replace4((*p.ip).check, old, addr);
-        match p.l4 {
-            L4::Tcp(t) => {
-                let c = checksum::replace4((*t).check, old, addr);
-                (*t).check = checksum::replace2(c, (*t).source, port);
-                (*t).source = port;
-            }
-            L4::Udp(u) => {
-                let c = checksum::udp_replace4((*u).check, old, addr);
-                (*u).check = checksum::udp_replace2(c, (*u).src, port);
-                (*u).src = port;
-            }
-        }
+        (*p.ip).check = checksum::replace4((*p.ip).check, old_addr, addr);
+        let old_port = match p.l4 {
+            L4::Tcp(t) => core::mem::replace(&mut (*t).source, port),
+            L4::Udp(u) => core::mem::replace(&mut (*u).src, port),
+        };
+        fix(p, old_addr, addr, old_port, port)
+    }
+}
+
+#[inline(always)]
+fn fix(
+    p: &Packet,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> L4Fix {
+    L4Fix {
+        offset: p.l4_check_offset(),
+        proto: p.proto,
+        old_addr,
+        new_addr,
+        old_port,
+        new_port,
     }
 }

@@ -10,8 +10,10 @@
 //!
 //! IP options are carried through untouched: the L4 header is found after them.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::hook::Hook;
+
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -21,7 +23,7 @@ use network_types::{
 
 /// A pointer to a `T` at `offset` into the frame, if the whole `T` is inside it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T, H: Hook>(ctx: &H, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -41,6 +43,8 @@ pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     pub l4: L4,
+    /// Offset of the TCP/UDP header in the frame.
+    pub l4_off: usize,
     pub proto: u8,
 }
 
@@ -62,6 +66,15 @@ impl Packet {
     pub fn dont_fragment(&self) -> bool {
         // SAFETY: parse() checked that the header is inside the frame.
         unsafe { u16::from_be_bytes((*self.ip).frags) & IP_DF != 0 }
+    }
+
+    /// Offset of the TCP/UDP checksum in the frame.
+    #[inline(always)]
+    pub fn l4_check_offset(&self) -> usize {
+        match self.l4 {
+            L4::Tcp(_) => self.l4_off + 16,
+            L4::Udp(_) => self.l4_off + 6,
+        }
     }
 
     /// FIN or RST: the sender is ending the connection.
@@ -118,20 +131,33 @@ pub enum Parsed {
     Drop(u32),
 }
 
+impl Parsed {
+    /// The IPv4 header, for every packet that has a valid one.
+    #[inline(always)]
+    pub fn ipv4(&self) -> Option<*mut Ipv4Hdr> {
+        match self {
+            Parsed::Packet(p) => Some(p.ip),
+            Parsed::Icmp(m) => Some(m.ip),
+            Parsed::OtherIp(ip, _) => Some(*ip),
+            Parsed::Pass(_) | Parsed::Drop(_) => None,
+        }
+    }
+}
+
 const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+pub fn parse<H: Hook>(ctx: &H) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return Parsed::Pass(counter::PASS_NOT_IPV4);
     };
     // SAFETY: eth is inside the frame.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Parsed::Pass(counter::PASS_NOT_IPV4);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
         return Parsed::Drop(counter::DROP_MALFORMED);
     };
     // SAFETY: ip is inside the frame.
@@ -144,7 +170,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         )
     };
     let ihl = ((vihl & 0x0f) as usize) << 2;
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.frame_len();
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || EthHdr::LEN + tot_len > frame_len {
         return Parsed::Drop(counter::DROP_MALFORMED);
     }
@@ -154,7 +180,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     let l4_off = EthHdr::LEN + ihl;
     let l4 = match proto {
         IPPROTO_TCP => {
-            let Some(t) = ptr_at::<TcpHdr>(ctx, l4_off) else {
+            let Some(t) = ptr_at::<TcpHdr, _>(ctx, l4_off) else {
                 return Parsed::Drop(counter::DROP_MALFORMED);
             };
             // SAFETY: t is inside the frame.
@@ -164,7 +190,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             L4::Tcp(t)
         }
         IPPROTO_UDP => {
-            let Some(u) = ptr_at::<UdpHdr>(ctx, l4_off) else {
+            let Some(u) = ptr_at::<UdpHdr, _>(ctx, l4_off) else {
                 return Parsed::Drop(counter::DROP_MALFORMED);
             };
             if tot_len < ihl + UdpHdr::LEN {
@@ -173,7 +199,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             L4::Udp(u)
         }
         IPPROTO_ICMP => {
-            let Some(icmp) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
+            let Some(icmp) = ptr_at::<[u8; 8], _>(ctx, l4_off) else {
                 return Parsed::Drop(counter::DROP_MALFORMED);
             };
             if tot_len < ihl + 8 {
@@ -189,5 +215,11 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         }
         _ => return Parsed::OtherIp(ip, counter::PASS_OTHER_PROTO),
     };
-    Parsed::Packet(Packet { eth, ip, l4, proto })
+    Parsed::Packet(Packet {
+        eth,
+        ip,
+        l4,
+        l4_off,
+        proto,
+    })
 }

@@ -4,7 +4,7 @@
 //! file, the key (`service[1].backend[0].address`) and what was wrong.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -115,17 +115,51 @@ impl fmt::Display for ProblemList<'_> {
     }
 }
 
-/// XDP attachment mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+/// `xdp_mode`, the setting `hook` replaces (kept so older configs load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Native (driver) mode, falling back to generic if the driver lacks XDP.
+enum XdpMode {
+    Auto,
+    Native,
+    Generic,
+}
+
+impl XdpMode {
+    fn hook(self) -> Hook {
+        match self {
+            XdpMode::Auto => Hook::Auto,
+            XdpMode::Native => Hook::Xdp,
+            XdpMode::Generic => Hook::XdpGeneric,
+        }
+    }
+}
+
+/// Where on an interface the data path runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hook {
+    /// Native XDP on a physical NIC whose driver has it; TC on veth and
+    /// other virtual devices, and on NICs without native XDP.
     #[default]
     Auto,
-    /// Native mode only: fail if the driver cannot run XDP.
-    Native,
-    /// Generic (skb) mode: works everywhere, slower.
-    Generic,
+    /// Native (driver) XDP: fail if the driver cannot run it.
+    Xdp,
+    /// Generic XDP (on the socket buffer): only when asked.
+    XdpGeneric,
+    /// TC ingress (clsact, `sched_cls`).
+    Tc,
+}
+
+impl Hook {
+    /// The name the config uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Auto => "auto",
+            Hook::Xdp => "xdp",
+            Hook::XdpGeneric => "xdp-generic",
+            Hook::Tc => "tc",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
@@ -181,8 +215,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     interfaces: Vec<String>,
+    xdp_mode: Option<XdpMode>,
+    hook: Option<Hook>,
     #[serde(default)]
-    xdp_mode: XdpMode,
+    hooks: BTreeMap<String, Hook>,
     control_socket: Option<PathBuf>,
     #[serde(default = "yes")]
     manage_neighbours: bool,
@@ -556,9 +592,12 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
-    /// XDP attaches to each of these.
+    /// The data path runs on each of these.
     pub interfaces: Vec<String>,
-    pub xdp_mode: XdpMode,
+    /// The hook asked for on every interface (`hook`, or the older `xdp_mode`).
+    pub hook: Hook,
+    /// Per-interface overrides (`[daemon.hooks]`).
+    pub hooks: BTreeMap<String, Hook>,
     pub control_socket: PathBuf,
     /// Keep a kernel-managed neighbour entry for each backend's next hop, so
     /// the data path always finds its MAC (`ip neigh ... managed`).
@@ -576,6 +615,13 @@ pub struct DaemonConfig {
     pub stateless_reverse_nat: bool,
     /// Entries of the connection table (and of the reply table beside it).
     pub conntrack_size: u32,
+}
+
+impl DaemonConfig {
+    /// The hook asked for on `iface`.
+    pub fn hook_for(&self, iface: &str) -> Hook {
+        self.hooks.get(iface).copied().unwrap_or(self.hook)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -649,6 +695,21 @@ impl Config {
                 bad(
                     format!("daemon.interfaces[{i}]"),
                     format!("unknown interface {name:?} (no such network interface here)"),
+                );
+            }
+        }
+
+        if raw.daemon.hook.is_some() && raw.daemon.xdp_mode.is_some() {
+            bad(
+                "daemon.xdp_mode".into(),
+                "is the older name of daemon.hook: set one of them".into(),
+            );
+        }
+        for name in raw.daemon.hooks.keys() {
+            if !raw.daemon.interfaces.contains(name) {
+                bad(
+                    format!("daemon.hooks.{name}"),
+                    format!("{name:?} is not one of daemon.interfaces"),
                 );
             }
         }
@@ -1076,7 +1137,12 @@ impl Config {
             file: file.to_owned(),
             daemon: DaemonConfig {
                 interfaces: raw.daemon.interfaces,
-                xdp_mode: raw.daemon.xdp_mode,
+                hook: raw
+                    .daemon
+                    .hook
+                    .or(raw.daemon.xdp_mode.map(XdpMode::hook))
+                    .unwrap_or_default(),
+                hooks: raw.daemon.hooks,
                 control_socket: raw
                     .daemon
                     .control_socket

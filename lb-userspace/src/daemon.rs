@@ -50,18 +50,18 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     let (report_tx, mut reports) = mpsc::channel::<health::Report>(1024);
     let socket = cfg.daemon.control_socket.clone();
     let interfaces = cfg.daemon.interfaces.clone();
-    let mode = cfg.daemon.xdp_mode;
+    let daemon_cfg = cfg.daemon.clone();
     // Maps first, then attach: the first packet already sees every service.
     let (mysql_tx, mut mysql_reports) = mpsc::channel::<mysql::Report>(1024);
     let first_look = first_mysql_look(&cfg).await;
     let mut lb = Balancer::new(cfg, dp, report_tx, mysql_tx, first_look)
         .context("writing the service maps")?;
     for iface in &interfaces {
-        let used = lb
+        let a = lb
             .dataplane_mut()
-            .attach(iface, mode)
+            .attach(iface, daemon_cfg.hook_for(iface))
             .with_context(|| format!("attaching to {iface}"))?;
-        tracing::info!(iface = %iface, mode = used, "XDP attached");
+        tracing::info!(iface = %iface, hook = a.hook, reason = %a.reason, adopted = a.adopted, "attached");
     }
     lb.dataplane_mut().drop_stale_links(&interfaces);
     let _logger = start_program_logs(lb.dataplane_mut());

@@ -24,8 +24,9 @@ use aya::{
     },
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, Xdp, XdpMode as AyaXdpMode,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -37,13 +38,16 @@ use lb_common::{
     },
     maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
     BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
-    FLOW_F_CLOSING, MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES, RING_SIZE,
-    SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    FLOW_F_CLOSING, IFACE_F_PEER, MAX_BACKENDS, MAX_IFINDEX, MAX_MAGLEV_SERVICES, MAX_SERVICES,
+    RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use serde::Serialize;
 
-use crate::config::{
-    Cidr, ClosedPorts, FirewallConfig, Protocol, Scheduler, ServiceConfig, SourceRules, XdpMode,
+use crate::{
+    config::{
+        Cidr, ClosedPorts, FirewallConfig, Hook, Protocol, Scheduler, ServiceConfig, SourceRules,
+    },
+    iface,
 };
 
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -68,6 +72,8 @@ fn program_object() -> Result<std::borrow::Cow<'static, [u8]>> {
 
 /// Name of the XDP function in the object.
 pub const PROGRAM_NAME: &str = "lb";
+/// Name of the TC (`sched_cls`) function in the object: the same data path.
+pub const TC_PROGRAM_NAME: &str = "lb_tc";
 
 /// Every map of the program (each is pinned under the pin directory by name).
 pub const MAPS: &[&str] = &[
@@ -88,6 +94,7 @@ pub const MAPS: &[&str] = &[
     "FW_RULES",
     "SOURCE_RATE",
     "GLOBAL_RATE",
+    "IFACES",
 ];
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
@@ -96,17 +103,21 @@ pub const LAYOUT_VERSION: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("cannot load the XDP program (are you root? is the kernel 5.15 or newer?)")]
+    #[error("cannot load the data path's programs (are you root? is the kernel 5.16 or newer?)")]
     Load(#[source] EbpfError),
     #[error("the XDP program has no map {0} (a stale build? run `cargo xtask build-ebpf`)")]
     MissingMap(&'static str),
+    #[error("the eBPF object has no program {0} (a stale build? run `cargo xtask build-ebpf`)")]
+    MissingProgram(&'static str),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("cannot attach XDP to {iface} in {mode} mode")]
+    #[error("{iface}: {problem}")]
+    Hook { iface: String, problem: String },
+    #[error("cannot attach to {iface} at {mode}")]
     Attach {
         iface: String,
         mode: &'static str,
@@ -208,18 +219,35 @@ struct ServiceSlot {
     spec: Option<ServiceSpec>,
 }
 
-/// An interface the program is attached to, and how.
+/// An interface the data path runs on, and how.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attachment {
     pub interface: String,
+    /// The hook: `xdp` (native), `xdp-generic` or `tc`.
+    pub hook: &'static str,
+    /// The older name of the same (`native`, `generic` or `tc`).
     pub mode: &'static str,
+    /// Why this hook.
+    pub reason: String,
     /// Taken over from an earlier daemon (the link was pinned).
     pub adopted: bool,
 }
 
+/// A hook's status names: (`hook`, `mode`).
+fn hook_names(h: Hook) -> (&'static str, &'static str) {
+    match h {
+        Hook::Xdp => ("xdp", "native"),
+        Hook::XdpGeneric => ("xdp-generic", "generic"),
+        Hook::Tc => ("tc", "tc"),
+        Hook::Auto => ("auto", "auto"),
+    }
+}
+
 enum Link {
-    /// Owned by the program: detached when it is dropped.
+    /// Owned by the XDP program: detached when it is dropped.
     Owned(XdpLinkId),
+    /// Owned by the TC program: detached when it is dropped.
+    OwnedTc(SchedClassifierLinkId),
     /// Pinned in bpffs: outlives the daemon until unpinned.
     Pinned { fd: FdLink, pin: PathBuf },
 }
@@ -424,6 +452,11 @@ impl Dataplane {
         dp.program_mut()
             .pin(&prog_pin)
             .map_err(|e| pins(format!("pinning the program: {e}")))?;
+        let tc_pin = dir.join("prog-lb_tc");
+        let _ = std::fs::remove_file(&tc_pin);
+        dp.tc_program_mut()
+            .pin(&tc_pin)
+            .map_err(|e| pins(format!("pinning the TC program: {e}")))?;
         Ok((dp, adopted))
     }
 
@@ -435,10 +468,16 @@ impl Dataplane {
     ) -> Result<Dataplane> {
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(DataplaneError::MissingMap("program lb"))?
+            .ok_or(DataplaneError::MissingProgram(PROGRAM_NAME))?
             .try_into()
             .map_err(DataplaneError::Program)?;
         prog.load().map_err(DataplaneError::Program)?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .ok_or(DataplaneError::MissingProgram(TC_PROGRAM_NAME))?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        tc.load().map_err(DataplaneError::Program)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
         let mut dp = Dataplane {
@@ -509,19 +548,53 @@ impl Dataplane {
             .expect("load() checked the program exists and is XDP")
     }
 
-    /// Attaches to `iface`; in `auto` mode tries native first, then generic.
-    /// With a pin directory, a link an earlier daemon pinned for `iface` is
-    /// taken over instead: this program replaces the old one on it atomically
-    /// (no packet goes unprocessed), and the new link is pinned. Returns the
-    /// mode it runs in.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<&'static str> {
+    /// The TC program (the same data path), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc_program_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .expect("load() checked the program exists and is sched_cls")
+    }
+
+    /// Runs the data path on `iface` at the hook `asked` for (`auto`: chosen
+    /// by what the interface is, see `iface::choose`); refuses a hook that
+    /// cannot forward correctly there. With a pin directory, a link an
+    /// earlier daemon pinned for `iface` is taken over when it is of the
+    /// chosen kind: this program replaces the old one on it atomically (no
+    /// packet goes unprocessed). A pinned link of the other kind is replaced
+    /// after the new one is attached. The new link is pinned.
+    pub fn attach(&mut self, iface: &str, asked: Hook) -> Result<Attachment> {
+        let hook_err = |problem: String| DataplaneError::Hook {
+            iface: iface.to_owned(),
+            problem,
+        };
+        let facts = iface::facts(iface)
+            .map_err(|e| hook_err(format!("cannot read what the interface is: {e}")))?;
+        let mut choice = iface::choose(iface, asked, &facts).map_err(hook_err)?;
+        // Before any link: the first packet already knows how to leave.
+        self.set_iface_flags(iface, &facts)?;
         let pin = self
             .pin_dir
             .as_ref()
             .map(|d| d.join(format!("link-{iface}")));
+        let mut replaced = None;
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
-            match self.adopt_link(iface, pin) {
-                Ok(used) => return Ok(used),
+            match self.adopt_link(iface, pin, choice.hook) {
+                Ok(Some(hook)) => {
+                    let (hook, mode) = hook_names(hook);
+                    let a = Attachment {
+                        interface: iface.to_owned(),
+                        hook,
+                        mode,
+                        reason: choice.reason,
+                        adopted: true,
+                    };
+                    self.attached.last_mut().expect("adopt_link pushed it").0 = a.clone();
+                    return Ok(a);
+                }
+                // Of the other kind: attach the new hook first, then let the
+                // old link go, so no packet passes unprocessed.
+                Ok(None) => replaced = Some(pin.clone()),
                 // The interface it was attached to is gone (removed, or its
                 // namespace deleted): the pin is stale; attach afresh.
                 Err(e) => {
@@ -530,83 +603,162 @@ impl Dataplane {
                 }
             }
         }
-        let tries: &[(AyaXdpMode, &'static str)] = match mode {
-            XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
-            XdpMode::Native => &[(AyaXdpMode::Driver, "native")],
-            XdpMode::Generic => &[(AyaXdpMode::Skb, "generic")],
-        };
-        let mut last = None;
-        for &(aya_mode, name) in tries {
-            match self.program_mut().attach(iface, aya_mode) {
-                Ok(id) => {
-                    let a = Attachment {
-                        interface: iface.to_owned(),
-                        mode: name,
-                        adopted: false,
-                    };
-                    let link = match &pin {
-                        None => Link::Owned(id),
-                        Some(pin) => {
-                            let attach_err = |source| DataplaneError::Attach {
-                                iface: iface.to_owned(),
-                                mode: name,
-                                source,
-                            };
-                            let fd = self.take_fd_link(id).map_err(attach_err)?;
-                            let pinned = fd.pin(pin).map_err(|e| DataplaneError::Pins {
-                                dir: pin.clone(),
-                                problem: format!("pinning the link: {e}"),
-                            })?;
-                            // Keep our handle; the pin stays until removed.
-                            Link::Pinned {
-                                fd: pinned.into(),
-                                pin: pin.clone(),
-                            }
-                        }
-                    };
-                    self.attached.push((a, link));
-                    return Ok(name);
-                }
-                Err(source) => {
-                    tracing::debug!(iface, mode = name, error = %source, "attach failed");
-                    last = Some(DataplaneError::Attach {
-                        iface: iface.to_owned(),
-                        mode: name,
-                        source,
-                    });
-                }
+        if let Some(old) = &replaced {
+            // The new link takes the pin's name once it is attached.
+            let _ = std::fs::rename(old, old.with_extension("replaced"));
+        }
+        let attached = self.attach_new(iface, &mut choice);
+        if let Some(old) = &replaced {
+            let moved = old.with_extension("replaced");
+            if attached.is_ok() {
+                let _ = std::fs::remove_file(&moved);
+            } else {
+                let _ = std::fs::rename(&moved, old);
             }
         }
-        Err(last.expect("at least one mode is tried"))
+        let link = attached?;
+        let link = match &pin {
+            None => link,
+            Some(pin) => {
+                let (name, _) = hook_names(choice.hook);
+                let attach_err = |source| DataplaneError::Attach {
+                    iface: iface.to_owned(),
+                    mode: name,
+                    source,
+                };
+                let fd = self.take_fd_link(link).map_err(attach_err)?;
+                let pinned = fd.pin(pin).map_err(|e| DataplaneError::Pins {
+                    dir: pin.clone(),
+                    problem: format!("pinning the link: {e}"),
+                })?;
+                // Keep our handle; the pin stays until removed.
+                Link::Pinned {
+                    fd: pinned.into(),
+                    pin: pin.clone(),
+                }
+            }
+        };
+        let (hook, mode) = hook_names(choice.hook);
+        let a = Attachment {
+            interface: iface.to_owned(),
+            hook,
+            mode,
+            reason: choice.reason,
+            adopted: false,
+        };
+        self.attached.push((a.clone(), link));
+        Ok(a)
     }
 
-    /// Takes over the link pinned at `pin`: this program replaces the old one
-    /// on it atomically. Returns the mode it runs in.
-    fn adopt_link(&mut self, iface: &str, pin: &Path) -> Result<&'static str> {
-        let attach_err = |source| DataplaneError::Attach {
+    /// Attaches a new link at `choice.hook`. A NIC whose driver has no
+    /// native XDP gets TC when the choice was automatic (the reason says so).
+    fn attach_new(&mut self, iface: &str, choice: &mut iface::Choice) -> Result<Link> {
+        let attach_err = |mode, source| DataplaneError::Attach {
             iface: iface.to_owned(),
-            mode: "adopted",
+            mode,
             source,
         };
-        let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Pins {
+        match choice.hook {
+            Hook::Xdp | Hook::XdpGeneric => {
+                let (aya_mode, name) = if choice.hook == Hook::Xdp {
+                    (AyaXdpMode::Driver, "native XDP")
+                } else {
+                    (AyaXdpMode::Skb, "generic XDP")
+                };
+                match self.program_mut().attach(iface, aya_mode) {
+                    Ok(id) => Ok(Link::Owned(id)),
+                    Err(source) if choice.reason.starts_with("auto") => {
+                        tracing::info!(iface, error = %source, "no native XDP here; using TC");
+                        choice.hook = Hook::Tc;
+                        choice.reason = format!(
+                            "auto: a NIC whose driver cannot run native XDP ({source}): TC"
+                        );
+                        self.attach_new(iface, choice)
+                    }
+                    Err(source) => Err(attach_err(name, source)),
+                }
+            }
+            Hook::Tc | Hook::Auto => {
+                // The clsact qdisc is only needed by the older netlink
+                // attachment; TCX links (kernel 6.6+) need none.
+                let id = self
+                    .tc_program_mut()
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|source| attach_err("TC ingress", source))?;
+                Ok(Link::OwnedTc(id))
+            }
+        }
+    }
+
+    /// Marks in `IFACES` how the TC hook sends out of `iface`.
+    fn set_iface_flags(&mut self, iface: &str, facts: &iface::Facts) -> Result<()> {
+        let Some(index) = iface::if_index(iface).filter(|&i| i < MAX_IFINDEX) else {
+            return Ok(());
+        };
+        let flags = if facts.veth.as_ref().is_some_and(|p| p.elsewhere) {
+            IFACE_F_PEER
+        } else {
+            0
+        };
+        let mut a = self.array::<u32>("IFACES")?;
+        if a.get(&index, 0).map_err(map_err("IFACES"))? != flags {
+            a.set(index, flags, 0).map_err(map_err("IFACES"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes over the link pinned at `pin` if it is of the kind `hook` needs
+    /// (XDP or TCX): this program replaces the old one on it atomically.
+    /// Returns the hook it runs at, or None when the pinned link is of the
+    /// other kind (left as it is).
+    fn adopt_link(&mut self, iface: &str, pin: &Path, hook: Hook) -> Result<Option<Hook>> {
+        let pins = |problem: String| DataplaneError::Pins {
             dir: pin.to_owned(),
-            problem: e.to_string(),
-        })?;
-        let old: FdLink = pinned.into();
-        let xdp_link = XdpLink::try_from(old).map_err(|e| DataplaneError::Pins {
-            dir: pin.to_owned(),
-            problem: format!("not an XDP link: {e}"),
-        })?;
-        let id = self
-            .program_mut()
-            .attach_to_link(xdp_link)
-            .map_err(attach_err)?;
-        let fd = self.take_fd_link(id).map_err(attach_err)?;
-        let used = xdp_mode_of(iface);
+            problem,
+        };
+        let open = || -> Result<FdLink> {
+            Ok(PinnedLink::from_pin(pin)
+                .map_err(|e| pins(e.to_string()))?
+                .into())
+        };
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            mode: "the adopted link",
+            source,
+        };
+        let (used, link) = match XdpLink::try_from(open()?) {
+            Ok(xdp_link) => {
+                if hook == Hook::Tc {
+                    return Ok(None);
+                }
+                let used = xdp_mode_of(iface);
+                let id = self
+                    .program_mut()
+                    .attach_to_link(xdp_link)
+                    .map_err(attach_err)?;
+                (used, Link::Owned(id))
+            }
+            Err(_) => {
+                let tc_link = SchedClassifierLink::try_from(open()?)
+                    .map_err(|e| pins(format!("neither an XDP nor a TCX link: {e}")))?;
+                if hook != Hook::Tc {
+                    return Ok(None);
+                }
+                let id = self
+                    .tc_program_mut()
+                    .attach_to_link(tc_link)
+                    .map_err(attach_err)?;
+                (Hook::Tc, Link::OwnedTc(id))
+            }
+        };
+        let fd = self.take_fd_link(link).map_err(attach_err)?;
+        let (h, mode) = hook_names(used);
         self.attached.push((
             Attachment {
-                interface: iface.to_owned(),
-                mode: used,
+                interface: String::new(),
+                hook: h,
+                mode,
+                reason: String::new(),
                 adopted: true,
             },
             Link::Pinned {
@@ -614,13 +766,18 @@ impl Dataplane {
                 pin: pin.to_owned(),
             },
         ));
-        Ok(used)
+        Ok(Some(used))
     }
 
-    fn take_fd_link(&mut self, id: XdpLinkId) -> std::result::Result<FdLink, ProgramError> {
-        let link = self.program_mut().take_link(id)?;
-        FdLink::try_from(link)
-            .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))
+    fn take_fd_link(&mut self, link: Link) -> std::result::Result<FdLink, ProgramError> {
+        let fd = |e: aya::programs::links::LinkError| {
+            ProgramError::IOError(std::io::Error::other(e.to_string()))
+        };
+        match link {
+            Link::Owned(id) => FdLink::try_from(self.program_mut().take_link(id)?).map_err(fd),
+            Link::OwnedTc(id) => FdLink::try_from(self.tc_program_mut().take_link(id)?).map_err(fd),
+            Link::Pinned { .. } => unreachable!("only a new link is pinned"),
+        }
     }
 
     /// Ends this daemon's hold on the data path. `keep`: leave everything
@@ -631,6 +788,11 @@ impl Dataplane {
             match link {
                 Link::Owned(id) => {
                     if let Err(e) = self.program_mut().detach(id) {
+                        tracing::warn!(iface = %a.interface, error = %e, "detach failed");
+                    }
+                }
+                Link::OwnedTc(id) => {
+                    if let Err(e) = self.tc_program_mut().detach(id) {
                         tracing::warn!(iface = %a.interface, error = %e, "detach failed");
                     }
                 }
@@ -1475,14 +1637,13 @@ impl From<Traffic> for TrafficStatus {
 }
 
 /// The mode an attached XDP program runs in, as `ip link` reports it.
-fn xdp_mode_of(iface: &str) -> &'static str {
+fn xdp_mode_of(iface: &str) -> Hook {
     let out = std::process::Command::new("ip")
         .args(["-o", "link", "show", "dev", iface])
         .output();
     match out {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdpgeneric") => "generic",
-        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdp") => "native",
-        _ => "unknown",
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdpgeneric") => Hook::XdpGeneric,
+        _ => Hook::Xdp,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod iface;
 pub mod metrics;
 pub mod mysql;
 pub mod neigh;

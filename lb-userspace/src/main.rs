@@ -255,9 +255,10 @@ fn render_status(v: &serde_json::Value) -> String {
     for a in v["attachments"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "interface {} (XDP {})",
+            "interface {} ({}): {}",
             t(&a["interface"]),
-            t(&a["mode"])
+            t(&a["hook"]),
+            t(&a["reason"])
         );
     }
     for s in v["services"].as_array().into_iter().flatten() {

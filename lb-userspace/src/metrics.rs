@@ -154,8 +154,8 @@ impl Metrics {
         );
         let xdp = gauge(
             "lb_xdp_attached",
-            "1 per interface the program is attached to, with its mode (native or generic).",
-            &["interface", "mode"],
+            "1 per interface the data path runs on, with its hook (xdp, xdp-generic or tc) and mode (its older name: native, generic or tc).",
+            &["interface", "hook", "mode"],
         );
 
         let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
@@ -254,7 +254,7 @@ impl Metrics {
         ct.with_label_values::<&str>(&[]).set(table.0 as i64);
         ct_cap.with_label_values::<&str>(&[]).set(table.1 as i64);
         for a in status["attachments"].as_array().into_iter().flatten() {
-            xdp.with_label_values(&[&s(&a["interface"]), &s(&a["mode"])])
+            xdp.with_label_values(&[&s(&a["interface"]), &s(&a["hook"]), &s(&a["mode"])])
                 .set(1);
         }
 

@@ -473,7 +473,7 @@ impl Balancer {
     pub fn reload(&mut self, new: Config) -> Result<String> {
         if new.daemon != self.file.daemon {
             return Err(format!(
-                "{}: [daemon] changed (interfaces, xdp_mode, control_socket, manage_neighbours): \
+                "{}: [daemon] changed (interfaces, hooks, control_socket, manage_neighbours): \
                  restart lb to apply that; nothing was changed",
                 new.file.display()
             ));

@@ -355,6 +355,13 @@ impl Model {
                     return (reset(f), counter::RESET_FLOW);
                 }
             }
+            // State only after the last check that can refuse the packet.
+            if f[22] <= 1 {
+                return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+            }
+            // (The testrun namespace routes every address the model sends
+            // to: no "no route" drop happens here.)
+            let route = self.route(f, b.addr);
             if new_flow {
                 self.conntrack.insert(
                     key,
@@ -383,10 +390,7 @@ impl Model {
                 );
                 self.counts[counter::NEW_FLOWS as usize] += 1;
             }
-            if !decrement_ttl(f) {
-                return (XDP_PASS, counter::PASS_TTL_EXPIRED);
-            }
-            let route = self.route(f, b.addr);
+            decrement_ttl(f);
             rewrite(f, l4, Side::Destination, b.addr, b.port);
             return self.send(f, ingress, route, counter::FORWARDED);
         }

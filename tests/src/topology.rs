@@ -165,7 +165,7 @@ pub fn parse_nft_packets(out: &str) -> u64 {
 /// every namespace on the machine.
 pub fn lb_config(control_socket: &std::path::Path, services: &str) -> String {
     format!(
-        "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\npin_dir = \"{}\"\n\n{services}",
+        "[daemon]\ninterfaces = [\"eth0\", \"eth1\"]\nhook = \"auto\"\ncontrol_socket = \"{}\"\npin_dir = \"{}\"\n\n{services}",
         control_socket.display(),
         pin_dir_for(control_socket).display()
     )

@@ -271,8 +271,8 @@ fn root_the_connection_table_takes_the_configured_size_and_a_pinned_one_keeps_it
     let _webs: Vec<Nginx> = t.start_webs();
     let config = |sock: &std::path::Path, size: u32| {
         lb_config(sock, &service_block("web", 80, "tcp", 1, 80)).replace(
-            "xdp_mode = \"native\"",
-            &format!("xdp_mode = \"native\"\nconntrack_size = {size}"),
+            "hook = \"auto\"",
+            &format!("hook = \"auto\"\nconntrack_size = {size}"),
         )
     };
     let mut lb = LbDaemon::start(&t.lb, |sock| config(sock, 4096));
