@@ -247,6 +247,15 @@ const BPF_MTU_CHK_SEGS: u64 = 1;
 /// an ICMP error quoting IPv4 with options and 8 bytes of TCP/UDP.
 pub const TC_HEADERS: u32 = 14 + 60 + 8 + 60 + 8;
 
+/// Whether the kernel took a VLAN tag off the frame before TC saw it: the
+/// data path does not handle tagged traffic (at XDP it sees the tag and
+/// passes the frame), so it is passed here too.
+#[inline(always)]
+pub fn tc_vlan_tagged(ctx: &TcContext) -> bool {
+    // SAFETY: the context is the program's own __sk_buff.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
 /// Makes the first [`TC_HEADERS`] bytes (or the whole packet, if shorter)
 /// directly readable. Almost always a no-op: a socket buffer's headers are
 /// linear.
@@ -285,10 +294,15 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn mtu_check_len(&self, _tot_len: u16) -> u16 {
-        // The kernel checks the socket buffer against the egress MTU, and
-        // knows a GSO packet leaves as segments that each fit.
-        0
+    fn mtu_check_len(&self, tot_len: u16) -> u16 {
+        // A GSO packet is checked by its segments (`segments_fit`); for it
+        // the lookup checks nothing.
+        // SAFETY: the context is the program's own __sk_buff.
+        if unsafe { (*self.skb.skb).gso_size } != 0 {
+            0
+        } else {
+            tot_len
+        }
     }
 
     #[inline(always)]

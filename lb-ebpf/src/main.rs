@@ -46,6 +46,10 @@ pub fn lb(ctx: XdpContext) -> u32 {
 /// The same data path at TC ingress (clsact, `sched_cls`).
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
+    if hook::tc_vlan_tagged(&ctx) {
+        stats::count(counter::PASS_NOT_IPV4);
+        return ctx.action(&Outcome::pass(counter::PASS_NOT_IPV4));
+    }
     hook::tc_pull_headers(&ctx);
     run(&ctx)
 }

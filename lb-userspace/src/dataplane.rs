@@ -1696,7 +1696,11 @@ pub fn remove_pins(dir: &Path) -> std::result::Result<(), String> {
     };
     // Only what this program pins: anything else there is someone else's.
     let ours = |name: &str| {
-        MAPS.contains(&name) || name == "LAYOUT" || name == "prog-lb" || name.starts_with("link-")
+        MAPS.contains(&name)
+            || name == "LAYOUT"
+            || name == "prog-lb"
+            || name == "prog-lb_tc"
+            || name.starts_with("link-")
     };
     for e in entries.flatten() {
         if !e.file_name().to_str().is_some_and(ours) {

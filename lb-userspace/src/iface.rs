@@ -1,10 +1,12 @@
 //! What an interface is, as far as choosing a hook goes, and the choice.
 //!
-//! Everything is asked of the kernel through ethtool ioctls on a socket of the
-//! daemon's own network namespace (not /sys, which shows the namespace sysfs
-//! was mounted in). A veth's peer may live in another namespace; to read its
-//! settings the daemon looks for it in the named namespaces (`/run/netns`) and
-//! those of running processes, from a short-lived thread that enters each.
+//! Everything is asked of the kernel through ethtool ioctls and rtnetlink on
+//! sockets of the daemon's own network namespace (not /sys, which shows the
+//! namespace sysfs was mounted in). A veth's peer may live in another
+//! namespace, which rtnetlink names by an id (`IFLA_LINK_NETNSID`); to read
+//! the peer's settings the daemon finds the namespace with that id among the
+//! named ones (`/run/netns`) and those of running processes
+//! (`RTM_GETNSID`), and enters it from a short-lived thread.
 
 use std::{
     ffi::CString,
@@ -19,11 +21,7 @@ use crate::config::Hook;
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GDRVINFO: u32 = 0x03;
 const ETHTOOL_GTXCSUM: u32 = 0x16;
-const ETHTOOL_GSTRINGS: u32 = 0x1b;
-const ETHTOOL_GSTATS: u32 = 0x1d;
 const ETHTOOL_GGRO: u32 = 0x2b;
-const ETH_SS_STATS: u32 = 1;
-const ETH_GSTRING_LEN: usize = 32;
 
 /// What the hook choice needs to know of an interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -181,24 +179,6 @@ fn flag(sock: &OwnedFd, iface: &str, cmd: u32) -> std::io::Result<bool> {
     Ok(v[1] != 0)
 }
 
-/// A veth's `peer_ifindex` statistic.
-fn veth_peer_ifindex(sock: &OwnedFd, iface: &str, n_stats: u32) -> std::io::Result<u32> {
-    let n = n_stats as usize;
-    let mut strings = vec![0u32; 3 + n * ETH_GSTRING_LEN / 4];
-    strings[0] = ETHTOOL_GSTRINGS;
-    strings[1] = ETH_SS_STATS;
-    strings[2] = n_stats;
-    ethtool(sock, iface, strings.as_mut_ptr() as *mut libc::c_void)?;
-    let bytes: Vec<u8> = strings[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let at = (0..n)
-        .find(|&i| cstr(&bytes[i * ETH_GSTRING_LEN..(i + 1) * ETH_GSTRING_LEN]) == "peer_ifindex")
-        .ok_or_else(|| std::io::Error::other("no peer_ifindex statistic"))?;
-    let mut stats = vec![0u64; 1 + n];
-    stats[0] = ETHTOOL_GSTATS as u64 | (n_stats as u64) << 32;
-    ethtool(sock, iface, stats.as_mut_ptr() as *mut libc::c_void)?;
-    Ok(stats[1 + at] as u32)
-}
-
 /// The name of interface `ifindex` in the calling thread's namespace.
 fn name_of(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
@@ -218,29 +198,21 @@ pub fn facts(iface: &str) -> std::io::Result<Facts> {
     let bus = cstr(&d.bus_info);
     let physical = !bus.is_empty() && bus != "N/A" && driver != "veth";
     let veth = if driver == "veth" {
-        let ifindex = veth_peer_ifindex(&sock, iface, d.n_stats)?;
-        let own = if_index(iface).unwrap_or(0);
-        // The peer is here if this namespace has a veth at its index whose
-        // own peer is us.
-        let here = ifindex != own
-            && name_of(ifindex).is_some_and(|n| {
-                drvinfo(&sock, &n).is_ok_and(|pd| {
-                    cstr(&pd.driver) == "veth"
-                        && veth_peer_ifindex(&sock, &n, pd.n_stats).is_ok_and(|i| i == own)
-                })
-            });
-        let (tx_checksum, gro) = if here {
-            let n = name_of(ifindex).unwrap_or_default();
-            (
-                flag(&sock, &n, ETHTOOL_GTXCSUM).ok(),
-                flag(&sock, &n, ETHTOOL_GGRO).ok(),
-            )
-        } else {
-            peer_elsewhere(ifindex, own)
+        let own = if_index(iface).ok_or_else(|| std::io::Error::other("no such interface"))?;
+        let link = link_peer(own)?;
+        let (tx_checksum, gro) = match link.netnsid {
+            None => match name_of(link.ifindex) {
+                Some(n) => (
+                    flag(&sock, &n, ETHTOOL_GTXCSUM).ok(),
+                    flag(&sock, &n, ETHTOOL_GGRO).ok(),
+                ),
+                None => (None, None),
+            },
+            Some(nsid) => peer_elsewhere(link.ifindex, nsid),
         };
         Some(Peer {
-            ifindex,
-            elsewhere: !here,
+            ifindex: link.ifindex,
+            elsewhere: link.netnsid.is_some(),
             tx_checksum,
             gro,
         })
@@ -262,15 +234,149 @@ pub fn if_index(iface: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// Looks for the veth peer `ifindex` (whose own peer is `own`) in the other
-/// network namespaces this host has, and reads its TX checksum offload and
-/// GRO. Unknown (None) unless exactly one namespace holds such a peer.
-fn peer_elsewhere(ifindex: u32, own: u32) -> (Option<bool>, Option<bool>) {
-    let mut seen = std::collections::HashSet::new();
-    if let Ok(m) = std::fs::metadata("/proc/thread-self/ns/net") {
-        seen.insert((m.dev(), m.ino()));
+/// Where a link's other end is: its index, and the id this namespace knows
+/// the other end's namespace by (none when it is this one).
+struct LinkPeer {
+    ifindex: u32,
+    netnsid: Option<i32>,
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINK_NETNSID: u16 = 37;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
+
+/// `IFLA_LINK` and `IFLA_LINK_NETNSID` of interface `ifindex` (rtnetlink).
+fn link_peer(ifindex: u32) -> std::io::Result<LinkPeer> {
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    let mut body = vec![0u8; 16];
+    body[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let attrs = rtnl(RTM_GETLINK, RTM_NEWLINK, &body, &[])?;
+    let get = |t: u16| {
+        attrs
+            .iter()
+            .find(|(k, v)| *k == t && v.len() >= 4)
+            .map(|(_, v)| [v[0], v[1], v[2], v[3]])
+    };
+    Ok(LinkPeer {
+        ifindex: get(IFLA_LINK)
+            .map(u32::from_ne_bytes)
+            .ok_or_else(|| std::io::Error::other("a veth without IFLA_LINK"))?,
+        netnsid: get(IFLA_LINK_NETNSID).map(i32::from_ne_bytes),
+    })
+}
+
+/// The id this namespace knows the namespace of `fd` by, if it has one.
+fn nsid_of(fd: &std::fs::File) -> Option<i32> {
+    // struct rtgenmsg, padded to 4 bytes.
+    let fd_attr = (fd.as_raw_fd() as u32).to_ne_bytes();
+    let attrs = rtnl(RTM_GETNSID, RTM_NEWNSID, &[0; 4], &[(NETNSA_FD, &fd_attr)]).ok()?;
+    let (_, v) = attrs
+        .iter()
+        .find(|(k, v)| *k == NETNSA_NSID && v.len() >= 4)?;
+    let id = i32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+    (id >= 0).then_some(id)
+}
+
+/// One rtnetlink request of type `kind` with a fixed `body` and `attrs`;
+/// returns the attributes of the answer (of type `answer`).
+fn rtnl(
+    kind: u16,
+    answer: u16,
+    body: &[u8],
+    attrs: &[(u16, &[u8])],
+) -> std::io::Result<Vec<(u16, Vec<u8>)>> {
+    let align = |n: usize| (n + 3) & !3;
+    let mut msg = vec![0u8; 16];
+    msg.extend_from_slice(body);
+    msg.resize(align(msg.len()), 0);
+    for (t, v) in attrs {
+        msg.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
+        msg.extend_from_slice(&t.to_ne_bytes());
+        msg.extend_from_slice(v);
+        msg.resize(align(msg.len()), 0);
     }
-    let mut candidates = Vec::new();
+    let len = msg.len() as u32;
+    msg[0..4].copy_from_slice(&len.to_ne_bytes());
+    msg[4..6].copy_from_slice(&kind.to_ne_bytes());
+    msg[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: plain syscalls on a socket owned here; the buffers outlive them.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and addr are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            0,
+            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: buf is valid for its length.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        )
+    };
+    if n < 16 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let buf = &buf[..n as usize];
+    let mlen = (u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize).min(buf.len());
+    let mtype = u16::from_ne_bytes([buf[4], buf[5]]);
+    if mtype == libc::NLMSG_ERROR as u16 {
+        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        return Err(std::io::Error::from_raw_os_error(-code));
+    }
+    if mtype != answer {
+        return Err(std::io::Error::other(format!(
+            "rtnetlink answered {mtype}, not {answer}"
+        )));
+    }
+    let mut at = align(16 + body.len());
+    let mut out = Vec::new();
+    while at + 4 <= mlen {
+        let alen = u16::from_ne_bytes([buf[at], buf[at + 1]]) as usize;
+        let atype = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+        if alen < 4 || at + alen > mlen {
+            break;
+        }
+        out.push((atype, buf[at + 4..at + alen].to_vec()));
+        at += align(alen);
+    }
+    Ok(out)
+}
+
+/// Finds the namespace this one knows as `nsid` among the named namespaces
+/// (`/run/netns`) and those of running processes, and reads the TX checksum
+/// offload and GRO of its interface `ifindex` there.
+fn peer_elsewhere(ifindex: u32, nsid: i32) -> (Option<bool>, Option<bool>) {
     let named = std::fs::read_dir("/run/netns").into_iter().flatten();
     let procs = std::fs::read_dir("/proc")
         .into_iter()
@@ -283,45 +389,38 @@ fn peer_elsewhere(ifindex: u32, own: u32) -> (Option<bool>, Option<bool>) {
                 .all(|b| b.is_ascii_digit())
         })
         .map(|e| e.path().join("ns/net"));
+    let mut seen = std::collections::HashSet::new();
     for path in named.flatten().map(|e| e.path()).chain(procs) {
-        if let Ok(m) = std::fs::metadata(&path) {
-            if seen.insert((m.dev(), m.ino())) {
-                candidates.push(path);
-            }
+        let Ok(m) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((m.dev(), m.ino())) {
+            continue;
         }
-    }
-    let mut found = Vec::new();
-    for path in candidates {
-        let r = std::thread::spawn(move || -> Option<(Option<bool>, Option<bool>)> {
-            let f = std::fs::File::open(&path).ok()?;
+        let Ok(f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if nsid_of(&f) != Some(nsid) {
+            continue;
+        }
+        return std::thread::spawn(move || -> (Option<bool>, Option<bool>) {
             // SAFETY: f is an open namespace file; setns affects only this
             // thread, which ends here.
             if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return None;
+                return (None, None);
             }
-            let sock = socket().ok()?;
-            let name = name_of(ifindex)?;
-            let d = drvinfo(&sock, &name).ok()?;
-            if cstr(&d.driver) != "veth" || veth_peer_ifindex(&sock, &name, d.n_stats).ok()? != own
-            {
-                return None;
-            }
-            Some((
+            let (Ok(sock), Some(name)) = (socket(), name_of(ifindex)) else {
+                return (None, None);
+            };
+            (
                 flag(&sock, &name, ETHTOOL_GTXCSUM).ok(),
                 flag(&sock, &name, ETHTOOL_GGRO).ok(),
-            ))
+            )
         })
         .join()
-        .ok()
-        .flatten();
-        if let Some(r) = r {
-            found.push(r);
-        }
+        .unwrap_or((None, None));
     }
-    match found.as_slice() {
-        [one] => *one,
-        _ => (None, None),
-    }
+    (None, None)
 }
 
 #[cfg(test)]

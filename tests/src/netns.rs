@@ -148,3 +148,37 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
         ns.ip(&["link", "set", i, "up"]);
     }
 }
+
+impl Netns {
+    /// The program the data path runs on `iface` here, as "xdp id N tag T" or
+    /// "tc id N tag T" (the tag hashes the instructions, so another build
+    /// shows another tag); None when neither an XDP program nor a TCX
+    /// ingress program is attached.
+    pub fn attached_program(&self, iface: &str) -> Option<String> {
+        let out = self.ip(&["-d", "link", "show", "dev", iface]);
+        let w: Vec<&str> = out.split_whitespace().collect();
+        if let Some(i) = w.iter().position(|x| *x == "prog/xdp") {
+            let tag = w
+                .iter()
+                .position(|x| *x == "tag")
+                .map(|j| w[j + 1])
+                .unwrap_or("?");
+            return Some(format!("xdp id {} tag {tag}", w[i + 2]));
+        }
+        let iface = iface.to_owned();
+        self.run(move || {
+            use aya::programs::{SchedClassifier, TcAttachType};
+            let (_, progs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
+                .unwrap_or_else(|e| panic!("querying TCX programs on {iface}: {e}"));
+            progs.first().map(|p| {
+                let tag: String = p
+                    .tag()
+                    .to_be_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("tc id {} tag {tag}", p.id())
+            })
+        })
+    }
+}

@@ -5,12 +5,12 @@
 //! ```text
 //!                     dns (dnsmasq: www.foobar.com -> 10.0.0.100)
 //!                      │
-//!  client ── lb (XDP) ─┼─ web LAN: web1, web2 (nginx, TLS) -> app1, app2
+//!  client ── lb (eBPF) ┼─ web LAN: web1, web2 (nginx, TLS) -> app1, app2
 //!                      └─ db LAN:  db1 (primary) -> db2 (replica)
 //! ```
 //! The app servers reach the databases through the balancer's write VIP
 //! (10.0.0.101) and read VIP (10.0.0.102); the balancer's kernel forwards
-//! nothing (netfilter drops it), so every balanced packet is carried by XDP.
+//! nothing (netfilter drops it), so every balanced packet is carried by the data path.
 
 use std::{
     io::Write,
@@ -142,7 +142,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     n.say("== The seed's infrastructure, with lb in HAProxy's place ==");
     n.say("");
     n.say(format!("Building it in network namespaces ({p}-*):"));
-    n.say("  client ── lb (XDP) ─┬─ web LAN: web1, web2 (nginx, HTTP and HTTPS) -> app1, app2");
+    n.say("  client ── lb (eBPF) ┬─ web LAN: web1, web2 (nginx, HTTP and HTTPS) -> app1, app2");
     n.say("     │                └─ db LAN:  db1 (MySQL primary) -> db2 (replica)");
     n.say("     └── dns (www.foobar.com -> 10.0.0.100)");
 
@@ -314,7 +314,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     std::fs::write(dir.path().join("mysql-monitor.pass"), &monitor_pass)
         .map_err(|e| e.to_string())?;
     n.say(format!(
-        "  lb run --config {} (XDP on eth0, eth1, eth2)",
+        "  lb run --config {} (on eth0, eth1, eth2: TC, the automatic choice on veth)",
         opts.config.display()
     ));
     // A demo starts from nothing: pins a crashed earlier run left are removed.
@@ -477,7 +477,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
         if report.client_reached_database {
             "answered"
         } else {
-            "no answer (dropped in XDP: drop_denied_service)"
+            "no answer (dropped by the data path: drop_denied_service)"
         }
     ));
     let found = crate::scan::scan(

@@ -8,7 +8,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 
 use crate::netns::{veth, Netns};
 
@@ -27,6 +27,22 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+
+/// TC actions, as the program returns them.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// What the TC program returns where the XDP program returns `xdp`: both
+/// ways of sending a frame on are a redirect at TC.
+pub fn tc_action_of(xdp: u32) -> u32 {
+    match xdp {
+        XDP_PASS => TC_ACT_OK,
+        XDP_DROP => TC_ACT_SHOT,
+        XDP_TX | XDP_REDIRECT => TC_ACT_REDIRECT,
+        other => panic!("no TC action for XDP action {other}"),
+    }
+}
 
 pub struct TestRunNet {
     pub x: Netns,
@@ -81,6 +97,32 @@ pub fn run(
         .iter()
         .flat_map(|v| v.to_ne_bytes())
         .collect();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts).map_err(|e| format!("{e:#}"))?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration))
+}
+
+/// Like [`run`], for the TC program: the frame arrives at TC ingress of
+/// `ifindex` (a linear socket buffer, its checksum state `CHECKSUM_NONE`).
+pub fn run_tc(
+    prog: &mut SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, Duration), String> {
+    let mut out = vec![0u8; frame.len() + 512];
+    // struct __sk_buff (192 bytes): ingress_ifindex at 36, ifindex at 40;
+    // everything else zero, as the kernel requires of most fields.
+    let mut ctx = vec![0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),

@@ -150,7 +150,7 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
         get(
             &before,
             "lb_xdp_attached",
-            &[("interface", "eth0"), ("mode", "native")]
+            &[("interface", "eth0"), ("hook", "tc"), ("mode", "tc")]
         ),
         1.0
     );

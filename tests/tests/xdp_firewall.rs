@@ -12,7 +12,7 @@ use lb_tests::{
     model::Model,
     netns::Netns,
     require_root,
-    testrun::{self, TestRunNet, B1, B2, CLIENT, VIP, XDP_DROP, XDP_REDIRECT, XDP_TX},
+    testrun::{self, TestRunNet, B1, B2, CLIENT, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     unique,
 };
 use lb_userspace::{
@@ -57,13 +57,28 @@ fn no_limits() -> FirewallConfig {
 
 struct Harness {
     dp: Dataplane,
+    /// Run through the TC program instead of the XDP one.
+    tc: bool,
     x0: u32,
     x1: u32,
 }
 
 impl Harness {
+    /// Runs one frame; the TC program's action is read as XDP's (a redirect
+    /// as XDP_REDIRECT, which is what the XDP program returns for the
+    /// answers and errors these tests send on).
     fn run(&mut self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        let (a, out, _) = testrun::run(self.dp.program_mut(), frame, ingress, 1).unwrap();
+        if !self.tc {
+            let (a, out, _) = testrun::run(self.dp.program_mut(), frame, ingress, 1).unwrap();
+            return (a, out);
+        }
+        let (a, out, _) = testrun::run_tc(self.dp.tc_program_mut(), frame, ingress, 1).unwrap();
+        let a = match a {
+            testrun::TC_ACT_OK => XDP_PASS,
+            testrun::TC_ACT_SHOT => XDP_DROP,
+            testrun::TC_ACT_REDIRECT => XDP_REDIRECT,
+            other => 1000 + other,
+        };
         (a, out)
     }
 
@@ -74,11 +89,9 @@ impl Harness {
 
 /// Runs `f` on a thread in a fresh testrun namespace, pinned to CPU 0 (the
 /// global cap is enforced per CPU), with web (VIP:80/tcp -> :8080) and dns
-/// (VIP:53/udp -> :5353) loaded under `firewall`.
-fn with_dataplane<T: Send + 'static>(
-    firewall: FirewallConfig,
-    f: impl FnOnce(&mut Harness) -> T + Send + 'static,
-) -> T {
+/// (VIP:53/udp -> :5353) loaded under `firewall`: through the XDP program,
+/// then through the TC program on a fresh data path.
+fn with_dataplane(firewall: FirewallConfig, f: impl Fn(&mut Harness) + Send + Sync + 'static) {
     require_root();
     let net = TestRunNet::new(&format!("fw{}{}", std::process::id() % 100_000, unique()));
     let x = Netns::attach(&net.x.name);
@@ -89,19 +102,23 @@ fn with_dataplane<T: Send + 'static>(
             libc::CPU_SET(0, &mut set);
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
         }
-        let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
-        dp.set_firewall(&firewall).unwrap();
-        dp.apply(&[
-            service("web", 80, Protocol::Tcp, 8080),
-            service("dns", 53, Protocol::Udp, 5353),
-        ])
-        .unwrap();
-        let mut h = Harness {
-            x0: lb_userspace::config::if_index("x0").unwrap(),
-            x1: lb_userspace::config::if_index("x1").unwrap(),
-            dp,
-        };
-        f(&mut h)
+        for tc in [false, true] {
+            let mut dp = Dataplane::load().expect("loading the programs (verifier)");
+            dp.set_firewall(&firewall).unwrap();
+            dp.apply(&[
+                service("web", 80, Protocol::Tcp, 8080),
+                service("dns", 53, Protocol::Udp, 5353),
+            ])
+            .unwrap();
+            let mut h = Harness {
+                x0: lb_userspace::config::if_index("x0").unwrap(),
+                x1: lb_userspace::config::if_index("x1").unwrap(),
+                tc,
+                dp,
+            };
+            println!("through the {} program", if tc { "TC" } else { "XDP" });
+            f(&mut h)
+        }
     })
 }
 
@@ -136,7 +153,7 @@ fn root_a_source_over_its_new_flow_rate_is_dropped_and_others_are_not() {
         // Another source has its own budget.
         let other = Ipv4Addr::new(10, 0, 1, 3);
         let (a, _) = h.run(&syn_from(other, 1), x0);
-        assert_ne!(a, XDP_DROP, "another source is not limited");
+        assert_eq!(a, XDP_REDIRECT, "another source is not limited");
         let after = h.counters();
         let c = counter::DROP_SOURCE_RATE as usize;
         assert_eq!(after[c] - before[c], 15);
@@ -307,6 +324,6 @@ fn root_echo_requests_to_a_vip_are_answered_by_the_data_path() {
         );
         assert!(verifies(&out[14..34]), "IPv4 checksum");
         assert!(verifies(&out[34..]), "ICMP checksum");
-        assert_ne!(a, XDP_TX);
+        assert_eq!(a, XDP_REDIRECT, "sent back out (by redirect, not XDP_TX)");
     });
 }

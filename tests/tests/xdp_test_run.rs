@@ -1,7 +1,10 @@
-//! Kernel tests (root): the real XDP program, verifier included, run on crafted
+//! Kernel tests (root): the real programs, verifier included, run on crafted
 //! frames through BPF_PROG_TEST_RUN. Each test builds a small namespace whose
 //! FIB and neighbour table make the program's route lookups deterministic, so
 //! the expected output bytes (addresses, ports, MACs, TTL, checksums) are exact.
+//! Every test runs twice, on a fresh data path each time: once through the XDP
+//! program, once through the TC program (its actions read as XDP's, see
+//! `Harness::try_run`), and both must produce the same bytes.
 
 use std::net::Ipv4Addr;
 
@@ -41,24 +44,27 @@ impl Env {
     }
 
     /// Runs `f` with a loaded data path carrying the standard services, on a
-    /// thread inside the namespace (so ifindexes and route lookups resolve there).
-    fn with_dataplane<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Harness) -> T + Send + 'static,
-    ) -> T {
+    /// thread inside the namespace (so ifindexes and route lookups resolve
+    /// there): once with the XDP program, then with the TC program on a
+    /// fresh data path.
+    fn with_dataplane(&self, f: impl Fn(&mut Harness) + Send + Sync + 'static) {
         self.x.run(move || {
-            let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
-            let specs: Vec<ServiceSpec> = services()
-                .iter()
-                .map(|s| ServiceSpec::from_config(s, 0))
-                .collect();
-            dp.apply(&specs).expect("writing the maps");
-            let mut h = Harness {
-                dp,
-                x0: lb_userspace::config::if_index("x0").unwrap(),
-                x1: lb_userspace::config::if_index("x1").unwrap(),
-            };
-            f(&mut h)
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let mut dp = Dataplane::load().expect("loading the programs (verifier)");
+                let specs: Vec<ServiceSpec> = services()
+                    .iter()
+                    .map(|s| ServiceSpec::from_config(s, 0))
+                    .collect();
+                dp.apply(&specs).expect("writing the maps");
+                let mut h = Harness {
+                    dp,
+                    hook,
+                    x0: lb_userspace::config::if_index("x0").unwrap(),
+                    x1: lb_userspace::config::if_index("x1").unwrap(),
+                };
+                println!("through the {hook:?} program");
+                f(&mut h)
+            }
         })
     }
 }
@@ -107,17 +113,51 @@ fn services() -> Vec<ServiceConfig> {
     ]
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
 struct Harness {
     dp: Dataplane,
+    hook: Hook,
     x0: u32,
     x1: u32,
 }
 
 impl Harness {
-    /// Runs one frame as if received on `ifindex`; returns the action and the
+    /// Runs one frame as if received on `ifindex`; returns the action (the
+    /// TC program's read as XDP's: a redirect is XDP_REDIRECT, which is what
+    /// the XDP program returns for everything these tests send on) and the
     /// frame as the program left it.
     fn try_run(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>), String> {
-        testrun::run(self.dp.program_mut(), frame, ifindex, 1).map(|(a, out, _)| (a, out))
+        match self.hook {
+            Hook::Xdp => {
+                testrun::run(self.dp.program_mut(), frame, ifindex, 1).map(|(a, out, _)| (a, out))
+            }
+            Hook::Tc => {
+                testrun::run_tc(self.dp.tc_program_mut(), frame, ifindex, 1).map(|(a, out, _)| {
+                    let a = match a {
+                        testrun::TC_ACT_OK => XDP_PASS,
+                        testrun::TC_ACT_SHOT => XDP_DROP,
+                        testrun::TC_ACT_REDIRECT => XDP_REDIRECT,
+                        other => 1000 + other,
+                    };
+                    (a, out)
+                })
+            }
+        }
+    }
+
+    /// Frames shorter than this the kernel refuses to run the program on:
+    /// an Ethernet header for XDP; for TC, a network header too (found by
+    /// trying, see xdp_fuzz.rs).
+    fn shortest_run(&self) -> usize {
+        match self.hook {
+            Hook::Xdp => 14,
+            Hook::Tc => 34,
+        }
     }
 
     fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
@@ -460,8 +500,8 @@ fn root_malformed_and_truncated_frames_are_never_forwarded() {
             for len in 0..=header_len {
                 let frame = &full[..len.min(full.len())];
                 match h.try_run(frame, h.x0) {
-                    // The kernel refuses to run XDP on less than an Ethernet header.
-                    Err(_) if len < 14 => refused_by_kernel += 1,
+                    // The kernel refuses to run the program on frames this short.
+                    Err(_) if len < h.shortest_run() => refused_by_kernel += 1,
                     Err(e) => panic!("length {len}: test run failed: {e}"),
                     Ok((action, _)) => {
                         if len == header_len {
@@ -478,8 +518,10 @@ fn root_malformed_and_truncated_frames_are_never_forwarded() {
             }
         }
         assert_eq!(
-            refused_by_kernel, 28,
-            "only lengths 0..14 may be refused, for both frames"
+            refused_by_kernel,
+            2 * h.shortest_run(),
+            "only lengths below {} may be refused, for both frames",
+            h.shortest_run()
         );
         assert_eq!(
             h.counter("new_flows"),

@@ -1,0 +1,246 @@
+//! End-to-end (root): each hook the data path runs at, on veths with TX
+//! checksum offload and GRO as `ip link` leaves them (offload on, GRO off) and
+//! as a NIC would have them (offload off, GRO on), at every end. Each case
+//! sends 1,000 HTTP requests (a new connection each) and UDP flows through the
+//! VIP, checks the exact split, and checks that no receiver anywhere counted a
+//! checksum error. A hook that cannot forward correctly is refused at start.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    daemon::{lb_binary, LbDaemon},
+    http,
+    netns::Netns,
+    require_root,
+    topology::{backend_addr, lb_config, service_block, Topology, VIP},
+    udp::UdpNamer,
+    unique,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Offloads {
+    /// As `ip link add ... type veth` makes them: TX checksum offload on
+    /// (local senders leave partial checksums), GRO off.
+    Default,
+    /// Like a NIC's: complete checksums on the wire, GRO on.
+    NicLike,
+}
+
+fn prefix() -> String {
+    format!("h{}{}", std::process::id() % 10_000, unique())
+}
+
+/// Every namespace of the topology with the veth ends it holds.
+fn ends(t: &Topology) -> Vec<(&Netns, Vec<String>)> {
+    let mut v = vec![
+        (&t.client, vec!["eth0".to_owned()]),
+        (&t.lb, vec!["eth0".to_owned(), "eth1".to_owned()]),
+    ];
+    let mut sw = vec!["p-lb".to_owned()];
+    sw.extend((1..=t.backends.len()).map(|i| format!("p-web{i}")));
+    v.push((&t.switch, sw));
+    v.extend(t.backends.iter().map(|b| (b, vec!["eth0".to_owned()])));
+    v
+}
+
+fn set_offloads(t: &Topology, o: Offloads) {
+    if o == Offloads::NicLike {
+        for (ns, ifs) in ends(t) {
+            for i in ifs {
+                ns.exec("ethtool", &["-K", &i, "tx", "off", "gro", "on"]);
+            }
+        }
+    }
+}
+
+/// (TCP, UDP) segments received with a bad checksum in `ns` (/proc/net/snmp).
+fn csum_errors(ns: &Netns) -> (u64, u64) {
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]);
+    let field = |proto: &str| -> u64 {
+        let lines: Vec<&str> = snmp
+            .lines()
+            .filter(|l| l.starts_with(&format!("{proto}:")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{proto} lines in /proc/net/snmp:\n{snmp}");
+        let names: Vec<&str> = lines[0].split_whitespace().collect();
+        let values: Vec<&str> = lines[1].split_whitespace().collect();
+        let at = names
+            .iter()
+            .position(|n| *n == "InCsumErrors")
+            .unwrap_or_else(|| panic!("no {proto} InCsumErrors in /proc/net/snmp"));
+        values[at].parse().unwrap()
+    };
+    (field("Tcp"), field("Udp"))
+}
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddrV4::new(VIP, port).into()
+}
+
+fn config(sock: &std::path::Path, hook: &str) -> String {
+    let services =
+        service_block("web", 80, "tcp", 2, 80) + &service_block("dns", 53, "udp", 2, 5353);
+    let cfg = lb_config(sock, &services);
+    assert!(cfg.contains("hook = \"auto\""));
+    cfg.replace("hook = \"auto\"", &format!("hook = \"{hook}\""))
+}
+
+/// Runs one case: `hook` asked for, the veths set as `o`; `expect` is the
+/// hook `lb status` must report on both interfaces.
+fn forwards(hook: &str, o: Offloads, expect: &str) {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    set_offloads(&t, o);
+    let webs = t.start_webs();
+    let namers: Vec<UdpNamer> = (1..=2)
+        .map(|i| {
+            UdpNamer::start(
+                &t.backends[i - 1],
+                SocketAddrV4::new(backend_addr(i), 5353).into(),
+                &format!("web{i}"),
+            )
+        })
+        .collect();
+    let lb = LbDaemon::start(&t.lb, |sock| config(sock, hook));
+    let status = lb.status();
+    for a in status["attachments"].as_array().unwrap() {
+        assert_eq!(a["hook"], expect, "{hook} with {o:?} offloads: {a}");
+        println!("{}: {} ({})", a["interface"], a["hook"], a["reason"]);
+    }
+
+    const N: usize = 1000;
+    let answers: Vec<String> = t.client.run(|| {
+        (0..N)
+            .map(|i| match http::get(vip(80), "/") {
+                Ok((200, body)) => body.trim().to_owned(),
+                Ok((status, body)) => panic!("request {i}: status {status}: {body}"),
+                Err(e) => panic!("request {i} through the VIP failed: {e}"),
+            })
+            .collect()
+    });
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for a in &answers {
+        *per.entry(a.as_str()).or_default() += 1;
+    }
+    println!("{hook}, {o:?} offloads: {N} requests split {per:?}");
+    assert_eq!(per.get("web1"), Some(&(N / 2)), "{per:?}");
+    assert_eq!(per.get("web2"), Some(&(N / 2)), "{per:?}");
+    for (i, w) in webs.iter().enumerate() {
+        assert_eq!(w.requests(), N / 2, "web{} logged every request", i + 1);
+    }
+
+    const FLOWS: usize = 10;
+    const PER_FLOW: usize = 4;
+    let flows: Vec<Vec<String>> = t.client.run(|| {
+        let socks: Vec<UdpSocket> = (0..FLOWS)
+            .map(|_| {
+                let s = UdpSocket::bind("10.0.1.2:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .collect();
+        let mut answers = vec![Vec::new(); FLOWS];
+        for round in 0..PER_FLOW {
+            for (i, s) in socks.iter().enumerate() {
+                s.send_to(b"who?", vip(53)).unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = s
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("UDP flow {i} round {round}: no answer: {e}"));
+                assert_eq!(from, vip(53), "the answer comes from the VIP");
+                answers[i].push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        answers
+    });
+    for (i, a) in flows.iter().enumerate() {
+        let want = if i % 2 == 0 { "web1" } else { "web2" };
+        assert!(a.iter().all(|x| x == want), "UDP flow {i}: {a:?}");
+    }
+    for n in &namers {
+        assert_eq!(n.received(), (FLOWS / 2 * PER_FLOW) as u64);
+    }
+
+    for (ns, _) in ends(&t) {
+        let (tcp, udp) = csum_errors(ns);
+        println!("{}: TcpInCsumErrors {tcp}, UdpInCsumErrors {udp}", ns.name);
+        assert_eq!(
+            (tcp, udp),
+            (0, 0),
+            "{hook}, {o:?} offloads: {} counted checksum errors",
+            ns.name
+        );
+    }
+    let counters = &lb.status()["counters"];
+    assert_eq!(counters["drop_tcp_no_flow"], 0);
+    assert_eq!(counters["pass_no_neigh"], 0);
+    assert_eq!(
+        t.lb_kernel_forwarded(),
+        0,
+        "the kernel forwarded nothing: the data path carried it all"
+    );
+}
+
+#[test]
+fn root_tc_forwards_on_default_veths() {
+    forwards("tc", Offloads::Default, "tc");
+}
+
+#[test]
+fn root_tc_forwards_on_nic_like_veths() {
+    forwards("tc", Offloads::NicLike, "tc");
+}
+
+#[test]
+fn root_auto_picks_tc_on_veths() {
+    forwards("auto", Offloads::Default, "tc");
+}
+
+#[test]
+fn root_generic_xdp_forwards_on_default_veths() {
+    forwards("xdp-generic", Offloads::Default, "xdp-generic");
+}
+
+#[test]
+fn root_generic_xdp_forwards_on_nic_like_veths() {
+    forwards("xdp-generic", Offloads::NicLike, "xdp-generic");
+}
+
+#[test]
+fn root_native_xdp_forwards_on_nic_like_veths() {
+    forwards("xdp", Offloads::NicLike, "xdp");
+}
+
+/// Native XDP on veths left at their defaults would forward nothing (every
+/// rewritten segment fails its checksum at the backend): `lb run` refuses it,
+/// says what to change, and attaches nothing.
+#[test]
+fn root_native_xdp_on_default_veths_is_refused_with_the_fix() {
+    require_root();
+    let t = Topology::new(&prefix(), 1);
+    let dir = lb_tests::TempDir::new("hookrefused");
+    let sock = dir.path().join("lb.sock");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(&cfg, config(&sock, "xdp")).unwrap();
+    let out =
+        t.lb.command(lb_binary().to_str().unwrap())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb run must refuse it");
+    assert!(
+        stderr.contains("native XDP cannot forward on veth eth0")
+            && stderr.contains("TX checksum offload on")
+            && stderr.contains("hook = \"tc\""),
+        "the message says why and what to change:\n{stderr}"
+    );
+    for i in ["eth0", "eth1"] {
+        assert_eq!(t.lb.attached_program(i), None, "nothing attached to {i}");
+    }
+}
