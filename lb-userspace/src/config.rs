@@ -219,6 +219,7 @@ struct RawDaemon {
     hook: Option<Hook>,
     #[serde(default)]
     hooks: BTreeMap<String, Hook>,
+    netns: Option<String>,
     control_socket: Option<PathBuf>,
     #[serde(default = "yes")]
     manage_neighbours: bool,
@@ -598,6 +599,8 @@ pub struct DaemonConfig {
     pub hook: Hook,
     /// Per-interface overrides (`[daemon.hooks]`).
     pub hooks: BTreeMap<String, Hook>,
+    /// The network namespace `lb run` enters (/run/netns/NAME), if any.
+    pub netns: Option<String>,
     pub control_socket: PathBuf,
     /// Keep a kernel-managed neighbour entry for each backend's next hop, so
     /// the data path always finds its MAC (`ip neigh ... managed`).
@@ -615,6 +618,25 @@ pub struct DaemonConfig {
     pub stateless_reverse_nat: bool,
     /// Entries of the connection table (and of the reply table beside it).
     pub conntrack_size: u32,
+}
+
+/// Whether `name` names a namespace under /run/netns.
+fn netns_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_graphic() && c != '/')
+}
+
+/// `[daemon] netns` of the config file at `file`, read before the file is
+/// validated (the interfaces it names are checked inside that namespace);
+/// None when the file cannot be read or says none.
+pub fn netns_of(file: &Path) -> Option<String> {
+    let text = read_small_file(file, MAX_CONFIG_BYTES).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    let name = v.get("daemon")?.get("netns")?.as_str()?;
+    netns_name_ok(name).then(|| name.to_owned())
 }
 
 impl DaemonConfig {
@@ -704,6 +726,17 @@ impl Config {
                 "daemon.xdp_mode".into(),
                 "is the older name of daemon.hook: set one of them".into(),
             );
+        }
+        if let Some(ns) = &raw.daemon.netns {
+            if !netns_name_ok(ns) {
+                bad(
+                    "daemon.netns".into(),
+                    format!(
+                        "{ns:?} is not a namespace name (as `ip netns add` makes them under \
+                         /run/netns: 1 to 64 characters, no '/', not . or ..)"
+                    ),
+                );
+            }
         }
         for name in raw.daemon.hooks.keys() {
             if !raw.daemon.interfaces.contains(name) {
@@ -1143,6 +1176,7 @@ impl Config {
                     .or(raw.daemon.xdp_mode.map(XdpMode::hook))
                     .unwrap_or_default(),
                 hooks: raw.daemon.hooks,
+                netns: raw.daemon.netns,
                 control_socket: raw
                     .daemon
                     .control_socket
@@ -1430,6 +1464,37 @@ address = "10.0.2.12"
             "backend port defaults to the service's"
         );
         assert_eq!(s.backends[1].weight, 1);
+    }
+
+    #[test]
+    fn hooks_are_chosen_per_interface_and_xdp_mode_still_reads() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.daemon.hook, Hook::Auto, "xdp_mode = \"auto\"");
+        for (old, hook) in [("native", Hook::Xdp), ("generic", Hook::XdpGeneric)] {
+            let c = parse(&GOOD.replace("xdp_mode = \"auto\"", &format!("xdp_mode = \"{old}\"")))
+                .unwrap();
+            assert_eq!(c.daemon.hook_for("eth0"), hook, "xdp_mode = {old:?}");
+        }
+        let c = parse(&GOOD.replace(
+            "xdp_mode = \"auto\"",
+            "hook = \"tc\"\nhooks = { eth1 = \"xdp\" }",
+        ))
+        .unwrap();
+        assert_eq!(c.daemon.hook_for("eth0"), Hook::Tc);
+        assert_eq!(c.daemon.hook_for("eth1"), Hook::Xdp);
+        let e =
+            problems(&GOOD.replace("xdp_mode = \"auto\"", "xdp_mode = \"auto\"\nhook = \"tc\""));
+        assert!(
+            e.contains("daemon.xdp_mode: is the older name of daemon.hook"),
+            "{e}"
+        );
+        let e = problems(&GOOD.replace("xdp_mode = \"auto\"", "hooks = { eth7 = \"tc\" }"));
+        assert!(
+            e.contains("daemon.hooks.eth7: \"eth7\" is not one of daemon.interfaces"),
+            "{e}"
+        );
+        let e = problems(&GOOD.replace("xdp_mode = \"auto\"", "hook = \"offload\""));
+        assert!(e.contains("unknown variant `offload`"), "{e}");
     }
 
     #[test]

@@ -36,14 +36,43 @@ pub fn preflight(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread into network namespace `name` (/run/netns/NAME)
+/// and nothing else: the mount namespace, and with it the host's bpffs,
+/// stay as they are. Call it while the process has one thread.
+pub fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path).with_context(|| {
+        format!(
+            "entering network namespace {name}: opening {}",
+            path.display()
+        )
+    })?;
+    // SAFETY: f is an open namespace file; setns only changes this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "entering network namespace {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    tracing::info!(netns = name, "running in network namespace {name}");
+    Ok(())
+}
+
 /// Runs the daemon until SIGINT, SIGTERM or `lb stop`; SIGHUP reloads the
 /// config file. Maps and links are pinned: state an earlier daemon left is
 /// adopted unless `fresh`.
 pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
+    // Before anything is read, written or removed: one daemon per state.
+    let _lock = crate::lock::take(&cfg.daemon.pin_dir, &cfg.daemon.control_socket)?;
     preflight(&cfg)?;
     let pin_dir = cfg.daemon.pin_dir.clone();
     let (dp, adopted) = Dataplane::load_pinned(&pin_dir, fresh, cfg.daemon.conntrack_size)
         .context("loading the data path")?;
+    let kept = crate::dataplane::persistence(&pin_dir);
+    if kept.survives_restart == Some(false) {
+        tracing::warn!(why = %kept.why, "the data path will not survive a restart of this daemon");
+    }
     if adopted {
         tracing::info!(pins = %pin_dir.display(), "adopted the pinned maps and links of an earlier daemon: established flows continue");
     }

@@ -1686,6 +1686,66 @@ fn ensure_bpffs(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Whether what is pinned under `dir` outlives this process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Persistence {
+    /// None when it could not be told (no process of the host's mounts to
+    /// compare with was readable).
+    pub survives_restart: Option<bool>,
+    pub why: String,
+}
+
+/// Pins outlive the daemon when the bpffs they are on is the one the host
+/// sees at the same path: the one our parent (a shell, a service manager,
+/// or PID 1) sees. Started under `ip netns exec`, which gives the process a
+/// private mount namespace with a fresh /sys, the daemon mounts a bpffs of its
+/// own there, which dies with it.
+pub fn persistence(dir: &Path) -> Persistence {
+    use std::os::unix::fs::MetadataExt;
+    let private = |why: String| Persistence {
+        survives_restart: Some(false),
+        why,
+    };
+    let ours = match std::fs::metadata(dir) {
+        Ok(m) => m.dev(),
+        Err(e) => return private(format!("{}: {e}", dir.display())),
+    };
+    let rel = dir.strip_prefix("/").unwrap_or(dir);
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() } as u32;
+    for pid in [parent, 1] {
+        let theirs = Path::new("/proc")
+            .join(pid.to_string())
+            .join("root")
+            .join(rel);
+        match std::fs::metadata(&theirs) {
+            Ok(m) if m.dev() == ours => {
+                return Persistence {
+                    survives_restart: Some(true),
+                    why: format!(
+                        "pins in {} are on the bpffs the host sees (as process {pid} does)",
+                        dir.display()
+                    ),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => continue,
+            _ => {
+                return private(format!(
+                    "{} is on a bpffs private to this daemon's mount namespace (started with \
+                     `ip netns exec`?): its pins, and with them the data path, end with the \
+                     daemon. Run `lb run --netns NAME` (or [daemon] netns), which enters only \
+                     the network namespace",
+                    dir.display()
+                ))
+            }
+        }
+    }
+    Persistence {
+        survives_restart: None,
+        why: "no process with the host's mounts could be read to compare with".into(),
+    }
+}
+
 /// Removes every pin in `dir` (maps, links) and the directory: whatever was
 /// attached through a removed link pin detaches once no process holds it.
 pub fn remove_pins(dir: &Path) -> std::result::Result<(), String> {

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod iface;
+pub mod lock;
 pub mod metrics;
 pub mod mysql;
 pub mod neigh;

@@ -37,6 +37,11 @@ enum Command {
         /// (established flows are forgotten).
         #[arg(long)]
         fresh: bool,
+        /// Run in the named network namespace (/run/netns/NAME), entering
+        /// only it: pins stay on the host's bpffs and outlive the daemon, as
+        /// they do not under `ip netns exec`. Overrides [daemon] netns.
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
     },
     /// Stop the daemon: detach XDP and remove the pins (as SIGTERM), or with
     /// --keep-datapath leave it forwarding for the next `lb run` to adopt.
@@ -161,7 +166,16 @@ fn run(command: Command) -> Result<()> {
             keep_datapath,
             socket,
         } => say(&socket, Request::Stop { keep_datapath }),
-        Command::Run { config, fresh } => {
+        Command::Run {
+            config,
+            fresh,
+            netns,
+        } => {
+            // The namespace first: the config names its interfaces. Still one
+            // thread here, so every thread started later is in it too.
+            if let Some(name) = netns.or_else(|| lb_userspace::config::netns_of(&config)) {
+                daemon::enter_netns(&name)?;
+            }
             // Validate the whole file before anything touches the kernel.
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +266,22 @@ fn render_status(v: &serde_json::Value) -> String {
         other => other.to_string(),
     };
     let mut out = String::new();
+    let state = &v["state"];
+    if state["survives_restart"] == true {
+        let _ = writeln!(out, "state: survives a restart ({})", t(&state["why"]));
+    } else if state["survives_restart"] == false {
+        let _ = writeln!(
+            out,
+            "state: DOES NOT survive a restart of the daemon: {}",
+            t(&state["why"])
+        );
+    } else if state.is_object() {
+        let _ = writeln!(
+            out,
+            "state: whether it survives a restart is unknown ({})",
+            t(&state["why"])
+        );
+    }
     for a in v["attachments"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,

@@ -757,6 +757,7 @@ impl Balancer {
             .collect();
         Ok(json!({
             "config_file": self.file.file,
+            "state": crate::dataplane::persistence(&self.file.daemon.pin_dir),
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,

@@ -1,19 +1,29 @@
-//! The end-to-end part of `cargo xtask bench`: wrk through our XDP balancer,
-//! through HAProxy (the seed's: `mode tcp`, `balance roundrobin`), through
-//! nftables DNAT round robin (`numgen inc mod 2`), and straight to one backend,
-//! on one topology (client, balancer, two nginx), with keep-alive and with a
-//! new TCP connection per request. The cases are interleaved round by round
-//! and medians reported, with whole-machine CPU per request beside requests/s
-//! (on two cores, wrk and nginx saturate the machine: throughput alone
-//! measures the load generator; the kernel charges softirq work to whatever
-//! process it interrupts, so per-process CPU would flatter the kernel paths).
+//! The end-to-end part of `cargo xtask bench`: wrk through our balancer at
+//! each hook it can run at on veth (TC, generic XDP, and native XDP where the
+//! veths are set as a NIC would be), through HAProxy (the seed's: `mode tcp`,
+//! `balance roundrobin`), through nftables DNAT, and through the balancer's
+//! namespace with plain kernel forwarding and no balancer ("direct"), on one
+//! topology (client, balancer, nginx), with keep-alive and with a new TCP
+//! connection per request.
+//!
+//! Every path goes to the same single backend (web1), so that "direct" is a
+//! fair anchor: the same backend work, the same hops, only the balancing
+//! differs. Only the path being measured is in place: our daemon runs only
+//! for its own cases (its program would otherwise look at every other path's
+//! packets too). The cases are interleaved round by round and medians
+//! reported, with whole-machine CPU per request beside requests/s (on two
+//! cores, wrk and nginx saturate the machine: throughput alone measures the
+//! load generator; the kernel charges softirq work to whatever process it
+//! interrupts, so per-process CPU would flatter the kernel paths).
 
 use std::{net::Ipv4Addr, process::Child, time::Duration};
+
+use lb_userspace::config::Hook;
 
 use crate::{
     daemon::LbDaemon,
     nginx::Nginx,
-    topology::{backend_addr, lb_config, service_block, Topology},
+    topology::{backend_addr, lb_config, service_block, Offloads, Topology},
     udp::{flood, UdpSink},
     TempDir,
 };
@@ -21,18 +31,20 @@ use crate::{
 /// One measured configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    Ours,
+    /// Our balancer at this hook.
+    Lb(Hook),
     Haproxy,
     Nftables,
     Direct,
 }
 
 impl Path {
-    pub const ALL: [Path; 4] = [Path::Ours, Path::Haproxy, Path::Nftables, Path::Direct];
-
     pub fn name(self) -> &'static str {
         match self {
-            Path::Ours => "lb (XDP)",
+            Path::Lb(Hook::Tc) => "lb (TC)",
+            Path::Lb(Hook::XdpGeneric) => "lb (generic XDP)",
+            Path::Lb(Hook::Xdp) => "lb (native XDP)",
+            Path::Lb(Hook::Auto) => "lb (auto)",
             Path::Haproxy => "HAProxy",
             Path::Nftables => "nftables DNAT",
             Path::Direct => "direct (no balancer)",
@@ -44,16 +56,18 @@ impl Path {
     /// addresses and ports while the other's TIME_WAIT or flow entries last.
     fn ports(self) -> &'static str {
         match self {
-            Path::Ours => "10000 24999",
-            Path::Haproxy => "25000 34999",
-            Path::Nftables => "35000 49999",
+            Path::Lb(Hook::Tc) | Path::Lb(Hook::Auto) => "10000 17999",
+            Path::Lb(Hook::XdpGeneric) => "18000 24999",
+            Path::Lb(Hook::Xdp) => "25000 31999",
+            Path::Haproxy => "32000 39999",
+            Path::Nftables => "40000 49999",
             Path::Direct => "50000 64999",
         }
     }
 
     fn target(self) -> Ipv4Addr {
         match self {
-            Path::Ours => Ipv4Addr::new(10, 0, 0, 100),
+            Path::Lb(_) => Ipv4Addr::new(10, 0, 0, 100),
             Path::Haproxy => Ipv4Addr::new(10, 0, 0, 101),
             Path::Nftables => Ipv4Addr::new(10, 0, 0, 102),
             Path::Direct => backend_addr(1),
@@ -74,13 +88,15 @@ pub struct Sample {
     pub balancer_cpu_us_per_request: f64,
 }
 
-/// The topology with every path configured at once, so runs can interleave.
+/// The topology with every path but ours configured at once; our daemon is
+/// started for its own cases, at the hook they ask for.
 pub struct Bed {
     t: Topology,
     _webs: Vec<Nginx>,
     sinks: Vec<UdpSink>,
-    _lb: LbDaemon,
+    lb: Option<(Hook, LbDaemon)>,
     haproxy: Child,
+    offloads: Offloads,
     _dir: TempDir,
 }
 
@@ -92,8 +108,30 @@ impl Drop for Bed {
 }
 
 impl Bed {
-    pub fn new(prefix: &str) -> Result<Bed, String> {
+    /// The paths measured on veths set as `o`: native XDP only where the
+    /// veths let it forward (NIC-like); HAProxy and nftables once, on the
+    /// veths users have.
+    pub fn paths(o: Offloads) -> Vec<Path> {
+        match o {
+            Offloads::Default => vec![
+                Path::Lb(Hook::Tc),
+                Path::Lb(Hook::XdpGeneric),
+                Path::Haproxy,
+                Path::Nftables,
+                Path::Direct,
+            ],
+            Offloads::NicLike => vec![
+                Path::Lb(Hook::Xdp),
+                Path::Lb(Hook::Tc),
+                Path::Lb(Hook::XdpGeneric),
+                Path::Direct,
+            ],
+        }
+    }
+
+    pub fn new(prefix: &str, offloads: Offloads) -> Result<Bed, String> {
         let t = Topology::new(prefix, 2);
+        t.set_offloads(offloads);
         let webs: Vec<Nginx> = t.start_webs();
         // The kernel paths need forwarding: let it through this time.
         t.lb.exec("nft", &["insert rule inet lbtest forward accept"]);
@@ -101,8 +139,8 @@ impl Bed {
             "nft",
             &["add table ip lbbench; \
                add chain ip lbbench pre { type nat hook prerouting priority -100; }; \
-               add rule ip lbbench pre ip daddr 10.0.0.102 tcp dport 80 dnat to numgen inc mod 2 map { 0 : 10.0.2.11, 1 : 10.0.2.12 }; \
-               add rule ip lbbench pre ip daddr 10.0.0.102 udp dport 53 dnat to numgen inc mod 2 map { 0 : 10.0.2.11 . 5353, 1 : 10.0.2.12 . 5353 }"],
+               add rule ip lbbench pre ip daddr 10.0.0.102 tcp dport 80 dnat to 10.0.2.11; \
+               add rule ip lbbench pre ip daddr 10.0.0.102 udp dport 53 dnat to 10.0.2.11:5353"],
         );
         t.lb.ip(&["addr", "add", "10.0.0.101/32", "dev", "lo"]);
         let dir = TempDir::new("bench");
@@ -110,7 +148,7 @@ impl Bed {
         std::fs::write(
             &cfg,
             "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend f\n  bind 10.0.0.101:80\n  default_backend b\nbackend b\n  balance roundrobin\n  server web1 10.0.2.11:80\n  server web2 10.0.2.12:80\n",
+             frontend f\n  bind 10.0.0.101:80\n  default_backend b\nbackend b\n  balance roundrobin\n  server web1 10.0.2.11:80\n",
         )
         .map_err(|e| e.to_string())?;
         let haproxy =
@@ -128,34 +166,65 @@ impl Bed {
                 )
             })
             .collect();
-        let lb = LbDaemon::start(&t.lb, |sock| {
-            lb_config(
-                sock,
-                &format!(
-                    "{}{}",
-                    service_block("web", 80, "tcp", 2, 80),
-                    service_block("dns", 53, "udp", 2, 5353)
-                ),
-            )
-        });
         std::thread::sleep(Duration::from_millis(500));
-        let bed = Bed {
+        let mut bed = Bed {
             t,
             _webs: webs,
             sinks,
-            _lb: lb,
+            lb: None,
             haproxy,
+            offloads,
             _dir: dir,
         };
-        for p in Path::ALL {
+        for p in Bed::paths(offloads) {
             bed.wrk(p, false, 1)
                 .map_err(|e| format!("{} is not answering: {e}", p.name()))?;
         }
         Ok(bed)
     }
 
+    /// Puts `path` in place: our daemon at the path's hook, or no daemon.
+    fn arrange(&mut self, path: Path) {
+        let want = match path {
+            Path::Lb(h) => Some(h),
+            _ => None,
+        };
+        if self.lb.as_ref().map(|(h, _)| *h) == want {
+            return;
+        }
+        // Dropping the daemon stops it: it detaches and removes its pins.
+        self.lb = None;
+        if let Some(hook) = want {
+            let services = format!(
+                "{}{}",
+                service_block("web", 80, "tcp", 1, 80),
+                service_block("dns", 53, "udp", 1, 5353)
+            );
+            // wrk's one client opens more new connections a second than the
+            // SYN-flood guard lets one source open by default (10,000): the
+            // guard is off here, as nothing else measured has one.
+            let d = LbDaemon::start(&self.t.lb, |sock| {
+                lb_config(sock, &services)
+                    .replace("hook = \"auto\"", &format!("hook = \"{}\"", hook.name()))
+                    + "[firewall]\nsource_new_flows_per_sec = 0\nnew_flows_per_sec = 0\n"
+            });
+            let st = d.status();
+            for a in st["attachments"].as_array().into_iter().flatten() {
+                assert_eq!(a["hook"], hook.name(), "{a}");
+            }
+            self.lb = Some((hook, d));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// How this bed's veths are set.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
     /// One wrk run of `secs` seconds against `path`.
-    pub fn wrk(&self, path: Path, new_conn: bool, secs: u32) -> Result<Sample, String> {
+    pub fn wrk(&mut self, path: Path, new_conn: bool, secs: u32) -> Result<Sample, String> {
+        self.arrange(path);
         let url = format!("http://{}/", path.target());
         let dur = format!("{secs}s");
         let mut args = vec!["-t1", "-c32", "-d", dur.as_str(), "--latency"];
@@ -194,7 +263,8 @@ impl Bed {
 impl Bed {
     /// Floods a UDP service through `path` (ours or nftables) from one socket
     /// for `secs`; returns datagrams sent and delivered to the backends, per second.
-    pub fn pps(&self, path: Path, secs: f64) -> (f64, f64) {
+    pub fn pps(&mut self, path: Path, secs: f64) -> (f64, f64) {
+        self.arrange(path);
         let before: u64 = self.sinks.iter().map(|s| s.received()).sum();
         let sent = flood(
             &self.t.client,

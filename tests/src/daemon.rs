@@ -30,6 +30,18 @@ pub fn lb_binary() -> PathBuf {
     p
 }
 
+/// How the daemon is put into its network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// The test enters the network namespace alone before exec (as
+    /// `nsenter --net` would): the daemon shares the host's mounts.
+    SameMounts,
+    /// `lb run --netns NAME`, started from the host.
+    NetnsFlag,
+    /// `ip netns exec NAME lb run`: a private mount namespace, a fresh /sys.
+    IpNetnsExec,
+}
+
 /// A running `lb run`, stopped with SIGTERM on drop.
 pub struct LbDaemon {
     child: Option<Child>,
@@ -38,6 +50,7 @@ pub struct LbDaemon {
     pub config: PathBuf,
     ns: String,
     object: Option<PathBuf>,
+    launch: Launch,
     _dir: TempDir,
 }
 
@@ -45,27 +58,40 @@ impl LbDaemon {
     /// Writes `config` (with `{socket}` replaced by the control socket path) and
     /// starts `lb run` in `ns`; returns once the daemon answers on its socket.
     pub fn start(ns: &Netns, config: impl FnOnce(&Path) -> String) -> LbDaemon {
+        LbDaemon::start_as(ns, Launch::SameMounts, config)
+    }
+
+    /// Like [`LbDaemon::start`], put into `ns` the way `launch` says.
+    pub fn start_as(ns: &Netns, launch: Launch, config: impl FnOnce(&Path) -> String) -> LbDaemon {
         let dir = TempDir::new("lbd");
         let socket = dir.path().join("lb.sock");
         let cfg_path = dir.path().join("lb.toml");
         std::fs::write(&cfg_path, config(&socket)).expect("writing lb.toml");
-        LbDaemon::start_file(ns, &cfg_path, &socket, dir)
+        let mut d = LbDaemon::new(ns, &cfg_path, &socket, dir);
+        d.launch = launch;
+        d.spawn(&[]);
+        d
     }
 
     /// Starts `lb run --config cfg_path` in `ns`, whose config names `socket`
     /// as its control socket; its log goes into `dir`.
     pub fn start_file(ns: &Netns, cfg_path: &Path, socket: &Path, dir: TempDir) -> LbDaemon {
-        let mut d = LbDaemon {
+        let mut d = LbDaemon::new(ns, cfg_path, socket, dir);
+        d.spawn(&[]);
+        d
+    }
+
+    fn new(ns: &Netns, cfg_path: &Path, socket: &Path, dir: TempDir) -> LbDaemon {
+        LbDaemon {
             child: None,
             socket: socket.to_owned(),
             log: dir.path().join("lb.log"),
             config: cfg_path.to_owned(),
             ns: ns.name.clone(),
             object: None,
+            launch: Launch::SameMounts,
             _dir: dir,
-        };
-        d.spawn(&[]);
-        d
+        }
     }
 
     /// Starts `lb run` again (after [`LbDaemon::kill`] or a stop), with the same
@@ -89,12 +115,27 @@ impl LbDaemon {
             .append(true)
             .open(&self.log)
             .expect("opening lb.log");
-        let mut cmd = Netns::attach(&self.ns).command_same_mounts(lb_binary());
+        let ns = Netns::attach(&self.ns);
+        let mut cmd = match self.launch {
+            Launch::SameMounts => ns.command_same_mounts(lb_binary()),
+            Launch::NetnsFlag => {
+                let mut c = std::process::Command::new(lb_binary());
+                c.args(["run", "--netns", &self.ns]);
+                c
+            }
+            Launch::IpNetnsExec => {
+                let mut c = ns.command(lb_binary().to_str().expect("utf-8 path"));
+                c.arg("run");
+                c
+            }
+        };
+        if self.launch == Launch::SameMounts {
+            cmd.arg("run");
+        }
         if let Some(o) = &self.object {
             cmd.env("LB_XDP_OBJECT", o);
         }
         let child = cmd
-            .arg("run")
             .arg("--config")
             .arg(&self.config)
             .args(extra)

@@ -32,6 +32,16 @@ pub struct Topology {
     pub backends: Vec<Netns>,
 }
 
+/// How a topology's veths are set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offloads {
+    /// As `ip link add ... type veth` makes them: TX checksum offload on
+    /// (local senders leave partial checksums), GRO off.
+    Default,
+    /// Like a NIC's: complete checksums on the wire, GRO on.
+    NicLike,
+}
+
 impl Topology {
     /// Builds the picture with `n` backends; namespace names start with `prefix`
     /// (keep it short and unique per test, e.g. "lbt3").
@@ -127,6 +137,31 @@ impl Topology {
     /// Real nginx on every backend (see [`start_webs`]).
     pub fn start_webs(&self) -> Vec<crate::nginx::Nginx> {
         start_webs(&self.backends)
+    }
+
+    /// Every namespace of the topology with the veth ends it holds.
+    pub fn veth_ends(&self) -> Vec<(&Netns, Vec<String>)> {
+        let mut v = vec![
+            (&self.client, vec!["eth0".to_owned()]),
+            (&self.lb, vec!["eth0".to_owned(), "eth1".to_owned()]),
+        ];
+        let mut sw = vec!["p-lb".to_owned()];
+        sw.extend((1..=self.backends.len()).map(|i| format!("p-web{i}")));
+        v.push((&self.switch, sw));
+        v.extend(self.backends.iter().map(|b| (b, vec!["eth0".to_owned()])));
+        v
+    }
+
+    /// Sets TX checksum offload and GRO at every veth end (the testbed
+    /// itself leaves them as `ip link` makes them).
+    pub fn set_offloads(&self, o: Offloads) {
+        if o == Offloads::NicLike {
+            for (ns, ifs) in self.veth_ends() {
+                for i in ifs {
+                    ns.exec("ethtool", &["-K", &i, "tx", "off", "gro", "on"]);
+                }
+            }
+        }
     }
 
     /// Packets the kernel of the balancer was asked to forward (and dropped).

@@ -642,6 +642,7 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
             )
         }
         "xdp_mode" => variants(&["auto", "native", "generic"], &["offload", ""]),
+        "hook" => variants(&["auto", "xdp", "xdp-generic", "tc"], &["native", ""]),
         "control_socket" => mostly(strings(&["/run/lb/lb.sock"]), strings(&["lb.sock", ""])),
         "pin_dir" => mostly(
             strings(&["/sys/fs/bpf/lb"]),
@@ -894,6 +895,7 @@ fn config_document() -> impl Strategy<Value = Table> {
         &["interfaces"],
         &[
             "xdp_mode",
+            "hook",
             "control_socket",
             "manage_neighbours",
             "pin_dir",

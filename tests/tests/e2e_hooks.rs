@@ -16,45 +16,13 @@ use lb_tests::{
     http,
     netns::Netns,
     require_root,
-    topology::{backend_addr, lb_config, service_block, Topology, VIP},
+    topology::{backend_addr, lb_config, service_block, Offloads, Topology, VIP},
     udp::UdpNamer,
     unique,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Offloads {
-    /// As `ip link add ... type veth` makes them: TX checksum offload on
-    /// (local senders leave partial checksums), GRO off.
-    Default,
-    /// Like a NIC's: complete checksums on the wire, GRO on.
-    NicLike,
-}
-
 fn prefix() -> String {
     format!("h{}{}", std::process::id() % 10_000, unique())
-}
-
-/// Every namespace of the topology with the veth ends it holds.
-fn ends(t: &Topology) -> Vec<(&Netns, Vec<String>)> {
-    let mut v = vec![
-        (&t.client, vec!["eth0".to_owned()]),
-        (&t.lb, vec!["eth0".to_owned(), "eth1".to_owned()]),
-    ];
-    let mut sw = vec!["p-lb".to_owned()];
-    sw.extend((1..=t.backends.len()).map(|i| format!("p-web{i}")));
-    v.push((&t.switch, sw));
-    v.extend(t.backends.iter().map(|b| (b, vec!["eth0".to_owned()])));
-    v
-}
-
-fn set_offloads(t: &Topology, o: Offloads) {
-    if o == Offloads::NicLike {
-        for (ns, ifs) in ends(t) {
-            for i in ifs {
-                ns.exec("ethtool", &["-K", &i, "tx", "off", "gro", "on"]);
-            }
-        }
-    }
 }
 
 /// (TCP, UDP) segments received with a bad checksum in `ns` (/proc/net/snmp).
@@ -94,7 +62,7 @@ fn config(sock: &std::path::Path, hook: &str) -> String {
 fn forwards(hook: &str, o: Offloads, expect: &str) {
     require_root();
     let t = Topology::new(&prefix(), 2);
-    set_offloads(&t, o);
+    t.set_offloads(o);
     let webs = t.start_webs();
     let namers: Vec<UdpNamer> = (1..=2)
         .map(|i| {
@@ -165,7 +133,7 @@ fn forwards(hook: &str, o: Offloads, expect: &str) {
         assert_eq!(n.received(), (FLOWS / 2 * PER_FLOW) as u64);
     }
 
-    for (ns, _) in ends(&t) {
+    for (ns, _) in t.veth_ends() {
         let (tcp, udp) = csum_errors(ns);
         println!("{}: TcpInCsumErrors {tcp}, UdpInCsumErrors {udp}", ns.name);
         assert_eq!(

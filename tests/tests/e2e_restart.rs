@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::LbDaemon,
+    daemon::{Launch, LbDaemon},
     http,
     load::{Load, Sample},
     nginx::Nginx,
@@ -303,4 +303,194 @@ fn root_the_connection_table_takes_the_configured_size_and_a_pinned_one_keeps_it
     assert!(t
         .client
         .run(|| matches!(http::get(vip(), "/"), Ok((200, _)))));
+}
+
+/// A daemon run with `lb run --netns NAME` from the host enters only the
+/// network namespace: its pins are on the host's bpffs, so a SIGKILL under
+/// load breaks nothing and its successor adopts everything. Started under
+/// `ip netns exec` (a private mount namespace with a fresh /sys), it says at
+/// start that its state will not survive, how to fix that, and `lb status`
+/// says so too.
+#[test]
+fn root_lb_run_netns_survives_a_sigkill_and_ip_netns_exec_is_warned_about() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = t.start_webs();
+    let mut lb = LbDaemon::start_as(&t.lb, Launch::NetnsFlag, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    let st = lb.status();
+    assert_eq!(st["state"]["survives_restart"], true, "{}", st["state"]);
+    let holders = Holders::start(&t.client, 30);
+    let load = Load::start(&t.client, vip(), Duration::from_millis(5));
+    std::thread::sleep(Duration::from_millis(500));
+    lb.kill();
+    println!("lb run --netns {}: SIGKILLed; down for 5 s", t.lb.name);
+    std::thread::sleep(Duration::from_secs(5));
+    lb.restart(&[]);
+    assert!(
+        lb.log_text().contains("adopted the pinned maps"),
+        "{}",
+        lb.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.stop();
+    let (_, rounds) = holders.finish();
+    println!(
+        "{} new connections across the kill, {} failed; 30 long-lived connections, {rounds} rounds",
+        samples.len(),
+        failures(&samples).len()
+    );
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    assert!(
+        rounds >= 50,
+        "the connections were exercised while the daemon was down"
+    );
+    drop(lb);
+
+    let lb = LbDaemon::start_as(&t.lb, Launch::IpNetnsExec, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    let log = lb.log_text();
+    assert!(
+        log.contains("will not survive a restart") && log.contains("lb run --netns NAME"),
+        "the daemon warns, with the fix:\n{log}"
+    );
+    let st = lb.status();
+    assert_eq!(st["state"]["survives_restart"], false, "{}", st["state"]);
+    let (ok, text) = lb.cli(&["status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("state: DOES NOT survive a restart of the daemon"),
+        "{text}"
+    );
+    println!(
+        "under ip netns exec, lb status says:\n{}",
+        text.lines().next().unwrap_or("")
+    );
+}
+
+/// What a second daemon could change of the first one's state: the pins (by
+/// inode), the programs on the links, and the contents of the maps that
+/// carry the services.
+fn snapshot(t: &Topology, pins: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut s = String::new();
+    let mut names: Vec<_> = std::fs::read_dir(pins)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().ino(),
+            )
+        })
+        .collect();
+    names.sort();
+    s += &format!("pins {names:?}\n");
+    for i in ["eth0", "eth1"] {
+        s += &format!("{i}: {:?}\n", t.lb.attached_program(i));
+    }
+    let map = |name: &str| {
+        aya::maps::MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let services: aya::maps::HashMap<_, lb_common::ServiceKey, lb_common::Service> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map("SERVICES"))).unwrap();
+    let mut entries: Vec<String> = services
+        .iter()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            format!("{:?}", (bytes(&k), bytes(&v)))
+        })
+        .collect();
+    entries.sort();
+    s += &format!("SERVICES {entries:?}\n");
+    for name in ["BACKENDS", "RINGS", "IFACES"] {
+        let a: aya::maps::Array<_, u32> = if name == "BACKENDS" {
+            let b: aya::maps::Array<_, lb_common::Backend> =
+                aya::maps::Array::try_from(aya::maps::Map::Array(map(name))).unwrap();
+            let v: Vec<Vec<u8>> = b.iter().map(|x| bytes(&x.unwrap())).collect();
+            s += &format!("{name} {:x}\n", crc(&v.concat()));
+            continue;
+        } else {
+            aya::maps::Array::try_from(aya::maps::Map::Array(map(name))).unwrap()
+        };
+        let v: Vec<u32> = a.iter().map(|x| x.unwrap()).collect();
+        s += &format!(
+            "{name} {:x}\n",
+            crc(&v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<_>>())
+        );
+    }
+    s
+}
+
+/// The bytes of a plain-old-data map value.
+fn bytes<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: T is a repr(C) map type read out of the kernel: every byte is initialised.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+        .to_vec()
+}
+
+/// FNV-1a, to keep big arrays' snapshots short.
+fn crc(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A second `lb run` against a running daemon's pin directory and control
+/// socket, with the same config, another config, or `--fresh`: refused with
+/// the first one named, before it reads, writes or removes any map, pin or
+/// link; the running daemon's state is unchanged and it keeps answering.
+#[test]
+fn root_a_second_daemon_is_refused_and_touches_nothing_of_the_first() {
+    require_root();
+    let t = Topology::new(&prefix(), 2);
+    let _webs: Vec<Nginx> = t.start_webs();
+    let lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    let pins = pin_dir_for(&lb.socket);
+    let before = snapshot(&t, &pins);
+    let dir = lb_tests::TempDir::new("second");
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        lb_config(&lb.socket, &service_block("web", 80, "tcp", 1, 80)),
+    )
+    .unwrap();
+    let same = lb.config.clone();
+    for (what, cfg, extra) in [
+        ("the same config", &same, None),
+        ("another config", &other, None),
+        ("--fresh", &same, Some("--fresh")),
+    ] {
+        let out =
+            t.lb.command_same_mounts(lb_tests::daemon::lb_binary())
+                .arg("run")
+                .arg("--config")
+                .arg(cfg)
+                .args(extra)
+                .output()
+                .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: a second daemon must not run"
+        );
+        assert!(
+            stderr.contains("another lb daemon (pid ") && stderr.contains("runs with pin_dir"),
+            "{what}: the refusal names the running daemon:\n{stderr}"
+        );
+        let after = snapshot(&t, &pins);
+        assert_eq!(before, after, "{what}: the running daemon's state changed");
+        println!("{what}: refused: {}", stderr.lines().last().unwrap_or(""));
+    }
+    assert_eq!(
+        lb.status()["attachments"].as_array().unwrap().len(),
+        2,
+        "still running"
+    );
+    let got = t.client.run(|| http::get(vip(), "/"));
+    assert_eq!(got.expect("still forwarding").0, 200);
 }

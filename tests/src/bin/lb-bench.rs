@@ -24,7 +24,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::Xdp;
+use aya::programs::{SchedClassifier, Xdp};
 use lb_tests::{
     bench_control::{self, DaemonMemory, FailoverRun, Failure, PromotionRun},
     frames::{Frame, TCP_ACK, TCP_SYN},
@@ -61,11 +61,49 @@ struct Bench {
     x1: u32,
 }
 
+/// A program under measurement: the XDP program, or the TC program with its
+/// actions read as XDP's (a redirect as XDP_REDIRECT), so one check serves both.
+enum Prog<'a> {
+    Xdp(&'a mut Xdp),
+    Tc(&'a mut SchedClassifier),
+}
+
+impl Prog<'_> {
+    fn run(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, std::time::Duration), String> {
+        match self {
+            Prog::Xdp(p) => testrun::run(p, frame, ifindex, repeat),
+            Prog::Tc(p) => {
+                let (a, out, d) = testrun::run_tc(p, frame, ifindex, repeat)?;
+                let a = match a {
+                    testrun::TC_ACT_OK => XDP_PASS,
+                    testrun::TC_ACT_REDIRECT => XDP_REDIRECT,
+                    other => 1000 + other,
+                };
+                Ok((a, out, d))
+            }
+        }
+    }
+}
+
+/// The data path's program at `hook`.
+fn prog(dp: &mut Dataplane, tc: bool) -> Prog<'_> {
+    if tc {
+        Prog::Tc(dp.tc_program_mut())
+    } else {
+        Prog::Xdp(dp.program_mut())
+    }
+}
+
 impl Bench {
     /// Median (min, max) of `calls` single runs of `frames[i % len]`, each checked.
     fn measure(
         &self,
-        prog: &mut Xdp,
+        mut prog: Prog<'_>,
         frames: &[Vec<u8>],
         ifindex: u32,
         check: &Check,
@@ -73,7 +111,7 @@ impl Bench {
         let mut ns = Vec::with_capacity(self.calls);
         for i in 0..self.warmup + self.calls {
             let f = &frames[i % frames.len()];
-            let (action, out, d) = testrun::run(prog, f, ifindex, 1)?;
+            let (action, out, d) = prog.run(f, ifindex, 1)?;
             check(action, &out)?;
             if i >= self.warmup {
                 ns.push(d.as_nanos() as f64);
@@ -179,88 +217,123 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
             };
         let single = format!("median of {calls} single runs");
 
-        // The floor.
-        let mut ebpf = aya::Ebpf::load(&floor_bytes).map_err(|e| e.to_string())?;
-        let floor_prog: &mut Xdp = ebpf
-            .program_mut("floor")
-            .unwrap()
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-        floor_prog.load().map_err(|e| e.to_string())?;
-        let syn = client_tcp(40000, TCP_SYN);
-        let floor = b.measure(floor_prog, std::slice::from_ref(&syn), b.x0, &|a, out| {
-            if a == XDP_TX && out[0..6] == CLIENT_MAC[..] {
-                Ok(())
-            } else {
-                Err("floor did not swap and bounce".into())
-            }
-        })?;
-        push("floor", "MAC swap + XDP_TX", floor, &single, floor.0);
-        let f = floor.0;
-
-        // The balancer, per case.
-        let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
-        apply(&mut dp, &[service(2, Scheduler::RoundRobin), udp_service()]);
         let syns: Vec<Vec<u8>> = (0..(calls + warmup) as u32)
             .map(|i| client_tcp(1024 + (i % 60000) as u16 + (i / 60000) as u16, TCP_SYN))
             .collect();
-        // New flows: every call a new source port (the table is large enough).
-        let new_flow = b.measure(dp.program_mut(), &syns, b.x0, &redirected)?;
-        push(
-            "per case",
-            "new TCP flow (SYN, round robin)",
-            new_flow,
-            &single,
-            f,
-        );
-        let est = client_tcp(1024, TCP_ACK);
-        let established = b.measure(
-            dp.program_mut(),
-            std::slice::from_ref(&est),
-            b.x0,
-            &redirected,
-        )?;
-        push("per case", "established TCP flow", established, &single, f);
-        // The reply of the flow of port 1024 (it went to b0 = 10.0.2.11:8000).
-        let mut reply = Frame::tcp((B1, 8000), (CLIENT, 1024), TCP_ACK);
-        reply.src_mac = B1_MAC;
-        reply.dst_mac = X1_MAC;
-        let reply = b.measure(dp.program_mut(), &[reply.build()], b.x1, &redirected)?;
-        push("per case", "backend reply (reverse NAT)", reply, &single, f);
-        let mut udp = Frame::udp((CLIENT, 5000), (VIP, 53));
-        udp.src_mac = CLIENT_MAC;
-        udp.dst_mac = X0_MAC;
-        let udp = b.measure(dp.program_mut(), &[udp.build()], b.x0, &redirected)?;
-        push("per case", "UDP flow", udp, &single, f);
-        let mut other = Frame::tcp((CLIENT, 5555), (Ipv4Addr::new(10, 0, 1, 1), 22), TCP_SYN);
-        other.dst_mac = X0_MAC;
-        let other = other.build();
-        let pass = b.measure(
-            dp.program_mut(),
-            std::slice::from_ref(&other),
-            b.x0,
-            &|a, out| {
-                if a == XDP_PASS {
-                    Ok(())
-                } else {
-                    Err(format!("expected XDP_PASS, got {a} ({} bytes)", out.len()))
-                }
-            },
-        )?;
-        push("per case", "not for a service (passed)", pass, &single, f);
-        // Output equals input: repeat is honest here.
-        let (a, out, d) = testrun::run(dp.program_mut(), &other, b.x0, 1_000_000)?;
-        if a != XDP_PASS || out != other {
-            return Err("the passed frame changed".into());
+        let mut xdp_floor = 0.0;
+        for tc in [false, true] {
+            let (hook, floor_case, per_case) = if tc {
+                ("TC", "MAC swap + bpf_redirect", "per case (TC)")
+            } else {
+                ("XDP", "MAC swap + XDP_TX", "per case (XDP)")
+            };
+            // The floor at this hook.
+            let mut ebpf = aya::Ebpf::load(&floor_bytes).map_err(|e| e.to_string())?;
+            let floor = if tc {
+                let p: &mut SchedClassifier = ebpf
+                    .program_mut("tc_floor")
+                    .unwrap()
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                p.load().map_err(|e| e.to_string())?;
+                let syn = client_tcp(40000, TCP_SYN);
+                b.measure(Prog::Tc(p), std::slice::from_ref(&syn), b.x0, &|a, out| {
+                    if a == XDP_REDIRECT && out[0..6] == CLIENT_MAC[..] {
+                        Ok(())
+                    } else {
+                        Err("the TC floor did not swap and redirect".into())
+                    }
+                })?
+            } else {
+                let p: &mut Xdp = ebpf
+                    .program_mut("floor")
+                    .unwrap()
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                p.load().map_err(|e| e.to_string())?;
+                let syn = client_tcp(40000, TCP_SYN);
+                b.measure(Prog::Xdp(p), std::slice::from_ref(&syn), b.x0, &|a, out| {
+                    if a == XDP_TX && out[0..6] == CLIENT_MAC[..] {
+                        Ok(())
+                    } else {
+                        Err("floor did not swap and bounce".into())
+                    }
+                })?
+            };
+            push(
+                if tc { "floor (TC)" } else { "floor (XDP)" },
+                floor_case,
+                floor,
+                &single,
+                floor.0,
+            );
+            let f = floor.0;
+            if !tc {
+                xdp_floor = f;
+            }
+
+            // The balancer at this hook, per case.
+            let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
+            apply(&mut dp, &[service(2, Scheduler::RoundRobin), udp_service()]);
+            // New flows: every call a new source port (the table is large enough).
+            let new_flow = b.measure(prog(&mut dp, tc), &syns, b.x0, &redirected)?;
+            push(
+                per_case,
+                "new TCP flow (SYN, round robin)",
+                new_flow,
+                &single,
+                f,
+            );
+            let est = client_tcp(1024, TCP_ACK);
+            let established = b.measure(
+                prog(&mut dp, tc),
+                std::slice::from_ref(&est),
+                b.x0,
+                &redirected,
+            )?;
+            push(per_case, "established TCP flow", established, &single, f);
+            // The reply of the flow of port 1024 (it went to b0 = 10.0.2.11:8000).
+            let mut reply = Frame::tcp((B1, 8000), (CLIENT, 1024), TCP_ACK);
+            reply.src_mac = B1_MAC;
+            reply.dst_mac = X1_MAC;
+            let reply = b.measure(prog(&mut dp, tc), &[reply.build()], b.x1, &redirected)?;
+            push(per_case, "backend reply (reverse NAT)", reply, &single, f);
+            let mut udp = Frame::udp((CLIENT, 5000), (VIP, 53));
+            udp.src_mac = CLIENT_MAC;
+            udp.dst_mac = X0_MAC;
+            let udp = b.measure(prog(&mut dp, tc), &[udp.build()], b.x0, &redirected)?;
+            push(per_case, "UDP flow", udp, &single, f);
+            let mut other = Frame::tcp((CLIENT, 5555), (Ipv4Addr::new(10, 0, 1, 1), 22), TCP_SYN);
+            other.dst_mac = X0_MAC;
+            let other = other.build();
+            let pass = b.measure(
+                prog(&mut dp, tc),
+                std::slice::from_ref(&other),
+                b.x0,
+                &|a, out| {
+                    if a == XDP_PASS {
+                        Ok(())
+                    } else {
+                        Err(format!("expected a pass, got {a} ({} bytes)", out.len()))
+                    }
+                },
+            )?;
+            push(per_case, "not for a service (passed)", pass, &single, f);
+            // Output equals input: repeat is honest here.
+            let (a, out, d) = prog(&mut dp, tc).run(&other, b.x0, 1_000_000)?;
+            if a != XDP_PASS || out != other {
+                return Err(format!("{hook}: the passed frame changed"));
+            }
+            let per = d.as_nanos() as f64;
+            push(
+                per_case,
+                "not for a service (repeat = 1,000,000)",
+                (per, per, per),
+                "kernel average over 1,000,000 repeats",
+                f,
+            );
         }
-        let per = d.as_nanos() as f64;
-        push(
-            "per case",
-            "not for a service (repeat = 1,000,000)",
-            (per, per, per),
-            "kernel average over 1,000,000 repeats",
-            f,
-        );
+        let f = xdp_floor;
 
         // How it grows: backends.
         for n in [2usize, 64, 1024] {
@@ -268,7 +341,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
             apply(&mut dp, &[service(n, Scheduler::RoundRobin)]);
             let _ = testrun::run(dp.program_mut(), &client_tcp(2000, TCP_SYN), b.x0, 1)?;
             let r = b.measure(
-                dp.program_mut(),
+                Prog::Xdp(dp.program_mut()),
                 &[client_tcp(2000, TCP_ACK)],
                 b.x0,
                 &redirected,
@@ -289,7 +362,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
                 .map_err(|e| format!("{e:#}"))?;
             let _ = testrun::run(dp.program_mut(), &client_tcp(3000, TCP_SYN), b.x0, 1)?;
             let r = b.measure(
-                dp.program_mut(),
+                Prog::Xdp(dp.program_mut()),
                 &[client_tcp(3000, TCP_ACK)],
                 b.x0,
                 &redirected,
@@ -310,7 +383,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
         ] {
             let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
             apply(&mut dp, &[service(16, sched)]);
-            let r = b.measure(dp.program_mut(), &syns, b.x0, &redirected)?;
+            let r = b.measure(Prog::Xdp(dp.program_mut()), &syns, b.x0, &redirected)?;
             push(
                 "schedulers",
                 &format!("new flow, {name}, 16 backends"),
@@ -348,9 +421,11 @@ fn machine() -> String {
     format!("{cpu}, {cpus} CPUs, Linux {}", kernel.trim())
 }
 
-/// One end-to-end result: a path and mode, the medians over rounds.
+/// One end-to-end result: a path and mode on a bed, the medians over rounds.
 #[derive(serde::Serialize)]
 struct E2e {
+    /// How the bed's veths were set.
+    veths: &'static str,
     path: &'static str,
     mode: &'static str,
     requests_per_s: (f64, f64, f64),
@@ -368,65 +443,52 @@ struct Pps {
     delivered_per_s: (f64, f64, f64),
 }
 
+fn veths_name(o: lb_tests::topology::Offloads) -> &'static str {
+    match o {
+        lb_tests::topology::Offloads::Default => "default (as ip link makes them)",
+        lb_tests::topology::Offloads::NicLike => "NIC-like (TX checksum offload off, GRO on)",
+    }
+}
+
 fn end_to_end(quick: bool) -> Result<(Vec<E2e>, Vec<Pps>), String> {
-    use lb_tests::bench_e2e::{median, Bed, Path as P};
+    use lb_tests::{
+        bench_e2e::{median, Bed, Path as P},
+        topology::Offloads,
+    };
+    use lb_userspace::config::Hook;
     let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
     println!("end to end: wrk, {rounds} round(s) of {secs} s per case, interleaved");
-    let bed = Bed::new(&format!("be{}", std::process::id() % 10_000))?;
-    let mut all: Vec<((P, bool), Vec<lb_tests::bench_e2e::Sample>)> = Vec::new();
-    for p in P::ALL {
-        for new_conn in [false, true] {
-            all.push(((p, new_conn), Vec::new()));
+    let mut e2e = Vec::new();
+    let mut pps_rows = Vec::new();
+    for offloads in [Offloads::Default, Offloads::NicLike] {
+        println!("  veths {}", veths_name(offloads));
+        let mut bed = Bed::new(&format!("be{}", std::process::id() % 10_000), offloads)?;
+        let mut all: Vec<((P, bool), Vec<lb_tests::bench_e2e::Sample>)> = Vec::new();
+        for p in Bed::paths(offloads) {
+            for new_conn in [false, true] {
+                all.push(((p, new_conn), Vec::new()));
+            }
         }
-    }
-    for round in 0..rounds {
-        for ((p, new_conn), samples) in all.iter_mut() {
-            let s = bed.wrk(*p, *new_conn, secs)?;
-            println!(
-                "  round {} {:<22} {:<16} {:>9.0} req/s  {:>6.1} us CPU/req",
-                round + 1,
-                p.name(),
-                if *new_conn {
-                    "new connection"
-                } else {
-                    "keep-alive"
-                },
-                s.requests_per_s,
-                s.cpu_us_per_request
-            );
-            samples.push(s);
+        for round in 0..rounds {
+            for ((p, new_conn), samples) in all.iter_mut() {
+                let s = bed.wrk(*p, *new_conn, secs)?;
+                println!(
+                    "  round {} {:<22} {:<16} {:>9.0} req/s  {:>6.1} us CPU/req",
+                    round + 1,
+                    p.name(),
+                    if *new_conn {
+                        "new connection"
+                    } else {
+                        "keep-alive"
+                    },
+                    s.requests_per_s,
+                    s.cpu_us_per_request
+                );
+                samples.push(s);
+            }
         }
-    }
-    // Packets per second for a UDP service: ours against nftables.
-    let mut pps: Vec<(P, Vec<(f64, f64)>)> = vec![(P::Ours, Vec::new()), (P::Nftables, Vec::new())];
-    for round in 0..rounds {
-        for (p, samples) in pps.iter_mut() {
-            let r = bed.pps(*p, secs as f64);
-            println!(
-                "  round {} {:<22} UDP flood        {:>9.0} sent/s {:>9.0} delivered/s",
-                round + 1,
-                p.name(),
-                r.0,
-                r.1
-            );
-            samples.push(r);
-        }
-    }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (v[v.len() / 2], v[0], v[v.len() - 1])
-    };
-    let pps = pps
-        .into_iter()
-        .map(|(p, s)| Pps {
-            path: p.name(),
-            sent_per_s: med(&mut s.iter().map(|x| x.0).collect()),
-            delivered_per_s: med(&mut s.iter().map(|x| x.1).collect()),
-        })
-        .collect();
-    let e2e = all
-        .into_iter()
-        .map(|((p, new_conn), s)| E2e {
+        e2e.extend(all.into_iter().map(|((p, new_conn), s)| E2e {
+            veths: veths_name(bed.offloads()),
             path: p.name(),
             mode: if new_conn {
                 "new connection per request"
@@ -438,9 +500,37 @@ fn end_to_end(quick: bool) -> Result<(Vec<E2e>, Vec<Pps>), String> {
             p99_ms: median(&s, |x| x.p99_ms).0,
             cpu_us_per_request: median(&s, |x| x.cpu_us_per_request).0,
             balancer_cpu_us_per_request: median(&s, |x| x.balancer_cpu_us_per_request).0,
-        })
-        .collect();
-    Ok((e2e, pps))
+        }));
+        if offloads != Offloads::Default {
+            continue;
+        }
+        // Packets per second for a UDP service: ours against nftables.
+        let mut pps: Vec<(P, Vec<(f64, f64)>)> =
+            vec![(P::Lb(Hook::Tc), Vec::new()), (P::Nftables, Vec::new())];
+        for round in 0..rounds {
+            for (p, samples) in pps.iter_mut() {
+                let r = bed.pps(*p, secs as f64);
+                println!(
+                    "  round {} {:<22} UDP flood        {:>9.0} sent/s {:>9.0} delivered/s",
+                    round + 1,
+                    p.name(),
+                    r.0,
+                    r.1
+                );
+                samples.push(r);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        pps_rows.extend(pps.into_iter().map(|(p, s)| Pps {
+            path: p.name(),
+            sent_per_s: med(&mut s.iter().map(|x| x.0).collect()),
+            delivered_per_s: med(&mut s.iter().map(|x| x.1).collect()),
+        }));
+    }
+    Ok((e2e, pps_rows))
 }
 
 fn pps_markdown(p: &[Pps]) -> String {
@@ -476,17 +566,22 @@ fn pps_markdown(p: &[Pps]) -> String {
 fn e2e_markdown(e: &[E2e]) -> String {
     let mut md = String::from(
         "\n## End to end: wrk through each path\n\n\
-         Client, balancer and two nginx backends in namespaces; wrk -t1 -c32. Whole-machine CPU per request \
-         (/proc/stat busy time over the run, divided by requests) is the fair cost on a saturated 2-core machine; \
-         balancer CPU is HAProxy's process time, or softirq time for the kernel paths (XDP, netfilter and \
-         forwarding run there).\n\n\
-         | path | mode | requests/s (min-max) | p50 ms | p99 ms | CPU us/request | balancer CPU us/request |\n\
-         |---|---|---:|---:|---:|---:|---:|\n",
+         Client, balancer and nginx in namespaces; wrk -t1 -c32. Every path goes to the same one backend \
+         (web1), so that direct (plain kernel forwarding through the balancer's namespace, no balancer) is a \
+         fair anchor. Whole-machine CPU per request (/proc/stat busy time over the run, divided by requests) \
+         is the fair cost on a saturated 2-core machine; balancer CPU is HAProxy's process time, or softirq \
+         time for the kernel paths (TC, XDP, netfilter and forwarding run there). Our daemon runs only for its \
+         own cases, with its SYN-flood guard off (wrk's one client opens more new connections a second than \
+         the guard lets one source open by default). Native XDP cannot forward on veths as ip link makes them (it is refused), so it is \
+         measured on veths set as a NIC would be, beside TC, generic XDP and direct on the same veths.\n\n\
+         | veths | path | mode | requests/s (min-max) | p50 ms | p99 ms | CPU us/request | balancer CPU us/request |\n\
+         |---|---|---|---:|---:|---:|---:|---:|\n",
     );
     for r in e {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} ({:.0}-{:.0}) | {:.2} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {:.0} ({:.0}-{:.0}) | {:.2} | {:.2} | {:.1} | {:.1} |",
+            r.veths,
             r.path,
             r.mode,
             r.requests_per_s.0,
@@ -498,18 +593,28 @@ fn e2e_markdown(e: &[E2e]) -> String {
             r.balancer_cpu_us_per_request
         );
     }
-    md.push_str("\n| ratio | mode | requests/s | CPU per request |\n|---|---|---:|---:|\n");
-    for mode in ["keep-alive", "new connection per request"] {
-        let get = |p: &str| e.iter().find(|r| r.path == p && r.mode == mode);
-        if let Some(ours) = get("lb (XDP)") {
-            for other in ["HAProxy", "nftables DNAT", "direct (no balancer)"] {
-                if let Some(o) = get(other) {
-                    let _ = writeln!(
-                        md,
-                        "| lb / {other} | {mode} | {:.2} | {:.2} |",
-                        ours.requests_per_s.0 / o.requests_per_s.0,
-                        ours.cpu_us_per_request / o.cpu_us_per_request
-                    );
+    md.push_str(
+        "\n| veths | ratio | mode | requests/s | CPU per request |\n|---|---|---|---:|---:|\n",
+    );
+    let mut veths: Vec<&str> = e.iter().map(|r| r.veths).collect();
+    veths.dedup();
+    for v in veths {
+        for mode in ["keep-alive", "new connection per request"] {
+            let get = |p: &str| {
+                e.iter()
+                    .find(|r| r.veths == v && r.path == p && r.mode == mode)
+            };
+            for ours in ["lb (TC)", "lb (generic XDP)", "lb (native XDP)"] {
+                let Some(o) = get(ours) else { continue };
+                for other in ["HAProxy", "nftables DNAT", "direct (no balancer)"] {
+                    if let Some(x) = get(other) {
+                        let _ = writeln!(
+                            md,
+                            "| {v} | {ours} / {other} | {mode} | {:.2} | {:.2} |",
+                            o.requests_per_s.0 / x.requests_per_s.0,
+                            o.cpu_us_per_request / x.cpu_us_per_request
+                        );
+                    }
                 }
             }
         }
@@ -843,10 +948,13 @@ fn write_outputs(
         "sudo cargo xtask bench"
     };
     let mut md = format!(
-        "# lb benchmark: per-packet cost of the XDP program\n\n\
+        "# lb benchmark: per-packet cost of the data path, at XDP and at TC\n\n\
          Run {when} on {mach}, with `{cmd}`. BPF_PROG_TEST_RUN, one CPU; ns/packet is the median of the \
          kernel-reported durations of single runs (min-max in brackets), each run's action and output checked. \
-         The floor is a program that only swaps MACs and returns XDP_TX.\n\n\
+         Each hook has its floor: a program that only swaps MACs and sends the frame back (XDP_TX at XDP, \
+         bpf_redirect to the ingress interface at TC); each case is a multiple of its own hook's floor. A TC \
+         run starts from a socket buffer the kernel builds for it, so its times include more of the kernel \
+         than an XDP run's. The groups after the per-case ones are measured at XDP.\n\n\
          | group | case | ns/packet | min-max | x floor |\n|---|---|---:|---:|---:|\n"
     );
     for r in rows {
@@ -876,7 +984,7 @@ fn write_outputs(
     for (i, r) in rows.iter().enumerate() {
         let y = 30.0 + h * i as f64;
         let w = width * r.ns / max;
-        let color = if r.group == "floor" {
+        let color = if r.group.starts_with("floor") {
             "#8c959f"
         } else {
             "#0969da"
