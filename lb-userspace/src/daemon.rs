@@ -109,6 +109,8 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     };
     let _control = control::serve(&socket, tx)?;
     tracing::info!(socket = %socket.display(), "running");
+    // Under systemd (Type=notify): ready once attached and answering.
+    notify("READY=1\nSTATUS=attached and balancing");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -154,10 +156,11 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
             Some(report) = mysql_reports.recv() => lb.on_mysql_report(report),
         }
     };
+    notify("STOPPING=1");
     if keep {
         tracing::info!(pins = %pin_dir.display(), "stopping: the data path stays attached and pinned");
     } else {
-        tracing::info!("stopping: detaching XDP and removing the pins");
+        tracing::info!("stopping: detaching the data path and removing the pins");
     }
     lb.dataplane_mut().shutdown(keep);
     // Let the connection task of an `lb stop` finish writing its answer
@@ -232,4 +235,22 @@ fn start_program_logs(dp: &mut Dataplane) -> Option<tokio::task::JoinHandle<()>>
             guard.clear_ready();
         }
     }))
+}
+
+/// Tells the service manager `state` (sd_notify's protocol: a datagram to
+/// the socket `$NOTIFY_SOCKET` names); nothing when no manager asked.
+fn notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| addr.and_then(|a| s.send_to_addr(state.as_bytes(), &a)));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
 }

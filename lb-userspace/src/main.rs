@@ -79,6 +79,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET, global = true)]
         socket: PathBuf,
     },
+    /// Print the manual page (roff), made from this help.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand)]
@@ -195,6 +198,12 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reload { socket } => say(&socket, Request::Reload),
+        Command::Manpage => {
+            let mut out = Vec::new();
+            manpage(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(())
+        }
         Command::Backend { op, socket } => {
             let req = match op {
                 BackendOp::Add {
@@ -254,6 +263,26 @@ fn parse_addr_port(s: &str) -> Result<(std::net::Ipv4Addr, Option<u16>)> {
         .parse()
         .with_context(|| format!("{a:?} is not an IPv4 address"))?;
     Ok((a, p))
+}
+
+/// The manual page: the command's own page, then each subcommand's
+/// description and options.
+fn manpage(out: &mut Vec<u8>) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd.clone()).render(out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let sub = sub.clone().name(format!("lb {}", sub.get_name()));
+        std::io::Write::write_all(
+            out,
+            format!(".SH \"{}\"\n", sub.get_name().to_uppercase()).as_bytes(),
+        )?;
+        let man = clap_mangen::Man::new(sub);
+        man.render_synopsis_section(out)?;
+        man.render_description_section(out)?;
+        man.render_options_section(out)?;
+    }
+    Ok(())
 }
 
 /// The human form of `lb status`.

@@ -154,8 +154,8 @@ impl Metrics {
         );
         let xdp = gauge(
             "lb_xdp_attached",
-            "1 per interface the data path runs on, with its hook (xdp, xdp-generic or tc) and mode (its older name: native, generic or tc).",
-            &["interface", "hook", "mode"],
+            "1 per interface the data path runs on, with its hook (xdp, xdp-generic or tc), mode (its older name: native, generic or tc) and why that hook.",
+            &["interface", "hook", "mode", "reason"],
         );
 
         let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
@@ -254,8 +254,13 @@ impl Metrics {
         ct.with_label_values::<&str>(&[]).set(table.0 as i64);
         ct_cap.with_label_values::<&str>(&[]).set(table.1 as i64);
         for a in status["attachments"].as_array().into_iter().flatten() {
-            xdp.with_label_values(&[&s(&a["interface"]), &s(&a["hook"]), &s(&a["mode"])])
-                .set(1);
+            xdp.with_label_values(&[
+                &s(&a["interface"]),
+                &s(&a["hook"]),
+                &s(&a["mode"]),
+                &s(&a["reason"]),
+            ])
+            .set(1);
         }
 
         let mut out = Vec::new();

@@ -108,14 +108,13 @@ impl Drop for Bed {
 }
 
 impl Bed {
-    /// The paths measured on veths set as `o`: native XDP only where the
-    /// veths let it forward (NIC-like); HAProxy and nftables once, on the
-    /// veths users have.
+    /// The paths measured on veths set as `o`: native and generic XDP only
+    /// where the veths let them forward (NIC-like); HAProxy and nftables
+    /// once, on the veths users have.
     pub fn paths(o: Offloads) -> Vec<Path> {
         match o {
             Offloads::Default => vec![
                 Path::Lb(Hook::Tc),
-                Path::Lb(Hook::XdpGeneric),
                 Path::Haproxy,
                 Path::Nftables,
                 Path::Direct,

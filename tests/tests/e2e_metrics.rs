@@ -150,7 +150,16 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
         get(
             &before,
             "lb_xdp_attached",
-            &[("interface", "eth0"), ("hook", "tc"), ("mode", "tc")]
+            &[
+                ("interface", "eth0"),
+                ("hook", "tc"),
+                ("mode", "tc"),
+                (
+                    "reason",
+                    "auto: a virtual device (driver veth): TC keeps the socket buffer's checksum \
+                     state and sends into the veth peer directly"
+                )
+            ]
         ),
         1.0
     );

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's doors. Each command installs what it
 //! needs when it is missing, so on a fresh machine these are the whole set-up.
 
+mod package;
 mod setup;
 
 use std::{
@@ -36,13 +37,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Per-packet cost of the XDP program against a MAC-swap floor, and how it
-    /// grows (BPF_PROG_TEST_RUN); writes bench/results/latest.{md,json,svg} (root).
+    /// Per-packet cost of the data path (XDP and TC) against MAC-swap floors,
+    /// how it grows, end to end against HAProxy, nftables and no balancer, and
+    /// the control plane; writes bench/results/latest.{md,json,svg} (root).
     Bench {
         /// A shorter run (well under two minutes).
         #[arg(long)]
         quick: bool,
     },
+    /// A Debian package (binary, systemd unit, example configs, man page) in
+    /// target/debian.
+    Package,
     /// The seed's whole infrastructure in network namespaces on this machine
     /// (DNS, our balancer, nginx, app servers, MariaDB primary and replica): a
     /// checked story, then everything is removed (root).
@@ -65,6 +70,7 @@ fn main() {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { interactive, .. } => demo(interactive),
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Package => package::package().map(|_| ()),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");
@@ -242,6 +248,8 @@ fn test(extra: &[String]) -> Result<()> {
         "cargo",
         &["build", "-p", "lb-userspace", "--bin", "lb"],
     ))?;
+    println!("test: a Debian package of that build, for the package test");
+    let deb = package::build_package(&root().join("target/debug/lb"))?;
     println!("test: unit, kernel (BPF_PROG_TEST_RUN) and end-to-end suites");
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
@@ -251,6 +259,7 @@ fn test(extra: &[String]) -> Result<()> {
         args.extend(["--", "--test-threads=1"]);
     }
     let mut c = cmd("cargo", &args);
-    c.env("LB_TEST_UPGRADE_OBJECT", &variant);
+    c.env("LB_TEST_UPGRADE_OBJECT", &variant)
+        .env("LB_TEST_PACKAGE", &deb);
     run(&mut c)
 }

@@ -43,7 +43,13 @@ pub const DEMO_PACKAGES: &[(&str, &str)] = &[
 /// What the tests need: the demo's packages and a browser for the status page.
 pub fn test_packages() -> Vec<(&'static str, &'static str)> {
     let mut p = DEMO_PACKAGES.to_vec();
-    p.push(("chromium", "chromium"));
+    p.extend([
+        ("chromium", "chromium"),
+        // The package test: build, install, verify the unit.
+        ("dpkg-deb", "dpkg"),
+        ("gzip", "gzip"),
+        ("systemd-analyze", "systemd"),
+    ]);
     p
 }
 

@@ -572,8 +572,8 @@ fn e2e_markdown(e: &[E2e]) -> String {
          is the fair cost on a saturated 2-core machine; balancer CPU is HAProxy's process time, or softirq \
          time for the kernel paths (TC, XDP, netfilter and forwarding run there). Our daemon runs only for its \
          own cases, with its SYN-flood guard off (wrk's one client opens more new connections a second than \
-         the guard lets one source open by default). Native XDP cannot forward on veths as ip link makes them (it is refused), so it is \
-         measured on veths set as a NIC would be, beside TC, generic XDP and direct on the same veths.\n\n\
+         the guard lets one source open by default). Native and generic XDP cannot forward on veths as ip link makes them (they are refused), so \
+         they are measured on veths set as a NIC would be, beside TC and direct on the same veths.\n\n\
          | veths | path | mode | requests/s (min-max) | p50 ms | p99 ms | CPU us/request | balancer CPU us/request |\n\
          |---|---|---|---:|---:|---:|---:|---:|\n",
     );
