@@ -100,3 +100,27 @@ impl Conn {
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
+
+/// From namespace `ns`, `n` GETs of `/` to `addr`, each on a new connection;
+/// each must answer 200. Returns the bodies (the backends' names) in order
+/// and how many times each name answered.
+pub fn names(
+    ns: &crate::netns::Netns,
+    addr: SocketAddr,
+    n: usize,
+) -> (Vec<String>, std::collections::HashMap<String, usize>) {
+    let answers: Vec<String> = ns.run(move || {
+        (0..n)
+            .map(|i| match get(addr, "/") {
+                Ok((200, body)) => body.trim().to_owned(),
+                Ok((status, body)) => panic!("request {i}: status {status}: {body}"),
+                Err(e) => panic!("request {i} through {addr} failed: {e}"),
+            })
+            .collect()
+    });
+    let mut per = std::collections::HashMap::new();
+    for a in &answers {
+        *per.entry(a.clone()).or_default() += 1;
+    }
+    (answers, per)
+}

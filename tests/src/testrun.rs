@@ -91,22 +91,48 @@ pub fn run(
     ifindex: u32,
     repeat: u32,
 ) -> Result<(u32, Vec<u8>, Duration), String> {
-    let mut out = vec![0u8; frame.len() + 512];
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
         .iter()
         .flat_map(|v| v.to_ne_bytes())
         .collect();
+    run_with(prog, frame, &ctx, repeat)
+}
+
+/// One test run of `prog` on `frame` with context `ctx`.
+fn run_with<P>(
+    prog: &mut P,
+    frame: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, Duration), String>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 512];
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
+        ctx_in: Some(ctx),
         repeat,
         ..Default::default()
     };
     let r = prog.test_run(opts).map_err(|e| format!("{e:#}"))?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, out, r.duration))
+}
+
+/// What the XDP program returns where the TC program returns `tc` (a
+/// redirect read as XDP_REDIRECT, which is what the XDP program returns for
+/// everything but forwarding out of the interface a frame came in on); an
+/// action TC has no XDP twin for comes back as 1000 + it, matching nothing.
+pub fn xdp_action_of(tc: u32) -> u32 {
+    match tc {
+        TC_ACT_OK => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT => XDP_REDIRECT,
+        other => 1000 + other,
+    }
 }
 
 /// Like [`run`], for the TC program: the frame arrives at TC ingress of
@@ -117,20 +143,10 @@ pub fn run_tc(
     ifindex: u32,
     repeat: u32,
 ) -> Result<(u32, Vec<u8>, Duration), String> {
-    let mut out = vec![0u8; frame.len() + 512];
     // struct __sk_buff (192 bytes): ingress_ifindex at 36, ifindex at 40;
     // everything else zero, as the kernel requires of most fields.
     let mut ctx = vec![0u8; 192];
     ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat,
-        ..Default::default()
-    };
-    let r = prog.test_run(opts).map_err(|e| format!("{e:#}"))?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out, r.duration))
+    run_with(prog, frame, &ctx, repeat)
 }

@@ -148,3 +148,32 @@ pub fn flood(ns: &Netns, target: SocketAddr, secs: f64) -> u64 {
         sent
     })
 }
+
+/// From the client (10.0.1.2) in `ns`, `flows` UDP flows to
+/// `vip`, each its own socket, `rounds` datagrams each in turn; every answer
+/// must come from `vip`. Returns each flow's answers (the backends' names).
+pub fn flows_through(ns: &Netns, vip: SocketAddr, flows: usize, rounds: usize) -> Vec<Vec<String>> {
+    ns.run(move || {
+        let socks: Vec<UdpSocket> = (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind("10.0.1.2:0").unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                    .unwrap();
+                s
+            })
+            .collect();
+        let mut answers = vec![Vec::new(); flows];
+        for round in 0..rounds {
+            for (i, s) in socks.iter().enumerate() {
+                s.send_to(b"who?", vip).unwrap();
+                let mut buf = [0u8; 64];
+                let (n, from) = s
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("UDP flow {i} round {round}: no answer: {e}"));
+                assert_eq!(from, vip, "the answer must come from the VIP");
+                answers[i].push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        answers
+    })
+}

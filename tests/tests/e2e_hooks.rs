@@ -5,11 +5,7 @@
 //! VIP, checks the exact split, and checks that no receiver anywhere counted a
 //! checksum error. A hook that cannot forward correctly is refused at start.
 
-use std::{
-    collections::HashMap,
-    net::{SocketAddr, SocketAddrV4, UdpSocket},
-    time::Duration,
-};
+use std::net::{SocketAddr, SocketAddrV4};
 
 use lb_tests::{
     daemon::{lb_binary, LbDaemon},
@@ -112,18 +108,9 @@ fn forwards_with(hook: &str, o: Ends, expect: &str) {
     }
 
     const N: usize = 1000;
-    let answers: Vec<String> = t.client.run(|| {
-        (0..N)
-            .map(|i| match http::get(vip(80), "/") {
-                Ok((200, body)) => body.trim().to_owned(),
-                Ok((status, body)) => panic!("request {i}: status {status}: {body}"),
-                Err(e) => panic!("request {i} through the VIP failed: {e}"),
-            })
-            .collect()
-    });
-    let mut per: HashMap<&str, usize> = HashMap::new();
-    for a in &answers {
-        *per.entry(a.as_str()).or_default() += 1;
+    let (answers, per) = http::names(&t.client, vip(80), N);
+    for w in answers.windows(2) {
+        assert_ne!(w[0], w[1], "one client's new connections alternate");
     }
     println!("{hook}, {o:?} offloads: {N} requests split {per:?}");
     assert_eq!(per.get("web1"), Some(&(N / 2)), "{per:?}");
@@ -134,28 +121,7 @@ fn forwards_with(hook: &str, o: Ends, expect: &str) {
 
     const FLOWS: usize = 10;
     const PER_FLOW: usize = 4;
-    let flows: Vec<Vec<String>> = t.client.run(|| {
-        let socks: Vec<UdpSocket> = (0..FLOWS)
-            .map(|_| {
-                let s = UdpSocket::bind("10.0.1.2:0").unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s
-            })
-            .collect();
-        let mut answers = vec![Vec::new(); FLOWS];
-        for round in 0..PER_FLOW {
-            for (i, s) in socks.iter().enumerate() {
-                s.send_to(b"who?", vip(53)).unwrap();
-                let mut buf = [0u8; 64];
-                let (n, from) = s
-                    .recv_from(&mut buf)
-                    .unwrap_or_else(|e| panic!("UDP flow {i} round {round}: no answer: {e}"));
-                assert_eq!(from, vip(53), "the answer comes from the VIP");
-                answers[i].push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        answers
-    });
+    let flows = lb_tests::udp::flows_through(&t.client, vip(53), FLOWS, PER_FLOW);
     for (i, a) in flows.iter().enumerate() {
         let want = if i % 2 == 0 { "web1" } else { "web2" };
         assert!(a.iter().all(|x| x == want), "UDP flow {i}: {a:?}");

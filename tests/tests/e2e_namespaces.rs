@@ -3,8 +3,7 @@
 //! netfilter drops every forwarded packet, so only XDP can carry traffic.
 
 use std::{
-    collections::HashMap,
-    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    net::{SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
@@ -57,19 +56,7 @@ fn root_http_new_connections_split_evenly_and_counters_agree_with_backends() {
     });
 
     const N: usize = 1000;
-    let answers: Vec<String> = t.client.run(|| {
-        (0..N)
-            .map(|i| match http::get(vip(80), "/") {
-                Ok((200, body)) => body.trim().to_owned(),
-                Ok((status, body)) => panic!("request {i}: status {status}: {body}"),
-                Err(e) => panic!("request {i} through the VIP failed: {e}"),
-            })
-            .collect()
-    });
-    let mut per: HashMap<&str, usize> = HashMap::new();
-    for a in &answers {
-        *per.entry(a.as_str()).or_default() += 1;
-    }
+    let (answers, per) = http::names(&t.client, vip(80), N);
     println!("split over {N} new connections: {per:?}");
     assert_eq!(per.len(), 2, "both backends answer: {per:?}");
     for name in ["web1", "web2"] {
@@ -176,28 +163,7 @@ fn root_udp_service_round_robins_new_flows_and_keeps_each_flow() {
 
     const FLOWS: usize = 10;
     const PER_FLOW: usize = 4;
-    let flows: Vec<Vec<String>> = t.client.run(|| {
-        let socks: Vec<UdpSocket> = (0..FLOWS)
-            .map(|_| {
-                let s = UdpSocket::bind("10.0.1.2:0").unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s
-            })
-            .collect();
-        let mut answers = vec![Vec::new(); FLOWS];
-        for round in 0..PER_FLOW {
-            for (i, s) in socks.iter().enumerate() {
-                s.send_to(b"who?", vip(53)).unwrap();
-                let mut buf = [0u8; 64];
-                let (n, from) = s
-                    .recv_from(&mut buf)
-                    .unwrap_or_else(|e| panic!("flow {i} round {round}: no answer: {e}"));
-                assert_eq!(from, vip(53), "the answer must come from the VIP");
-                answers[i].push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        answers
-    });
+    let flows = lb_tests::udp::flows_through(&t.client, vip(53), FLOWS, PER_FLOW);
     for (i, a) in flows.iter().enumerate() {
         assert!(
             a.iter().all(|x| x == &a[0]),

@@ -12,7 +12,7 @@ use lb_tests::{
     model::Model,
     netns::Netns,
     require_root,
-    testrun::{self, TestRunNet, B1, B2, CLIENT, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    testrun::{self, TestRunNet, B1, B2, CLIENT, VIP, XDP_DROP, XDP_REDIRECT},
     unique,
 };
 use lb_userspace::{
@@ -73,13 +73,7 @@ impl Harness {
             return (a, out);
         }
         let (a, out, _) = testrun::run_tc(self.dp.tc_program_mut(), frame, ingress, 1).unwrap();
-        let a = match a {
-            testrun::TC_ACT_OK => XDP_PASS,
-            testrun::TC_ACT_SHOT => XDP_DROP,
-            testrun::TC_ACT_REDIRECT => XDP_REDIRECT,
-            other => 1000 + other,
-        };
-        (a, out)
+        (testrun::xdp_action_of(a), out)
     }
 
     fn counters(&self) -> Vec<u64> {

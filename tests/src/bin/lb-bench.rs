@@ -79,12 +79,7 @@ impl Prog<'_> {
             Prog::Xdp(p) => testrun::run(p, frame, ifindex, repeat),
             Prog::Tc(p) => {
                 let (a, out, d) = testrun::run_tc(p, frame, ifindex, repeat)?;
-                let a = match a {
-                    testrun::TC_ACT_OK => XDP_PASS,
-                    testrun::TC_ACT_REDIRECT => XDP_REDIRECT,
-                    other => 1000 + other,
-                };
-                Ok((a, out, d))
+                Ok((testrun::xdp_action_of(a), out, d))
             }
         }
     }
