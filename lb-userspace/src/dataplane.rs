@@ -568,7 +568,7 @@ impl Dataplane {
             iface: iface.to_owned(),
             problem,
         };
-        let facts = iface::facts(iface)
+        let facts = iface::facts(iface, asked)
             .map_err(|e| hook_err(format!("cannot read what the interface is: {e}")))?;
         let mut choice = iface::choose(iface, asked, &facts).map_err(hook_err)?;
         // Before any link: the first packet already knows how to leave.

@@ -41,7 +41,8 @@ pub struct Peer {
     /// The peer lives in another network namespace (so the TC hook can send
     /// into it directly with `bpf_redirect_peer`).
     pub elsewhere: bool,
-    /// The peer's TX checksum offload and GRO, where the peer was found.
+    /// The peer's TX checksum offload and GRO, where the peer was found (and
+    /// looked for: only for an XDP hook).
     pub tx_checksum: Option<bool>,
     pub gro: Option<bool>,
 }
@@ -213,8 +214,12 @@ fn name_of(ifindex: u32) -> Option<String> {
     Some(cstr(&buf.iter().map(|&c| c as u8).collect::<Vec<_>>()))
 }
 
-/// Reads what the hook choice needs of `iface` (in this namespace).
-pub fn facts(iface: &str) -> std::io::Result<Facts> {
+/// Reads what the hook choice needs of `iface` (in this namespace). The
+/// settings of a veth's peer are read only when `asked` is an XDP hook (only
+/// those depend on them): finding a peer in another namespace means looking
+/// through every namespace of the host.
+pub fn facts(iface: &str, asked: Hook) -> std::io::Result<Facts> {
+    let want_peer = matches!(asked, Hook::Xdp | Hook::XdpGeneric);
     let sock = socket()?;
     let d = drvinfo(&sock, iface)?;
     let driver = cstr(&d.driver);
@@ -224,6 +229,7 @@ pub fn facts(iface: &str) -> std::io::Result<Facts> {
         let own = if_index(iface).ok_or_else(|| std::io::Error::other("no such interface"))?;
         let link = link_peer(own)?;
         let (tx_checksum, gro) = match link.netnsid {
+            _ if !want_peer => (None, None),
             None => match name_of(link.ifindex) {
                 Some(n) => (
                     flag(&sock, &n, ETHTOOL_GTXCSUM).ok(),
