@@ -814,3 +814,47 @@ fn root_a_closed_flows_reply_entry_does_not_capture_a_new_direct_connection() {
         assert_eq!(h.send_from_backend(&live).0, XDP_REDIRECT);
     });
 }
+
+/// The number of entries in one of the data path's flow tables (values of
+/// type `V`).
+fn table_len<V: aya::Pod>(h: &Harness, name: &str) -> usize {
+    let m = h.dp.map_named(name).expect("the table exists");
+    let t: aya::maps::HashMap<_, lb_common::FlowKey, V> =
+        aya::maps::HashMap::try_from(m).expect("a flow table");
+    t.keys().count()
+}
+
+/// A new flow takes its table entries only once nothing can refuse the
+/// packet any more: a SYN with TTL 1 (left to the kernel to answer "time
+/// exceeded") creates no entry in either table and counts no new flow; the
+/// same SYN with a live TTL then creates exactly one of each.
+#[test]
+fn root_a_syn_the_balancer_does_not_forward_leaves_no_flow_behind() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let mut dying = client_frame(47000, TCP_SYN);
+        dying.ttl = 1;
+        let frame = dying.build();
+        let (action, out) = h.run(&frame, h.x0);
+        assert_eq!(action, XDP_PASS, "TTL 1: the kernel answers");
+        assert_eq!(out, frame, "passed unchanged");
+        assert_eq!(h.counter("pass_ttl_expired"), 1);
+        assert_eq!(h.counter("new_flows"), 0);
+        assert_eq!(
+            table_len::<lb_common::Flow>(h, "CONNTRACK"),
+            0,
+            "no client-side entry"
+        );
+        assert_eq!(
+            table_len::<lb_common::ReverseFlow>(h, "REVERSE"),
+            0,
+            "no reply-side entry"
+        );
+
+        let (action, _) = h.send_from_client(&client_frame(47000, TCP_SYN));
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(h.counter("new_flows"), 1);
+        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 1);
+        assert_eq!(table_len::<lb_common::ReverseFlow>(h, "REVERSE"), 1);
+    });
+}
