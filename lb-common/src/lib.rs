@@ -137,14 +137,34 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    /// The key of a flow, built with four word stores: a literal with a
+    /// 3-byte zeroed pad compiles to a `memset` call in BPF, which costs a
+    /// real function call per packet.
+    #[inline(always)]
+    pub fn new(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> FlowKey {
+        let ports = [sport[0], sport[1], dport[0], dport[1]];
+        let words = [
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+            u32::from_ne_bytes(ports),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey is #[repr(C)], 16 bytes, every bit pattern valid;
+        // the last word is the protocol followed by three zero bytes.
+        unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    }
+}
+
 /// Value of the connection table: where a client flow goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
     pub service: u32,
-    /// `bpf_ktime_get_ns()` of the last packet seen on the flow.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64()` of the last packet seen on the flow (the kernel's
+    /// tick counter: read without a helper call, see `clock` in the daemon).
+    pub last_seen: u64,
     /// The backend's generation when the flow was scheduled.
     pub generation: u32,
     /// `FLOW_F_*` bits.
@@ -164,6 +184,49 @@ pub struct ReverseFlow {
     pub _pad: [u8; 2],
     pub backend: u32,
     pub service: u32,
+    /// The client side's next hop, filled by the data path from its first
+    /// route lookup for the flow's replies (generation 0 until then; see
+    /// [`NextHop`]).
+    pub hop: NextHop,
+}
+
+/// Where a packet leaves: the egress interface, both MACs, and the MTU that
+/// the kernel's route gives. Kept for each backend by the daemon (`HOPS`,
+/// from the kernel's route, link and neighbour tables) and for each flow's
+/// client side by the data path (in its reverse entry).
+///
+/// `generation` is the value of `HOP_GENERATION` the hop was resolved under.
+/// The daemon bumps that value as soon as the kernel reports a change a hop
+/// may depend on (a route, a link, an address, a neighbour's MAC), so every
+/// cached hop is stale at once and the data path asks the kernel's FIB
+/// instead, until the hop is resolved again. 0 is never current: a hop with
+/// generation 0 is missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub generation: u32,
+    pub ifindex: u32,
+    /// The largest IPv4 packet (total length) the hop takes unfragmented.
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Words of each half of the address prefilter (`PREFILTER`): a bitmap of
+/// 65,536 bits per half, indexed by [`prefilter_bit`].
+pub const PREFILTER_WORDS: u32 = 2048;
+/// First word of the half that marks VIP addresses (destinations).
+pub const PREFILTER_VIPS: u32 = 0;
+/// First word of the half that marks backend addresses (sources of replies).
+pub const PREFILTER_BACKENDS: u32 = PREFILTER_WORDS;
+
+/// The (word, bit) of `addr` in a prefilter half: a set bit means "maybe",
+/// a clear bit means "certainly not" (two addresses may share a bit).
+#[inline(always)]
+pub fn prefilter_bit(addr: [u8; 4]) -> (u32, u32) {
+    let x = u32::from_ne_bytes(addr);
+    let h = (x ^ (x >> 16) ^ (x >> 11)) & 0xffff;
+    (h >> 5, 1 << (h & 31))
 }
 
 /// Per-CPU traffic counters of one service or one backend.
@@ -217,9 +280,12 @@ pub mod counter {
     pub const DROP_NO_ROUTE: u32 = 9;
     /// The connection table refused the new flow: dropped.
     pub const DROP_TABLE_FULL: u32 = 10;
-    /// Client-to-backend packets forwarded.
+    /// Client-to-backend packets forwarded. The data path counts them once,
+    /// in their backend's `Traffic`; this slot holds what the daemon folded
+    /// in from backends since removed, and the daemon reports the sum.
     pub const FORWARDED: u32 = 11;
-    /// Backend-to-client packets rewritten to the VIP and forwarded.
+    /// Backend-to-client packets rewritten to the VIP and forwarded (counted
+    /// like `FORWARDED`).
     pub const REPLIES: u32 = 12;
     /// New flows scheduled.
     pub const NEW_FLOWS: u32 = 13;
@@ -257,11 +323,17 @@ pub mod counter {
     /// sender "fragmentation needed" (DF set, path MTU discovery) or
     /// fragments it (see forward.rs).
     pub const PASS_TOO_BIG: u32 = 28;
+    /// A packet whose next hop was not cached, or cached under an older
+    /// generation: looked up in the kernel's FIB (counted beside its outcome).
+    pub const NEXT_HOP_LOOKUPS: u32 = 29;
+    /// Not a slot: the outcome of a forwarded packet, already counted in
+    /// its backend's traffic (one counter update per packet).
+    pub const COUNTED: u32 = u32::MAX;
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 29] = [
+    pub const NAMES: [&str; 30] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -291,6 +363,7 @@ pub mod counter {
         "icmp_to_client",
         "drop_icmp",
         "pass_too_big",
+        "next_hop_lookups",
     ];
 }
 
@@ -300,7 +373,8 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Flow>() == 24);
-const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 16);
+const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
 const _: () = assert!(counter::NAMES.len() as u32 <= counter::COUNT);
 
@@ -316,6 +390,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseFlow {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for firewall::RuleKey {}
     unsafe impl aya::Pod for firewall::Firewall {}

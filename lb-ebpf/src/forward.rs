@@ -1,17 +1,24 @@
-//! Where a packet goes next: a route lookup in the kernel's FIB gives the
-//! egress interface and both MACs; the hook then sends the frame out of it.
+//! Where a packet goes next. A cached next hop first (a backend's, kept by
+//! the daemon in `HOPS`; a client's, kept in its flow's reverse entry), valid
+//! while its generation is the current `HOP_GENERATION` and the packet fits
+//! its MTU; otherwise a route lookup in the kernel's FIB, which also tells a
+//! packet for this host, an unresolved neighbour or one too big for the link.
 //!
 //! The lookup is made before the packet is rewritten, with the addresses it
 //! will carry, so that a packet whose destination is this host (say, the reply
 //! to the balancer's own health check) is recognised and left alone.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup};
-use lb_common::counter;
+use lb_common::{counter, FlowKey, NextHop};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::hook::{Hook, Outcome};
+use crate::{
+    hook::{Hook, Outcome},
+    maps::HOP_GENERATION,
+    stats,
+};
 
-const AF_INET: u8 = 2;
+const AF_INET: u64 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
@@ -33,81 +40,146 @@ pub enum Kind {
     Unreachable,
 }
 
-/// A route: its kind, and for `Kind::Via` where and how the frame leaves.
+/// A route: its kind, and for `Kind::Via` the hop the frame leaves by.
 /// Every field is always written (see `hook::Outcome` for why no enum with
 /// a payload crosses function boundaries here).
 #[derive(Clone, Copy)]
 pub struct Route {
     pub kind: Kind,
-    pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
+    pub hop: NextHop,
 }
 
-/// Looks up the route from `src` to `dst` (network order) for the packet whose
-/// IPv4 header is `ip`, with protocol `proto` and `ports` (as they will be after
-/// any rewrite), as the kernel would forward it arriving on this interface.
+/// The current next-hop generation (0, never current, before the daemon
+/// wrote one).
 #[inline(always)]
-pub fn route<H: Hook>(
-    ctx: &H,
-    ip: *mut Ipv4Hdr,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: ([u8; 2], [u8; 2]),
-) -> Route {
-    // SAFETY: an all-zero bpf_fib_lookup is valid input; the fields set below
-    // are the ones the helper reads for an IPv4 forward lookup.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+pub fn generation() -> u32 {
+    HOP_GENERATION.get(0).copied().unwrap_or(0)
+}
+
+/// The route along `hop` if it is current and the packet (IPv4 total
+/// length `tot_len`) fits it.
+#[inline(always)]
+fn cached<H: Hook>(ctx: &H, hop: &NextHop, tot_len: u16) -> bool {
+    hop.generation != 0
+        && hop.generation == generation()
+        && ctx.mtu_check_len(tot_len) as u32 <= hop.mtu
+        && ctx.segments_fit(hop.ifindex, hop.mtu)
+}
+
+/// The route for the packet whose IPv4 header is `ip`, addressed as `to`
+/// will address it (source, destination, ports and protocol as they are after
+/// any rewrite): along `hop` when it is current, else as the kernel's FIB
+/// says (counted as a lookup).
+#[inline(always)]
+pub fn route<H: Hook>(ctx: &H, hop: &NextHop, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
     // SAFETY: the caller parsed the IPv4 header as inside the frame.
-    unsafe {
-        fib.family = AF_INET;
-        fib.l4_protocol = proto;
-        fib.sport = u16::from_ne_bytes(ports.0);
-        fib.dport = u16::from_ne_bytes(ports.1);
-        fib.__bindgen_anon_1.tot_len = ctx.mtu_check_len(u16::from_be_bytes((*ip).tot_len));
-        fib.ifindex = ctx.ingress_ifindex();
-        fib.__bindgen_anon_2.tos = (*ip).tos;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
+    if cached(ctx, hop, tot_len) {
+        return Route {
+            kind: Kind::Via,
+            hop: *hop,
+        };
     }
-    // SAFETY: fib is a valid, fully sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib as *mut FibParams,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
+    stats::count(counter::NEXT_HOP_LOOKUPS);
+    lookup(ctx, ip, to)
+}
+
+/// Looks up the route of `to` in the kernel's FIB, as the kernel
+/// would forward the packet arriving on this interface. A `Via` result
+/// carries the hop stamped with the generation read before the lookup, so
+/// that it can be cached: a change reported while the lookup ran leaves it
+/// stale, not wrong. A subprogram, not inlined: it is off the fast path, and
+/// each inlined copy would take its own 64 bytes of the 512-byte stack.
+#[inline(never)]
+pub fn lookup<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
+    let generation = generation();
+    // SAFETY: the caller parsed the IPv4 header as inside the frame.
+    let (tot_len, tos) = unsafe { (u16::from_be_bytes((*ip).tot_len), (*ip).tos) };
+    let tot_len = ctx.mtu_check_len(tot_len);
+    // The struct bpf_fib_lookup, written as its eight words: family,
+    // protocol, ports and length; ingress and TOS; source; destination;
+    // VLAN and MACs (outputs). Volatile stores: LLVM merges plain stores of
+    // zeros into a memset call, a real call per lookup.
+    let w0 = AF_INET
+        | (to.proto as u64) << 8
+        | (u16::from_ne_bytes(to.sport) as u64) << 16
+        | (u16::from_ne_bytes(to.dport) as u64) << 32
+        | (tot_len as u64) << 48;
+    let w1 = ctx.ingress_ifindex() as u64 | (tos as u64) << 32;
+    let mut fib = core::mem::MaybeUninit::<[u64; 8]>::uninit();
+    let w = fib.as_mut_ptr() as *mut u64;
+    // SAFETY: eight stores into the eight words of the array.
+    unsafe {
+        core::ptr::write_volatile(w, w0);
+        core::ptr::write_volatile(w.add(1), w1);
+        core::ptr::write_volatile(w.add(2), u32::from_ne_bytes(to.src) as u64);
+        core::ptr::write_volatile(w.add(3), 0);
+        core::ptr::write_volatile(w.add(4), u32::from_ne_bytes(to.dst) as u64);
+        core::ptr::write_volatile(w.add(5), 0);
+        core::ptr::write_volatile(w.add(6), 0);
+        core::ptr::write_volatile(w.add(7), 0);
+    }
+    const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+    let params = w as *mut FibParams;
+    // SAFETY: `fib` is a fully written, 64-byte bpf_fib_lookup on the stack.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, 64, 0) };
+    // SAFETY: the helper wrote its outputs into the same struct.
+    let (ifindex, mtu, w6, w7) = unsafe {
+        (
+            (*params).ifindex,
+            (*params).__bindgen_anon_1.mtu_result,
+            core::ptr::read_volatile(w.add(6)),
+            core::ptr::read_volatile(w.add(7)),
         )
     };
     let kind = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS if !ctx.segments_fit(fib.ifindex) => Kind::TooBig,
+        BPF_FIB_LKUP_RET_SUCCESS if !ctx.segments_fit(ifindex, 0) => Kind::TooBig,
         BPF_FIB_LKUP_RET_SUCCESS => Kind::Via,
         BPF_FIB_LKUP_RET_NOT_FWDED => Kind::Local,
         BPF_FIB_LKUP_RET_NO_NEIGH => Kind::NoNeigh,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Kind::TooBig,
         _ => Kind::Unreachable,
     };
+    let b = (w6 >> 32 | w7 << 32).to_ne_bytes();
+    let c = (w7 >> 32).to_ne_bytes();
     Route {
         kind,
-        ifindex: fib.ifindex,
-        smac: fib.smac,
-        dmac: fib.dmac,
+        hop: NextHop {
+            generation,
+            ifindex,
+            // The kernel reports the route's MTU on success when it was asked
+            // to check a length; a GSO packet at TC is not checked by length.
+            mtu: if tot_len != 0 { mtu as u32 } else { 0 },
+            smac: [b[0], b[1], b[2], b[3], b[4], b[5]],
+            dmac: [b[6], b[7], c[0], c[1], c[2], c[3]],
+        },
     }
+}
+
+/// Writes a MAC address with two stores (a 6-byte copy compiles to a
+/// memmove call).
+#[inline(always)]
+unsafe fn write_mac(to: *mut [u8; 6], mac: &[u8; 6]) {
+    let p = to as *mut u8;
+    core::ptr::write_unaligned(
+        p as *mut u32,
+        u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+    );
+    core::ptr::write_unaligned(p.add(4) as *mut u16, u16::from_ne_bytes([mac[4], mac[5]]));
 }
 
 /// Sends the (rewritten) packet along `route`; the outcome is counted as
 /// `sent` when it goes out.
 #[inline(always)]
-pub fn send(eth: *mut EthHdr, route: Route, sent: u32) -> Outcome {
+pub fn send(eth: *mut EthHdr, route: &Route, sent: u32) -> Outcome {
     match route.kind {
         Kind::Via => {
             // SAFETY: parse() checked the Ethernet header is inside the frame.
             unsafe {
-                (*eth).dst_addr = route.dmac;
-                (*eth).src_addr = route.smac;
+                write_mac(&mut (*eth).dst_addr, &route.hop.dmac);
+                write_mac(&mut (*eth).src_addr, &route.hop.smac);
             }
-            Outcome::out(route.ifindex, sent)
+            Outcome::out(route.hop.ifindex, sent)
         }
         // The kernel resolves the neighbour and forwards the rewritten packet
         // (the daemon keeps backends' neighbours resolved, so this is rare).

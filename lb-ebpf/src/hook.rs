@@ -145,7 +145,8 @@ pub trait Hook: EbpfContext {
     /// found fits its MTU as a whole), also fits as segments: a GSO socket
     /// buffer is always "forwardable" to the lookup, but leaves as segments
     /// of its own size, which the egress MTU must take.
-    fn segments_fit(&self, ifindex: u32) -> bool;
+    /// `mtu`, when not 0, is the egress MTU already known.
+    fn segments_fit(&self, ifindex: u32, mtu: u32) -> bool;
     /// Cuts the frame to its first `len` bytes; false if it cannot. Every
     /// packet pointer is invalid afterwards.
     fn truncate(&self, len: usize) -> bool;
@@ -183,7 +184,7 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn segments_fit(&self, _ifindex: u32) -> bool {
+    fn segments_fit(&self, _ifindex: u32, _mtu: u32) -> bool {
         // A frame is its own only segment here; the lookup checked its length.
         true
     }
@@ -306,9 +307,12 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn segments_fit(&self, ifindex: u32) -> bool {
+    fn segments_fit(&self, ifindex: u32, mtu: u32) -> bool {
         // SAFETY: the context is the program's own __sk_buff.
-        if unsafe { (*self.skb.skb).gso_size } == 0 {
+        let gso_size = unsafe { (*self.skb.skb).gso_size };
+        // A segment is its payload plus at most 120 bytes of IPv4 and TCP
+        // headers: when that fits the known MTU, no helper call is needed.
+        if gso_size == 0 || (mtu != 0 && gso_size + 120 <= mtu) {
             return true;
         }
         let mut mtu_len: u32 = 0;

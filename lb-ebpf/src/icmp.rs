@@ -133,19 +133,16 @@ fn error<H: Hook>(ctx: &H, m: &Icmp, to_vip: bool) -> Option<Outcome> {
     // The quoted packet's flow, seen from the other end: the client's flow
     // if it quotes our reply VIP -> client, the reply table's entry if it
     // quotes a packet we sent client -> backend.
-    let key = lb_common::FlowKey {
-        src: qdst,
-        dst: qsrc,
-        sport: qdport,
-        dport: qsport,
-        proto: q.proto,
-        _pad: [0; 3],
-    };
+    let key = lb_common::FlowKey::new(qdst, qsrc, qdport, qsport, q.proto);
     if to_vip {
         // SAFETY: the value is copied out at once.
         let flow = unsafe { CONNTRACK.get(key).copied() }?;
         let b = backend(flow.backend).filter(|b| b.generation == flow.generation)?;
-        let route = forward::route(ctx, m.ip, IPPROTO_ICMP, src, b.addr, ([0; 2], [0; 2]));
+        let route = forward::lookup(
+            ctx,
+            m.ip,
+            &lb_common::FlowKey::new(src, b.addr, [0; 2], [0; 2], IPPROTO_ICMP),
+        );
         if route.kind == Kind::Local {
             return Some(Outcome::pass(counter::PASS_OTHER_PROTO));
         }
@@ -158,12 +155,16 @@ fn error<H: Hook>(ctx: &H, m: &Icmp, to_vip: bool) -> Option<Outcome> {
             (*m.ip).check = checksum::replace4((*m.ip).check, dst, b.addr);
         }
         rewrite_quote(ctx, m, &q, true, b.addr, b.port);
-        return Some(forward::send(m.eth, route, counter::ICMP_TO_BACKEND));
+        return Some(forward::send(m.eth, &route, counter::ICMP_TO_BACKEND));
     }
     // SAFETY: the value is copied out at once.
     let rev = unsafe { REVERSE.get(key).copied() }?;
     let new_src = if src == qdst { rev.vip } else { src };
-    let route = forward::route(ctx, m.ip, IPPROTO_ICMP, new_src, dst, ([0; 2], [0; 2]));
+    let route = forward::lookup(
+        ctx,
+        m.ip,
+        &lb_common::FlowKey::new(new_src, dst, [0; 2], [0; 2], IPPROTO_ICMP),
+    );
     if route.kind == Kind::Local {
         return Some(Outcome::pass(counter::PASS_OTHER_PROTO));
     }
@@ -176,7 +177,7 @@ fn error<H: Hook>(ctx: &H, m: &Icmp, to_vip: bool) -> Option<Outcome> {
         (*m.ip).check = checksum::replace4((*m.ip).check, src, new_src);
     }
     rewrite_quote(ctx, m, &q, false, rev.vip, rev.vport);
-    Some(forward::send(m.eth, route, counter::ICMP_TO_CLIENT))
+    Some(forward::send(m.eth, &route, counter::ICMP_TO_CLIENT))
 }
 
 /// Rewrites one end of the quoted packet (its source if `source`, else its

@@ -23,16 +23,16 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    counter, firewall::Firewall, Backend, FlowKey, ServiceKey, BACKEND_F_DROP_FLOWS,
-    BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_TCP,
-    SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    counter, firewall::Firewall, prefilter_bit, Backend, FlowKey, NextHop, ServiceKey,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
+    IPPROTO_TCP, PREFILTER_BACKENDS, PREFILTER_VIPS, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 
 use crate::{
     conntrack::Reverse,
     forward::Kind,
     hook::{Hook, Outcome},
-    maps::{BACKENDS, SERVICES},
+    maps::{BACKENDS, HOPS, PREFILTER, SERVICES, SERVICES_BY_ID},
     parse::{Packet, Parsed},
     stats::Direction,
 };
@@ -59,7 +59,9 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 fn run<H: Hook>(ctx: &H) -> i32 {
     let fw = firewall::settings();
     let outcome = decide(ctx, &fw);
-    stats::count(outcome.counter);
+    if outcome.counter != counter::COUNTED {
+        stats::count(outcome.counter);
+    }
     #[cfg(feature = "verbose-logs")]
     if outcome.verdict == hook::Verdict::Drop && stats::log_allowed() {
         aya_log_ebpf::debug!(ctx, "dropped: outcome {}", outcome.counter);
@@ -97,33 +99,98 @@ fn decide<H: Hook>(ctx: &H, fw: &Firewall) -> Outcome {
 }
 
 /// A TCP or UDP packet: to a service, a backend's reply, or neither.
+///
+/// The prefilter first: a packet to no VIP from no backend (most of what a
+/// host carries besides its services) is passed without a hash lookup. To a
+/// VIP, an established flow takes the fast path (one flow lookup, its
+/// backend, service and next hop read from arrays); everything else, new
+/// flows and the rare cases, the full path through the service table.
 #[inline(always)]
 fn handle<H: Hook>(ctx: &H, fw: &Firewall, p: &Packet) -> Outcome {
     let (sport, dport) = p.ports();
     // SAFETY: parse() checked the IPv4 header is inside the frame.
     let (src, dst) = unsafe { ((*p.ip).src_addr, (*p.ip).dst_addr) };
-    let key = FlowKey {
-        src,
-        dst,
-        sport,
-        dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
-    let svc_key = ServiceKey {
-        vip: dst,
-        port: dport,
-        proto: p.proto,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
-        return to_service(ctx, fw, p, &key, &svc);
+    let key = FlowKey::new(src, dst, sport, dport, p.proto);
+    if maybe(PREFILTER_VIPS, dst) {
+        if let Some(o) = established(ctx, p, &key) {
+            return o;
+        }
+        let svc_key = ServiceKey {
+            vip: dst,
+            port: dport,
+            proto: p.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
+            return to_service(ctx, fw, p, &key, &svc);
+        }
+        if firewall::closed(fw, dst) {
+            return Outcome::drop(counter::DROP_CLOSED_PORT);
+        }
     }
-    if firewall::closed(fw, dst) {
-        return Outcome::drop(counter::DROP_CLOSED_PORT);
+    if maybe(PREFILTER_BACKENDS, src) {
+        return reply(ctx, p, &key);
     }
-    reply(ctx, p, &key)
+    Outcome::pass(counter::PASS_NO_SERVICE)
+}
+
+/// Whether `addr` may be in the prefilter half starting at word `half`.
+#[inline(always)]
+fn maybe(half: u32, addr: [u8; 4]) -> bool {
+    let (word, bit) = prefilter_bit(addr);
+    PREFILTER.get(half + word).is_some_and(|w| *w & bit != 0)
+}
+
+/// The fast path of an established flow to a VIP: the flow is known, its
+/// backend is the one it was scheduled on and takes its packets as usual,
+/// the packet is no SYN and has TTL to spare. Anything else (`None`) goes
+/// the full path, which knows every rule.
+#[inline(always)]
+fn established<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Option<Outcome> {
+    if p.proto == IPPROTO_TCP && p.is_tcp_open() {
+        return None;
+    }
+    let f = conntrack::entry(key)?;
+    // SAFETY: f points at a live map value (see conntrack::touch).
+    let (backend_id, generation, service) =
+        unsafe { ((*f).backend, (*f).generation, (*f).service) };
+    let b = BACKENDS.get(backend_id)?;
+    if b.generation != generation
+        || b.flags & BACKEND_F_PRESENT == 0
+        || b.flags & (BACKEND_F_DROP_FLOWS | BACKEND_F_RESET_FLOWS) != 0
+    {
+        return None;
+    }
+    // SAFETY: parse() checked the IPv4 header is inside the frame.
+    if unsafe { (*p.ip).ttl } <= 1 {
+        return None;
+    }
+    // The backend's slot is the flow's (same generation), so the service it
+    // belongs to is the flow's too: a removed service's backends are gone.
+    let svc = SERVICES_BY_ID.get(service)?;
+    if !firewall::service_allows(svc, key.src) {
+        return Some(Outcome::drop(counter::DROP_DENIED_SERVICE));
+    }
+    let hop = HOPS.get(backend_id)?;
+    let to = FlowKey::new(key.src, b.addr, key.sport, b.port, p.proto);
+    let route = forward::route(ctx, hop, p.ip, &to);
+    if route.kind == Kind::Unreachable {
+        return Some(Outcome::drop(counter::DROP_NO_ROUTE));
+    }
+    let bytes = ctx.frame_len() as u64;
+    // SAFETY: as above.
+    unsafe { conntrack::touch(f, p.is_tcp_close()) };
+    nat::decrement_ttl(p.ip);
+    let fix = nat::rewrite_dst(p, b.addr, b.port);
+    let sent = route.kind == Kind::Via;
+    stats::traffic(
+        backend_id,
+        Direction::Forward { new_flow: false },
+        sent,
+        bytes,
+    );
+    Some(forward::send(p.eth, &route, counter::COUNTED).with_fix(fix))
 }
 
 /// Client to VIP: find the flow's backend or pick one, rewrite, forward.
@@ -188,14 +255,9 @@ fn to_service<H: Hook>(
     if unsafe { (*p.ip).ttl } <= 1 {
         return Outcome::pass(counter::PASS_TTL_EXPIRED);
     }
-    let route = forward::route(
-        ctx,
-        p.ip,
-        p.proto,
-        key.src,
-        backend.addr,
-        (key.sport, backend.port),
-    );
+    let hop = HOPS.get(backend_id).copied().unwrap_or_default();
+    let to = FlowKey::new(key.src, backend.addr, key.sport, backend.port, p.proto);
+    let route = forward::route(ctx, &hop, p.ip, &to);
     if route.kind == Kind::Unreachable {
         return Outcome::drop(counter::DROP_NO_ROUTE);
     }
@@ -209,27 +271,39 @@ fn to_service<H: Hook>(
     }
     nat::decrement_ttl(p.ip);
     let fix = nat::rewrite_dst(p, backend.addr, backend.port);
-    stats::traffic(svc.id, backend_id, Direction::Forward { new_flow }, bytes);
-    forward::send(p.eth, route, counter::FORWARDED).with_fix(fix)
+    let sent = route.kind == Kind::Via;
+    stats::traffic(backend_id, Direction::Forward { new_flow }, sent, bytes);
+    forward::send(p.eth, &route, counter::COUNTED).with_fix(fix)
 }
 
-/// Backend to client: put the VIP back as the source, forward.
+/// Backend to client: put the VIP back as the source, forward. The client
+/// side's next hop is cached in the flow's reverse entry by its first reply.
 #[inline(always)]
 fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
     let bytes = ctx.frame_len() as u64;
     let Some(found) = conntrack::reverse(key) else {
         return Outcome::pass(counter::PASS_NO_SERVICE);
     };
-    let rev = match found {
+    let (vip, vport, backend, entry) = match found {
         Reverse::Tracked(rev) => {
-            if p.is_tcp_syn_ack() && conntrack::stale_for_handshake(key, &rev) {
+            // SAFETY: a live map value; read field by field.
+            let (vip, vport, backend) = unsafe { ((*rev).vip, (*rev).vport, (*rev).backend) };
+            if p.is_tcp_syn_ack() && conntrack::stale_for_handshake(key, vip, vport) {
                 return Outcome::pass(counter::PASS_NO_SERVICE);
             }
-            rev
+            (vip, vport, backend, rev)
         }
-        Reverse::ByBackend(rev) => rev,
+        Reverse::ByBackend(rev) => (rev.vip, rev.vport, rev.backend, core::ptr::null_mut()),
     };
-    let route = forward::route(ctx, p.ip, p.proto, rev.vip, key.dst, (rev.vport, key.dport));
+    let cached = if entry.is_null() {
+        NextHop::default()
+    } else {
+        // SAFETY: as above; a hop torn by a racing CPU of the same flow holds
+        // the same values (both resolved it under one generation).
+        unsafe { (*entry).hop }
+    };
+    let to = FlowKey::new(vip, key.dst, vport, key.dport, p.proto);
+    let route = forward::route(ctx, &cached, p.ip, &to);
     if route.kind == Kind::Local {
         // Addressed to this host (the reply to its own health check, say):
         // not a client's reply, whatever port it comes from.
@@ -244,14 +318,18 @@ fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
     if !nat::decrement_ttl(p.ip) {
         return Outcome::pass(counter::PASS_TTL_EXPIRED);
     }
+    if route.kind == Kind::Via && !entry.is_null() && route.hop.generation != cached.generation {
+        // SAFETY: as above.
+        unsafe { (*entry).hop = route.hop };
+    }
     if p.is_tcp_close() {
         // The backend ends the connection (or refuses it): a later SYN
         // on these ports is a new connection.
-        conntrack::mark_closing(key, &rev);
+        conntrack::mark_closing(key, vip, vport);
     }
-    let fix = nat::rewrite_src(p, rev.vip, rev.vport);
-    stats::traffic(rev.service, rev.backend, Direction::Reply, bytes);
-    forward::send(p.eth, route, counter::REPLIES).with_fix(fix)
+    let fix = nat::rewrite_src(p, vip, vport);
+    stats::traffic(backend, Direction::Reply, route.kind == Kind::Via, bytes);
+    forward::send(p.eth, &route, counter::COUNTED).with_fix(fix)
 }
 
 /// Whether the tracked flow's backend is still there and takes new flows.

@@ -9,13 +9,34 @@ use lb_common::{
     firewall::{
         Firewall, RuleKey, TokenBucket, MAX_DENY_RULES, MAX_SERVICE_RULES, SOURCE_RATE_SIZE,
     },
-    Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic, CONNTRACK_SIZE,
-    MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_IFINDEX, MAX_SERVICES, RING_MAP_SIZE,
+    Backend, BackendKey, Flow, FlowKey, NextHop, ReverseFlow, Service, ServiceKey, Traffic,
+    CONNTRACK_SIZE, MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_IFINDEX, MAX_SERVICES, PREFILTER_WORDS,
+    RING_MAP_SIZE,
 };
 
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Service id -> the same value: what an established flow needs of its
+/// service, read by the id its flow entry holds (an array read, no hashing).
+#[map(name = "SERVICES_BY_ID")]
+pub static SERVICES_BY_ID: Array<Service> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Two bitmaps (`lb_common::prefilter_bit`): VIP addresses, then backend
+/// addresses. A packet whose destination is no VIP and whose source is no
+/// backend is passed before any hash lookup.
+#[map(name = "PREFILTER")]
+pub static PREFILTER: Array<u32> = Array::with_max_entries(2 * PREFILTER_WORDS, 0);
+
+/// Backend id -> its next hop, kept by the daemon (see `lb_common::NextHop`).
+#[map(name = "HOPS")]
+pub static HOPS: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The current next-hop generation (one entry): a cached hop of another
+/// generation is stale.
+#[map(name = "HOP_GENERATION")]
+pub static HOP_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Backend id -> address and port.
 #[map(name = "BACKENDS")]
@@ -49,11 +70,13 @@ pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(C
 pub static REVERSE: LruHashMap<FlowKey, ReverseFlow> =
     LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
 
-/// Per-CPU packet counts by outcome (`lb_common::counter`).
+/// Per-CPU packet counts by outcome (`lb_common::counter`); forwarded
+/// packets are counted in `BACKEND_TRAFFIC` instead.
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Per-CPU traffic per service id.
+/// Per service id: the traffic of its backends since removed, folded in by
+/// the daemon (the data path counts per backend only).
 #[map(name = "SERVICE_TRAFFIC")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 

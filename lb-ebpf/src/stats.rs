@@ -2,7 +2,7 @@
 
 use lb_common::Traffic;
 
-use crate::maps::{BACKEND_TRAFFIC, COUNTERS, SERVICE_TRAFFIC};
+use crate::maps::{BACKEND_TRAFFIC, COUNTERS};
 
 /// Counts one packet under `outcome` (a `lb_common::counter` index).
 #[inline(always)]
@@ -23,32 +23,36 @@ pub enum Direction {
 }
 
 #[inline(always)]
-fn add(t: *mut Traffic, dir: Direction, bytes: u64) {
+fn add(t: *mut Traffic, dir: Direction, sent: bool, bytes: u64) {
     // SAFETY: per-CPU slot, as above.
     let t = unsafe { &mut *t };
     match dir {
         Direction::Forward { new_flow } => {
-            t.packets += 1;
-            t.bytes += bytes;
+            if sent {
+                t.packets += 1;
+                t.bytes += bytes;
+            }
             if new_flow {
                 t.new_flows += 1;
             }
         }
-        Direction::Reply => {
+        Direction::Reply if sent => {
             t.reply_packets += 1;
             t.reply_bytes += bytes;
         }
+        Direction::Reply => {}
     }
 }
 
-/// Adds one packet of `bytes` to its service's and its backend's traffic counters.
+/// Adds one packet of `bytes` to its backend's traffic counters: the one
+/// counter update of a forwarded packet (`sent`: the data path sent it; a
+/// packet it rewrote and passed to the kernel to send is counted under its
+/// outcome instead). The daemon derives the service's traffic and the
+/// `FORWARDED` and `REPLIES` totals from these.
 #[inline(always)]
-pub fn traffic(service: u32, backend: u32, dir: Direction, bytes: u64) {
-    if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service) {
-        add(t, dir, bytes);
-    }
+pub fn traffic(backend: u32, dir: Direction, sent: bool, bytes: u64) {
     if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(backend) {
-        add(t, dir, bytes);
+        add(t, dir, sent, bytes);
     }
 }
 

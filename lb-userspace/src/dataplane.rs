@@ -36,9 +36,10 @@ use lb_common::{
         limit_ns, Firewall, RuleKey, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST,
         FIREWALL_F_ECHO_REPLY, RULE_ALLOW, RULE_DENY,
     },
-    maglev, ring, Backend, BackendKey, Flow, FlowKey, ReverseFlow, Service, ServiceKey, Traffic,
-    BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
-    FLOW_F_CLOSING, IFACE_F_PEER, MAX_BACKENDS, MAX_IFINDEX, MAX_MAGLEV_SERVICES, MAX_SERVICES,
+    maglev, prefilter_bit, ring, Backend, BackendKey, Flow, FlowKey, NextHop, ReverseFlow, Service,
+    ServiceKey, Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT,
+    BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING, IFACE_F_PEER, MAX_BACKENDS, MAX_IFINDEX,
+    MAX_MAGLEV_SERVICES, MAX_SERVICES, PREFILTER_BACKENDS, PREFILTER_VIPS, PREFILTER_WORDS,
     RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use serde::Serialize;
@@ -95,11 +96,15 @@ pub const MAPS: &[&str] = &[
     "SOURCE_RATE",
     "GLOBAL_RATE",
     "IFACES",
+    "SERVICES_BY_ID",
+    "PREFILTER",
+    "HOPS",
+    "HOP_GENERATION",
 ];
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
 /// maps of another layout (bump it whenever a map's type or size changes).
-pub const LAYOUT_VERSION: u64 = 5;
+pub const LAYOUT_VERSION: u64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -323,6 +328,14 @@ pub struct Dataplane {
     /// The settings last written by `set_firewall`.
     firewall: Option<FirewallConfig>,
     rules: HashMap<(u32, Cidr), u32>,
+    /// What PREFILTER holds (read back at load).
+    prefilter: Vec<u32>,
+    /// The next-hop generation last written to HOP_GENERATION.
+    hop_generation: u32,
+    /// Freed backend slots whose traffic still counts (replies of their
+    /// flows keep coming for a while) -> the service id they served, if it
+    /// still exists: folded into the totals when the slot is given again.
+    retired: HashMap<u32, Option<u32>>,
 }
 
 impl Dataplane {
@@ -367,7 +380,7 @@ impl Dataplane {
         let flow = Flow {
             backend: bid,
             service: svc,
-            last_seen_ns: monotonic_ns(),
+            last_seen: crate::clock::jiffies_now(),
             generation: self.generations[bid as usize],
             flags: 0,
         };
@@ -499,8 +512,21 @@ impl Dataplane {
             deny: HashSet::new(),
             firewall: None,
             rules: HashMap::new(),
+            prefilter: Vec::new(),
+            hop_generation: 0,
+            retired: HashMap::new(),
         };
         dp.read_firewall_maps()?;
+        dp.prefilter = {
+            let a: Array<_, u32> =
+                Array::try_from(dp.map_ref("PREFILTER")?).map_err(map_err("PREFILTER"))?;
+            a.iter().map(|r| r.unwrap_or(0)).collect()
+        };
+        dp.hop_generation = {
+            let a: Array<_, u32> = Array::try_from(dp.map_ref("HOP_GENERATION")?)
+                .map_err(map_err("HOP_GENERATION"))?;
+            a.get(&0, 0).map_err(map_err("HOP_GENERATION"))?
+        };
         if let Some(a) = adoption {
             // Generations survive in every slot, present or not.
             let all: Vec<Backend> = {
@@ -523,6 +549,14 @@ impl Dataplane {
             }
             for (bid, _) in &a.backends {
                 dp.backend_ids.claim(*bid);
+            }
+            // Slots the earlier daemon freed still hold their traffic.
+            for bid in 0..MAX_BACKENDS {
+                if !a.backends.iter().any(|(b, _)| *b == bid)
+                    && dp.traffic("BACKEND_TRAFFIC", bid)? != Traffic::default()
+                {
+                    dp.retired.insert(bid, None);
+                }
             }
             dp.adopting = Some(a);
         }
@@ -845,6 +879,9 @@ impl Dataplane {
     /// services and backends, each change atomic for the packets in flight.
     /// A service whose spec did not change is not written at all.
     pub fn apply(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        // New addresses pass the prefilter before their services exist;
+        // gone ones stop passing it only after their services are gone.
+        self.sync_prefilter(services, true)?;
         for s in services {
             if self
                 .services
@@ -869,7 +906,114 @@ impl Dataplane {
         }
         self.sync_vips(services)?;
         self.forget_rules_of_gone_services()?;
-        self.sync_backend_vips(services)
+        self.sync_backend_vips(services)?;
+        self.sync_prefilter(services, false)
+    }
+
+    /// Writes the prefilter's words that differ: the bits of every VIP and
+    /// every backend address of `services`, plus (`keep`) those set now.
+    fn sync_prefilter(&mut self, services: &[ServiceSpec], keep: bool) -> Result<()> {
+        let mut want = vec![0u32; 2 * PREFILTER_WORDS as usize];
+        if keep {
+            want.copy_from_slice(&self.prefilter);
+        }
+        let vips = services
+            .iter()
+            .map(|s| s.vip)
+            // VIPs the firewall guards (closed ports) pass it too.
+            .chain(self.vips.iter().map(|v| Ipv4Addr::from(*v)));
+        let backends = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address));
+        for (half, addr) in vips
+            .map(|a| (PREFILTER_VIPS, a))
+            .chain(backends.map(|a| (PREFILTER_BACKENDS, a)))
+        {
+            let (word, bit) = prefilter_bit(addr.octets());
+            want[(half + word) as usize] |= bit;
+        }
+        let had = self.prefilter.clone();
+        let mut a = self.array::<u32>("PREFILTER")?;
+        let mut written = Vec::new();
+        let mut failed = None;
+        for (i, &w) in want.iter().enumerate() {
+            if w != had[i] {
+                match a.set(i as u32, w, 0) {
+                    Ok(()) => written.push((i, w)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        drop(a);
+        for (i, w) in written {
+            self.prefilter[i] = w;
+        }
+        failed.map_or(Ok(()), |e| Err(map_err("PREFILTER")(e)))
+    }
+
+    /// Makes every cached next hop stale at once (the kernel reported a
+    /// change): the data path asks the FIB until `set_hops` writes them again
+    /// under the new generation, which this returns.
+    pub fn invalidate_hops(&mut self) -> Result<u32> {
+        let next = match self.hop_generation.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        self.array::<u32>("HOP_GENERATION")?
+            .set(0, next, 0)
+            .map_err(map_err("HOP_GENERATION"))?;
+        self.hop_generation = next;
+        Ok(next)
+    }
+
+    /// Writes backends' next hops, resolved from the kernel's tables since
+    /// the last `invalidate_hops` (None: not resolvable, the data path asks
+    /// the FIB). Hops of ids that are no backend's now are skipped.
+    pub fn set_hops(&mut self, hops: &[(u32, Option<crate::nexthop::Hop>)]) -> Result<()> {
+        if self.hop_generation == 0 {
+            self.invalidate_hops()?;
+        }
+        let live: HashSet<u32> = self.backends.values().copied().collect();
+        let generation = self.hop_generation;
+        let mut a = self.array::<NextHop>("HOPS")?;
+        for (bid, hop) in hops {
+            if !live.contains(bid) {
+                continue;
+            }
+            let value = match hop {
+                Some(h) => NextHop {
+                    generation,
+                    ifindex: h.ifindex,
+                    mtu: h.mtu,
+                    smac: h.smac,
+                    dmac: h.dmac,
+                },
+                None => NextHop::default(),
+            };
+            a.set(*bid, value, 0).map_err(map_err("HOPS"))?;
+        }
+        Ok(())
+    }
+
+    /// The (backend id, address) of every backend: what the next-hop
+    /// watcher resolves.
+    pub fn hop_targets(&self) -> Vec<(u32, Ipv4Addr)> {
+        let mut out: Vec<(u32, Ipv4Addr)> = self
+            .services
+            .values()
+            .filter_map(|slot| slot.spec.as_ref())
+            .flat_map(|spec| {
+                spec.backends.iter().filter_map(|b| {
+                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
+                    Some((bid, b.address))
+                })
+            })
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Reads back what the firewall maps hold (an earlier daemon's pins).
@@ -1069,6 +1213,7 @@ impl Dataplane {
             }
         }
         for (bid, b) in a.backends {
+            self.retired.insert(bid, None);
             self.backend_ids.give_back(bid);
             self.array::<Backend>("BACKENDS")?
                 .set(
@@ -1095,6 +1240,7 @@ impl Dataplane {
                 _pad: [0; 2],
                 backend: u32::MAX,
                 service: u32::MAX,
+                hop: NextHop::default(),
             });
         }
         Ok(())
@@ -1142,6 +1288,7 @@ impl Dataplane {
                     _pad: [0; 2],
                     backend: bid,
                     service: slot.id,
+                    hop: NextHop::default(),
                 });
             }
         }
@@ -1211,6 +1358,12 @@ impl Dataplane {
                         .take(MAX_SERVICES)
                         .ok_or_else(|| capacity(format!("more than {MAX_SERVICES} services")))?;
                     self.reset_counters("SERVICE_TRAFFIC", id)?;
+                    // Retired backends of the id's earlier service are not this one's.
+                    for svc in self.retired.values_mut() {
+                        if *svc == Some(id) {
+                            *svc = None;
+                        }
+                    }
                     self.array::<u64>("RR_POSITION")?
                         .set(id, 0, 0)
                         .map_err(map_err("RR_POSITION"))?;
@@ -1239,7 +1392,7 @@ impl Dataplane {
             if moved {
                 // Same name, new address: a different server. Its old flows
                 // must not follow the name to the new address.
-                self.remove_backend(&bkey)?;
+                self.remove_backend(&bkey, id)?;
             }
             let adopted = self.adopting.as_mut().and_then(|a| {
                 let i = a.backends.iter().position(|(_, v)| {
@@ -1262,7 +1415,14 @@ impl Dataplane {
                         .backend_ids
                         .take(MAX_BACKENDS)
                         .ok_or_else(|| capacity(format!("more than {MAX_BACKENDS} backends")))?;
+                    if let Some(service) = self.retired.remove(&bid) {
+                        self.retire_traffic(bid, service)?;
+                    }
                     self.reset_counters("BACKEND_TRAFFIC", bid)?;
+                    // The slot's cached hop was the earlier backend's.
+                    self.array::<NextHop>("HOPS")?
+                        .set(bid, NextHop::default(), 0)
+                        .map_err(map_err("HOPS"))?;
                     self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
                     self.backends.insert(bkey, bid);
                     (bid, true)
@@ -1381,6 +1541,10 @@ impl Dataplane {
             hash_seed: seed,
             _pad: 0,
         };
+        // By id first: a flow scheduled by the new entry finds it there.
+        self.array::<Service>("SERVICES_BY_ID")?
+            .set(id, value, 0)
+            .map_err(map_err("SERVICES_BY_ID"))?;
         {
             let mut svcs = self.services_map()?;
             svcs.insert(key, value, 0).map_err(map_err("SERVICES"))?;
@@ -1397,7 +1561,7 @@ impl Dataplane {
             .cloned()
             .collect();
         for bkey in gone {
-            self.remove_backend(&bkey)?;
+            self.remove_backend(&bkey, id)?;
         }
         self.services.insert(
             s.name.clone(),
@@ -1428,7 +1592,7 @@ impl Dataplane {
             .cloned()
             .collect();
         for bkey in gone {
-            self.remove_backend(&bkey)?;
+            self.remove_backend(&bkey, slot.id)?;
         }
         self.service_ids.give_back(slot.id);
         if let Some(m) = slot.maglev_slot {
@@ -1438,8 +1602,11 @@ impl Dataplane {
         Ok(())
     }
 
-    fn remove_backend(&mut self, bkey: &(String, String)) -> Result<()> {
+    /// Frees a backend's slot; its traffic is folded into its service's
+    /// (`service`) and the totals, which stay monotonic.
+    fn remove_backend(&mut self, bkey: &(String, String), service: u32) -> Result<()> {
         if let Some(bid) = self.backends.remove(bkey) {
+            self.retired.insert(bid, Some(service));
             // The generation stays in the slot: flows that remember it must
             // never match whichever backend takes the slot next.
             let cleared = Backend {
@@ -1480,6 +1647,46 @@ impl Dataplane {
         a.set(id, zeros, 0).map_err(map_err(name))
     }
 
+    /// Moves a retired backend slot's traffic, as the slot is given again,
+    /// into its service's (SERVICE_TRAFFIC) and the FORWARDED and REPLIES
+    /// totals, which the data path does not count itself. The daemon is the
+    /// only writer of those slots.
+    fn retire_traffic(&mut self, bid: u32, service: Option<u32>) -> Result<()> {
+        let t = self.traffic("BACKEND_TRAFFIC", bid)?;
+        if t == Traffic::default() {
+            return Ok(());
+        }
+        if let Some(id) = service {
+            let mut kept = self.traffic("SERVICE_TRAFFIC", id)?;
+            kept.add(&t);
+            self.set_traffic("SERVICE_TRAFFIC", id, kept)?;
+        }
+        let cpus = self.nr_cpus;
+        let mut c: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map("COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        for (slot, add) in [
+            (counter::FORWARDED, t.packets),
+            (counter::REPLIES, t.reply_packets),
+        ] {
+            let now: u64 = c.get(&slot, 0).map_err(map_err("COUNTERS"))?.iter().sum();
+            let mut v = vec![0u64; cpus];
+            v[0] = now + add;
+            let v = PerCpuValues::try_from(v).map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+            c.set(slot, v, 0).map_err(map_err("COUNTERS"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `t` as a per-CPU slot's value (on the first CPU; the others zero).
+    fn set_traffic(&mut self, name: &'static str, id: u32, t: Traffic) -> Result<()> {
+        let mut v = vec![Traffic::default(); self.nr_cpus];
+        v[0] = t;
+        let v = PerCpuValues::try_from(v).map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        let mut a: PerCpuArray<_, Traffic> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        a.set(id, v, 0).map_err(map_err(name))
+    }
+
     fn traffic(&self, name: &'static str, id: u32) -> Result<Traffic> {
         let a: PerCpuArray<_, Traffic> =
             PerCpuArray::try_from(self.map_ref(name)?).map_err(map_err(name))?;
@@ -1499,15 +1706,37 @@ impl Dataplane {
             let v = a.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
             out.insert(*name, v.iter().sum());
         }
+        // Forwarded packets are counted per backend (one update per packet):
+        // the totals are the live backends' plus what retired ones left.
+        let mut live = Traffic::default();
+        for &bid in self.backends.values().chain(self.retired.keys()) {
+            live.add(&self.traffic("BACKEND_TRAFFIC", bid)?);
+        }
+        *out.entry(counter::NAMES[counter::FORWARDED as usize])
+            .or_default() += live.packets;
+        *out.entry(counter::NAMES[counter::REPLIES as usize])
+            .or_default() += live.reply_packets;
         Ok(out)
     }
 
-    /// Traffic of a service, summed over CPUs.
+    /// Traffic of a service, summed over CPUs: its live backends' and what
+    /// its removed backends left.
     pub fn service_traffic(&self, service: &str) -> Result<Traffic> {
-        match self.services.get(service) {
-            Some(slot) => self.traffic("SERVICE_TRAFFIC", slot.id),
-            None => Ok(Traffic::default()),
+        let Some(slot) = self.services.get(service) else {
+            return Ok(Traffic::default());
+        };
+        let mut total = self.traffic("SERVICE_TRAFFIC", slot.id)?;
+        for ((svc, _), &bid) in &self.backends {
+            if svc == service {
+                total.add(&self.traffic("BACKEND_TRAFFIC", bid)?);
+            }
         }
+        for (&bid, &svc) in &self.retired {
+            if svc == Some(slot.id) {
+                total.add(&self.traffic("BACKEND_TRAFFIC", bid)?);
+            }
+        }
+        Ok(total)
     }
 
     /// Traffic of one backend of a service, summed over CPUs.
@@ -1577,7 +1806,7 @@ impl FlowCensus {
         else {
             return census;
         };
-        let now = monotonic_ns();
+        let now = crate::clock::jiffies_now();
         let mut by_id: HashMap<(u32, u32), u64> = HashMap::new();
         for entry in table.iter() {
             let Ok((k, f)) = entry else { continue };
@@ -1588,7 +1817,7 @@ impl FlowCensus {
                 udp_idle
             };
             if f.flags & FLOW_F_CLOSING != 0
-                || now.saturating_sub(f.last_seen_ns) > idle.as_nanos() as u64
+                || now.saturating_sub(f.last_seen) > crate::clock::jiffies(idle)
             {
                 continue;
             }
@@ -1601,17 +1830,6 @@ impl FlowCensus {
         }
         census
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Traffic counters as `lb status --json` shows them.

@@ -1,6 +1,7 @@
 //! The load balancer daemon's library: config, data path, control API.
 //! The `lb` binary is a thin command line over it; the test suites use it too.
 
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -11,5 +12,6 @@ pub mod lock;
 pub mod metrics;
 pub mod mysql;
 pub mod neigh;
+pub mod nexthop;
 pub mod reconcile;
 pub mod web;

@@ -463,7 +463,7 @@ impl Bed {
             .map(|(_, f)| f)
             .ok_or("no flow to the web VIP in the daemon's table")?;
         let flow = Flow {
-            last_seen_ns: lb_userspace::dataplane::monotonic_ns(),
+            last_seen: lb_userspace::clock::jiffies_now(),
             flags: 0,
             ..model
         };

@@ -16,7 +16,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{lpm_trie::LpmTrie, Array, HashMap as BpfHashMap, PerCpuArray};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap as BpfHashMap};
 use lb_common::{
     checksum, counter,
     firewall::{
@@ -177,11 +177,13 @@ impl Model {
         self.backend_vips = bv.iter().map(|r| r.unwrap()).collect();
     }
 
-    /// The kernel's outcome counters, summed over CPUs.
+    /// The kernel's outcome counters, summed over CPUs, as the daemon
+    /// reports them (forwarded packets and replies derived from the
+    /// per-backend traffic the data path counts them in).
     pub fn kernel_counts(dp: &Dataplane) -> Vec<u64> {
-        let c: PerCpuArray<_, u64> = PerCpuArray::try_from(map(dp, "COUNTERS")).unwrap();
-        (0..counter::COUNT)
-            .map(|i| c.get(&i, 0).unwrap().iter().sum())
+        let named = dp.counters().unwrap();
+        (0..counter::COUNT as usize)
+            .map(|i| counter::NAMES.get(i).map_or(0, |n| named[n]))
             .collect()
     }
 
@@ -362,6 +364,9 @@ impl Model {
             // (The testrun namespace routes every address the model sends
             // to: no "no route" drop happens here.)
             let route = self.route(f, b.addr);
+            // No next hop is cached here (no daemon keeps them): every route
+            // is a FIB lookup.
+            self.counts[counter::NEXT_HOP_LOOKUPS as usize] += 1;
             if new_flow {
                 self.conntrack.insert(
                     key,
@@ -386,6 +391,7 @@ impl Model {
                         _pad: [0; 2],
                         backend: bid,
                         service: svc.id,
+                        hop: Default::default(),
                     },
                 );
                 self.counts[counter::NEW_FLOWS as usize] += 1;
@@ -425,6 +431,7 @@ impl Model {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
         };
         let route = self.route(f, key.dst);
+        self.counts[counter::NEXT_HOP_LOOKUPS as usize] += 1;
         if let Route::Local = route {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
         }
