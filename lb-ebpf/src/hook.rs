@@ -353,13 +353,17 @@ impl Hook for TcContext {
                 u32::from_ne_bytes(f.new_addr) as u64,
                 BPF_F_PSEUDO_HDR | udp | 4,
             );
-            bpf_l4_csum_replace(
-                self.skb.skb,
-                f.offset as u32,
-                u16::from_ne_bytes(f.old_port) as u64,
-                u16::from_ne_bytes(f.new_port) as u64,
-                udp | 2,
-            );
+            // A VIP port equal to the backend's (80 to 80) needs no second
+            // call: each is a real function call.
+            if f.old_port != f.new_port {
+                bpf_l4_csum_replace(
+                    self.skb.skb,
+                    f.offset as u32,
+                    u16::from_ne_bytes(f.old_port) as u64,
+                    u16::from_ne_bytes(f.new_port) as u64,
+                    udp | 2,
+                );
+            }
         }
     }
 

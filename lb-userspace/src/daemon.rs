@@ -94,6 +94,21 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     }
     lb.dataplane_mut().drop_stale_links(&interfaces);
     let _logger = start_program_logs(lb.dataplane_mut());
+    // Backends' next hops, kept current from the kernel's tables: until the
+    // first answer (and whenever it fails) the data path asks the FIB itself.
+    let (hop_tx, mut hop_events) = mpsc::unbounded_channel();
+    let _nexthops = match crate::nexthop::spawn(
+        lb.hop_targets(),
+        interfaces.clone(),
+        daemon_cfg.manage_neighbours,
+        hop_tx,
+    ) {
+        Ok(task) => Some(AbortOnDrop(task)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the kernel's routes and neighbours: every packet's next hop is looked up in the FIB");
+            None
+        }
+    };
 
     let (tx, mut requests) = mpsc::channel::<Envelope>(64);
     let metrics_listen = lb.config_file().daemon.metrics_listen;
@@ -154,6 +169,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
             }
             Some(report) = reports.recv() => lb.on_report(report),
             Some(report) = mysql_reports.recv() => lb.on_mysql_report(report),
+            Some(e) = hop_events.recv() => lb.on_next_hops(e),
         }
     };
     notify("STOPPING=1");

@@ -932,26 +932,21 @@ impl Dataplane {
             let (word, bit) = prefilter_bit(addr.octets());
             want[(half + word) as usize] |= bit;
         }
-        let had = self.prefilter.clone();
-        let mut a = self.array::<u32>("PREFILTER")?;
-        let mut written = Vec::new();
-        let mut failed = None;
-        for (i, &w) in want.iter().enumerate() {
-            if w != had[i] {
-                match a.set(i as u32, w, 0) {
-                    Ok(()) => written.push((i, w)),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+        // What the map holds is tracked word by word: a failed write leaves
+        // the record true to the map.
+        let mut have = std::mem::take(&mut self.prefilter);
+        let result = (|| {
+            let mut a = self.array::<u32>("PREFILTER")?;
+            for (i, &w) in want.iter().enumerate() {
+                if w != have[i] {
+                    a.set(i as u32, w, 0).map_err(map_err("PREFILTER"))?;
+                    have[i] = w;
                 }
             }
-        }
-        drop(a);
-        for (i, w) in written {
-            self.prefilter[i] = w;
-        }
-        failed.map_or(Ok(()), |e| Err(map_err("PREFILTER")(e)))
+            Ok(())
+        })();
+        self.prefilter = have;
+        result
     }
 
     /// Makes every cached next hop stale at once (the kernel reported a
@@ -1854,13 +1849,10 @@ impl From<Traffic> for TrafficStatus {
     }
 }
 
-/// The mode an attached XDP program runs in, as `ip link` reports it.
+/// The mode an attached XDP program runs in, as rtnetlink reports it.
 fn xdp_mode_of(iface: &str) -> Hook {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "link", "show", "dev", iface])
-        .output();
-    match out {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("xdpgeneric") => Hook::XdpGeneric,
+    match iface::xdp_generic(iface) {
+        Some(true) => Hook::XdpGeneric,
         _ => Hook::Xdp,
     }
 }

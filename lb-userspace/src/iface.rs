@@ -299,6 +299,44 @@ fn link_peer(ifindex: u32) -> std::io::Result<LinkPeer> {
     })
 }
 
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+const XDP_ATTACHED_SKB: u8 = 2;
+const XDP_ATTACHED_MULTI: u8 = 4;
+
+/// Whether the XDP program attached to `iface` runs in generic (skb) mode,
+/// as rtnetlink reports it (`IFLA_XDP`); None when it cannot tell.
+pub fn xdp_generic(iface: &str) -> Option<bool> {
+    let ifindex = if_index(iface)?;
+    let mut body = vec![0u8; 16];
+    body[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let attrs = rtnl(RTM_GETLINK, RTM_NEWLINK, &body, &[]).ok()?;
+    let (_, xdp) = attrs.iter().find(|(k, _)| *k == IFLA_XDP)?;
+    // Nested attributes: length, type, value, each 4-byte aligned.
+    let mut nested = Vec::new();
+    let mut at = 0;
+    while at + 4 <= xdp.len() {
+        let len = u16::from_ne_bytes([xdp[at], xdp[at + 1]]) as usize;
+        let kind = u16::from_ne_bytes([xdp[at + 2], xdp[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > xdp.len() {
+            break;
+        }
+        nested.push((kind, &xdp[at + 4..at + len]));
+        at += (len + 3) & !3;
+    }
+    let attached = nested
+        .iter()
+        .find(|(k, v)| *k == IFLA_XDP_ATTACHED && !v.is_empty())?
+        .1[0];
+    Some(match attached {
+        XDP_ATTACHED_SKB => true,
+        // Several modes at once: generic unless a driver program is there.
+        XDP_ATTACHED_MULTI => !nested.iter().any(|(k, _)| *k == IFLA_XDP_DRV_PROG_ID),
+        _ => false,
+    })
+}
+
 /// The id this namespace knows the namespace of `fd` by, if it has one.
 fn nsid_of(fd: &std::fs::File) -> Option<i32> {
     // struct rtgenmsg, padded to 4 bytes.

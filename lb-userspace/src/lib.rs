@@ -11,7 +11,6 @@ pub mod iface;
 pub mod lock;
 pub mod metrics;
 pub mod mysql;
-pub mod neigh;
 pub mod nexthop;
 pub mod reconcile;
 pub mod web;

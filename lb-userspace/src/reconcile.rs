@@ -4,7 +4,7 @@
 //! writes through [`Dataplane::apply`], which writes only what changed.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -23,7 +23,7 @@ use crate::{
     dataplane::{BackendSpec, Census, Dataplane, FlowCensus, ServiceSpec, TrafficStatus},
     health::{self, Health, Report},
     mysql::{self, Observation, Roles},
-    neigh,
+    nexthop,
 };
 
 /// A flow counts as active while it has not closed and saw a packet within this.
@@ -241,7 +241,8 @@ pub struct Balancer {
     censuses: Arc<CensusCache>,
     monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
-    neighbours: HashSet<Ipv4Addr>,
+    /// Every backend's (id, address), for the next-hop watcher.
+    hop_targets: tokio::sync::watch::Sender<Vec<(u32, Ipv4Addr)>>,
 }
 
 type Result<T> = std::result::Result<T, String>;
@@ -290,7 +291,7 @@ impl Balancer {
             censuses: Arc::default(),
             monitors: HashMap::new(),
             next_checker: 0,
-            neighbours: HashSet::new(),
+            hop_targets: tokio::sync::watch::Sender::new(Vec::new()),
         };
         b.sync().map_err(anyhow::Error::msg)?;
         Ok(b)
@@ -312,11 +313,31 @@ impl Balancer {
             .set_firewall(&self.file.firewall)
             .map_err(|e| format!("{e:#}"))?;
         self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
+        let targets = self.dp.hop_targets();
+        self.hop_targets.send_if_modified(|t| {
+            let changed = *t != targets;
+            *t = targets;
+            changed
+        });
         self.sync_checkers();
-        if self.file.daemon.manage_neighbours {
-            self.sync_neighbours();
-        }
         Ok(())
+    }
+
+    /// The backends whose next hops the watcher keeps current (`nexthop`).
+    pub fn hop_targets(&self) -> tokio::sync::watch::Receiver<Vec<(u32, Ipv4Addr)>> {
+        self.hop_targets.subscribe()
+    }
+
+    /// Applies what the next-hop watcher reports: every cached hop stale at
+    /// once, or freshly resolved hops.
+    pub fn on_next_hops(&mut self, e: nexthop::Event) {
+        let done = match e {
+            nexthop::Event::Invalidate => self.dp.invalidate_hops().map(|_| ()),
+            nexthop::Event::Hops(hops) => self.dp.set_hops(&hops),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "cannot write next hops: the data path looks them up itself");
+        }
     }
 
     /// Makes the health checkers and MySQL monitors match the backends: stops
@@ -370,40 +391,6 @@ impl Balancer {
                 )
             },
         );
-    }
-
-    /// Keeps every backend's next hop, and the gateways towards clients,
-    /// resolved by the kernel (see `neigh`).
-    fn sync_neighbours(&mut self) {
-        match neigh::gateways(&self.file.daemon.interfaces) {
-            Ok(gws) => {
-                for gw in gws {
-                    if self.neighbours.insert(gw) {
-                        if let Err(e) = neigh::ensure_managed(gw) {
-                            self.neighbours.remove(&gw);
-                            tracing::warn!(gateway = %gw, error = %e, "cannot keep a gateway resolved");
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read the routes"),
-        }
-        for s in &self.services {
-            for b in &s.backends {
-                if !self.neighbours.insert(b.config.address) {
-                    continue;
-                }
-                match neigh::ensure_managed(b.config.address) {
-                    Ok((hop, dev)) => {
-                        tracing::debug!(service = %s.config.name, backend = %b.config.name, next_hop = %hop, dev = %dev, "neighbour managed")
-                    }
-                    Err(e) => {
-                        self.neighbours.remove(&b.config.address);
-                        tracing::warn!(service = %s.config.name, backend = %b.config.name, error = %e, "cannot keep the backend's next hop resolved")
-                    }
-                }
-            }
-        }
     }
 
     /// Counts a health-check result and applies a change of state.

@@ -858,3 +858,130 @@ fn root_a_syn_the_balancer_does_not_forward_leaves_no_flow_behind() {
         assert_eq!(table_len::<lb_common::ReverseFlow>(h, "REVERSE"), 1);
     });
 }
+
+/// The backend's id as the data path knows it.
+fn backend_id(dp: &Dataplane, addr: Ipv4Addr) -> u32 {
+    dp.hop_targets()
+        .into_iter()
+        .find(|(_, a)| *a == addr)
+        .map(|(id, _)| id)
+        .expect("a backend with that address")
+}
+
+/// The reverse entry of the reply `reply` (backend to client).
+fn reverse_entry(dp: &Dataplane, reply: &Frame) -> lb_common::ReverseFlow {
+    let m: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::ReverseFlow> =
+        aya::maps::HashMap::try_from(dp.map_named("REVERSE").unwrap()).unwrap();
+    let (sport, dport) = match reply.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
+        L4::Other { .. } => unreachable!(),
+    };
+    let key = lb_common::FlowKey::new(
+        reply.src.octets(),
+        reply.dst.octets(),
+        sport.to_be_bytes(),
+        dport.to_be_bytes(),
+        lb_common::IPPROTO_TCP,
+    );
+    m.get(&key, 0).expect("the flow's reverse entry")
+}
+
+#[test]
+fn root_next_hops_are_taken_from_the_cache_while_current_and_from_the_fib_otherwise() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        const ELSEWHERE: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x01];
+        let lookups = |h: &Harness| h.counter("next_hop_lookups");
+        let b1 = backend_id(&h.dp, B1);
+        let syn = client_frame(42000, TCP_SYN);
+        // Missing (no generation written yet): the FIB's answer, counted.
+        let (action, out) = h.send_from_client(&syn);
+        assert_eq!(
+            (action, out),
+            (XDP_REDIRECT, expect_to_backend(&syn, B1, B1_MAC, 8080))
+        );
+        assert_eq!(lookups(h), 1);
+
+        // Current: the cached hop is what the frame leaves by, no lookup. A
+        // MAC the FIB does not know proves the cache was read.
+        h.dp.invalidate_hops().unwrap();
+        let hop = lb_userspace::nexthop::Hop {
+            ifindex: h.x1,
+            smac: X1_MAC,
+            dmac: ELSEWHERE,
+            mtu: 1500,
+        };
+        h.dp.set_hops(&[(b1, Some(hop))]).unwrap();
+        let ack = client_frame(42000, TCP_ACK);
+        let (action, out) = h.send_from_client(&ack);
+        assert_eq!(
+            (action, out),
+            (XDP_REDIRECT, expect_to_backend(&ack, B1, ELSEWHERE, 8080))
+        );
+        assert_eq!(lookups(h), 1, "a current hop costs no lookup");
+
+        // Too big for the cached MTU: the FIB decides (it forwards: 1500).
+        let tot_len = ack.build().len() as u32 - 14;
+        h.dp.set_hops(&[(
+            b1,
+            Some(lb_userspace::nexthop::Hop {
+                mtu: tot_len - 1,
+                ..hop
+            }),
+        )])
+        .unwrap();
+        let (_, out) = h.send_from_client(&ack);
+        assert_eq!(out, expect_to_backend(&ack, B1, B1_MAC, 8080));
+        assert_eq!(lookups(h), 2);
+
+        // Stale (the kernel reported a change): the FIB again, at once.
+        h.dp.set_hops(&[(b1, Some(hop))]).unwrap();
+        h.dp.invalidate_hops().unwrap();
+        let (_, out) = h.send_from_client(&ack);
+        assert_eq!(out, expect_to_backend(&ack, B1, B1_MAC, 8080));
+        assert_eq!(lookups(h), 3);
+
+        // Not resolvable (None): the FIB.
+        h.dp.set_hops(&[(b1, None)]).unwrap();
+        let (_, out) = h.send_from_client(&ack);
+        assert_eq!(out, expect_to_backend(&ack, B1, B1_MAC, 8080));
+        assert_eq!(lookups(h), 4);
+
+        // A reply: its first one asks the FIB and caches the client side's
+        // hop in the flow's reverse entry under the current generation; the
+        // next is sent by the cache; a change makes it ask again.
+        let mut reply = Frame::tcp((B1, 8080), (CLIENT, 42000), TCP_ACK);
+        reply.src_mac = B1_MAC;
+        reply.dst_mac = X1_MAC;
+        let want_reply = |r: &Frame| {
+            let mut w = r.clone();
+            w.src = VIP;
+            w.ttl -= 1;
+            w.src_mac = X0_MAC;
+            w.dst_mac = CLIENT_MAC;
+            if let L4::Tcp { sport, .. } = &mut w.l4 {
+                *sport = 80;
+            }
+            w.build()
+        };
+        let (action, out) = h.send_from_backend(&reply);
+        assert_eq!((action, out), (XDP_REDIRECT, want_reply(&reply)));
+        assert_eq!(lookups(h), 5);
+        let generation = h.dp.invalidate_hops().unwrap();
+        let (_, out) = h.send_from_backend(&reply);
+        assert_eq!(out, want_reply(&reply));
+        assert_eq!(lookups(h), 6, "cached under the old generation: stale");
+        let cached = reverse_entry(&h.dp, &reply).hop;
+        assert_eq!(
+            (cached.generation, cached.ifindex, cached.smac, cached.dmac),
+            (generation, h.x0, X0_MAC, CLIENT_MAC),
+            "the client side's hop, cached"
+        );
+        assert!(cached.mtu >= 1500 || cached.mtu == reply.build().len() as u32 - 14);
+        let (_, out) = h.send_from_backend(&reply);
+        assert_eq!(out, want_reply(&reply));
+        assert_eq!(lookups(h), 6, "a current cached reply hop costs no lookup");
+        assert_eq!(h.counter("forwarded"), 5);
+        assert_eq!(h.counter("replies"), 3);
+    });
+}

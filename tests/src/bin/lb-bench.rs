@@ -164,6 +164,20 @@ fn apply(dp: &mut Dataplane, services: &[ServiceConfig]) {
         .map(|s| ServiceSpec::from_config(s, 7))
         .collect();
     dp.apply(&specs).expect("writing the maps");
+    // Next hops as the daemon keeps them: resolved from the namespace's
+    // route and neighbour tables through rtnetlink.
+    let hops = lb_userspace::nexthop::resolve_blocking(
+        dp.hop_targets(),
+        vec!["x0".into(), "x1".into()],
+        std::time::Duration::from_secs(5),
+    )
+    .expect("resolving next hops");
+    assert!(
+        hops.iter().all(|(_, h)| h.is_some()),
+        "every backend's next hop resolves in the bench's namespace: {hops:?}"
+    );
+    dp.invalidate_hops().unwrap();
+    dp.set_hops(&hops).unwrap();
 }
 
 fn redirected(action: u32, out: &[u8]) -> Result<(), String> {
@@ -267,8 +281,8 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
                 xdp_floor = f;
             }
 
-            // The balancer at this hook, per case.
-            let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
+            // The balancer at this hook, per case, with the default table size.
+            let mut dp = Dataplane::load().map_err(|e| format!("{e:#}"))?;
             apply(&mut dp, &[service(2, Scheduler::RoundRobin), udp_service()]);
             // New flows: every call a new source port (the table is large enough).
             let new_flow = b.measure(prog(&mut dp, tc), &syns, b.x0, &redirected)?;
@@ -1051,6 +1065,14 @@ fn main() {
     let mut timed = |part: &'static str, t: std::time::Instant| {
         took.push(format!("{part} {:.0} s", t.elapsed().as_secs_f64()));
     };
+    if args.iter().any(|a| a == "--per-packet") {
+        // Only the per-packet table, printed (a developer's loop).
+        if let Err(e) = run_all(quick) {
+            eprintln!("lb-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let mut run = || -> Result<_, String> {
         let t = std::time::Instant::now();
         let rows = run_all(quick)?;
