@@ -14,10 +14,12 @@ use lb_common::{
 
 use crate::maps::{FIREWALL, FW_DENY, FW_RULES, GLOBAL_RATE, SOURCE_RATE, VIPS};
 
-/// The settings, or none at all (nothing limited) before the daemon wrote them.
+/// The settings, in place (all zero, nothing limited, until the daemon
+/// writes them). The one-entry array always has its entry; read by reference,
+/// not copied onto the 512-byte stack.
 #[inline(always)]
-pub fn settings() -> Firewall {
-    FIREWALL.get(0).copied().unwrap_or_default()
+pub fn settings() -> Option<&'static Firewall> {
+    FIREWALL.get(0)
 }
 
 /// Whether `src` is on the global deny list.

@@ -57,19 +57,30 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 /// One packet, at either hook: decide, count, finish the rewrite, send.
 #[inline(always)]
 fn run<H: Hook>(ctx: &H) -> i32 {
-    let fw = firewall::settings();
-    let outcome = decide(ctx, &fw);
+    let Some(fw) = firewall::settings() else {
+        // Never: an array's entries always exist.
+        return ctx.action(&Outcome::pass(counter::PASS_NOT_IPV4));
+    };
+    let outcome = decide(ctx, fw);
     if outcome.counter != counter::COUNTED {
         stats::count(outcome.counter);
     }
     #[cfg(feature = "verbose-logs")]
     if outcome.verdict == hook::Verdict::Drop && stats::log_allowed() {
-        aya_log_ebpf::debug!(ctx, "dropped: outcome {}", outcome.counter);
+        log_drop(ctx, outcome.counter);
     }
     if outcome.fix.proto != 0 {
         ctx.fix_l4(&outcome.fix);
     }
     ctx.action(&outcome)
+}
+
+/// One log line for a dropped packet (`verbose-logs`). A subprogram: the
+/// log record's buffers then take a frame of their own, not the program's.
+#[cfg(feature = "verbose-logs")]
+#[inline(never)]
+fn log_drop<H: Hook>(ctx: &H, counter: u32) {
+    aya_log_ebpf::debug!(ctx, "dropped: outcome {}", counter);
 }
 
 /// What becomes of the packet: parse, the global deny list, then by kind.
@@ -255,9 +266,11 @@ fn to_service<H: Hook>(
     if unsafe { (*p.ip).ttl } <= 1 {
         return Outcome::pass(counter::PASS_TTL_EXPIRED);
     }
-    let hop = HOPS.get(backend_id).copied().unwrap_or_default();
+    let Some(hop) = HOPS.get(backend_id) else {
+        return Outcome::drop(counter::DROP_BACKEND_GONE);
+    };
     let to = FlowKey::new(key.src, backend.addr, key.sport, backend.port, p.proto);
-    let route = forward::route(ctx, &hop, p.ip, &to);
+    let route = forward::route(ctx, hop, p.ip, &to);
     if route.kind == Kind::Unreachable {
         return Outcome::drop(counter::DROP_NO_ROUTE);
     }

@@ -23,10 +23,10 @@ use lb_common::{
         Firewall, RuleKey, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST, FIREWALL_F_ECHO_REPLY,
         RULE_ALLOW,
     },
-    maglev, Backend, BackendKey, FlowKey, ReverseFlow, Service, ServiceKey, BACKEND_F_DROP_FLOWS,
-    BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE, SERVICE_F_ALLOWLIST,
-    SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    maglev, Backend, BackendKey, FlowKey, NextHop, ReverseFlow, Service, ServiceKey,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_MAP_SIZE, RING_MAP_SIZE, RING_SIZE,
+    SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
 };
 use lb_userspace::dataplane::Dataplane;
 
@@ -52,6 +52,7 @@ struct Tracked {
     closing: bool,
 }
 
+#[derive(Clone, Copy)]
 enum Route {
     Via {
         ifindex: u32,
@@ -81,6 +82,9 @@ pub struct Model {
     backend_vips: HashMap<BackendKey, ReverseFlow>,
     conntrack: HashMap<FlowKey, Tracked>,
     reverse: HashMap<FlowKey, ReverseFlow>,
+    /// The next-hop generation, and each backend id's cached hop.
+    hop_generation: u32,
+    hops: Vec<NextHop>,
     /// Per outcome counter: how many times the model bumped it.
     pub counts: Vec<u64>,
     x0: u32,
@@ -109,6 +113,8 @@ impl Model {
             backend_vips: HashMap::new(),
             conntrack: HashMap::new(),
             reverse: HashMap::new(),
+            hop_generation: 0,
+            hops: Vec::new(),
             counts: vec![0; counter::COUNT as usize],
             x0,
             x1,
@@ -125,6 +131,10 @@ impl Model {
         self.services = services.iter().map(|r| r.unwrap()).collect();
         let backends: Array<_, Backend> = Array::try_from(map(dp, "BACKENDS")).unwrap();
         self.backends = backends.iter().map(|r| r.unwrap()).collect();
+        let generation: Array<_, u32> = Array::try_from(map(dp, "HOP_GENERATION")).unwrap();
+        self.hop_generation = generation.get(&0, 0).unwrap();
+        let hops: Array<_, NextHop> = Array::try_from(map(dp, "HOPS")).unwrap();
+        self.hops = hops.iter().map(|r| r.unwrap()).collect();
         let rings: Array<_, u32> = Array::try_from(map(dp, "RINGS")).unwrap();
         let tables: Array<_, u32> = Array::try_from(map(dp, "MAGLEV")).unwrap();
         let positions: Array<_, u64> = Array::try_from(map(dp, "RR_POSITION")).unwrap();
@@ -363,10 +373,8 @@ impl Model {
             }
             // (The testrun namespace routes every address the model sends
             // to: no "no route" drop happens here.)
-            let route = self.route(f, b.addr);
-            // No next hop is cached here (no daemon keeps them): every route
-            // is a FIB lookup.
-            self.counts[counter::NEXT_HOP_LOOKUPS as usize] += 1;
+            let hop = self.hops.get(bid as usize).copied().unwrap_or_default();
+            let route = self.route_by(&hop, f, b.addr);
             if new_flow {
                 self.conntrack.insert(
                     key,
@@ -430,8 +438,8 @@ impl Model {
         let Some(rev) = rev else {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
         };
-        let route = self.route(f, key.dst);
-        self.counts[counter::NEXT_HOP_LOOKUPS as usize] += 1;
+        let tracked = self.reverse.contains_key(&key);
+        let route = self.route_by(&rev.hop, f, key.dst);
         if let Route::Local = route {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
         }
@@ -444,6 +452,26 @@ impl Model {
         }
         if !decrement_ttl(f) {
             return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+        }
+        if let Route::Via {
+            ifindex,
+            smac,
+            dmac,
+        } = route
+        {
+            // The client side's hop, cached in the flow's reverse entry
+            // under the generation of the lookup.
+            if tracked && rev.hop.generation != self.hop_generation {
+                if let Some(r) = self.reverse.get_mut(&key) {
+                    r.hop = NextHop {
+                        generation: self.hop_generation,
+                        ifindex,
+                        mtu: MTU as u32,
+                        smac,
+                        dmac,
+                    };
+                }
+            }
         }
         if closing {
             // The backend ends or refuses the connection.
@@ -487,6 +515,23 @@ impl Model {
         self.rings
             .get(&(svc.ring_base + (n % len as u64) as u32))
             .copied()
+    }
+
+    /// The route along `hop` when it is current and the packet fits it,
+    /// else the FIB's (a lookup, counted).
+    fn route_by(&mut self, hop: &NextHop, f: &[u8], dst: [u8; 4]) -> Route {
+        if hop.generation != 0
+            && hop.generation == self.hop_generation
+            && be16(f, 16) as u32 <= hop.mtu
+        {
+            return Route::Via {
+                ifindex: hop.ifindex,
+                smac: hop.smac,
+                dmac: hop.dmac,
+            };
+        }
+        self.counts[counter::NEXT_HOP_LOOKUPS as usize] += 1;
+        self.route(f, dst)
     }
 
     /// The testrun namespace's FIB for the packet in `f`: x0 10.0.1.1/24 with

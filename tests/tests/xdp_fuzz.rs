@@ -507,6 +507,9 @@ fn fuzz(hook: Hook) {
     fuzz_run(hook, clock, (frames / 5).max(100_000));
 }
 
+/// A MAC only the next-hop cache knows (see `fuzz_run`).
+const CACHED_ONLY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xca, 0xce];
+
 fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
     println!(
         "differential fuzz of the {hook:?} program: {frames} frames, seed {seed} \
@@ -521,6 +524,34 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         let x1 = lb_userspace::config::if_index("x1").unwrap();
         dp.set_firewall(&firewall(false)).unwrap();
         dp.apply(&services(false)).unwrap();
+        // Next hops as the daemon keeps them, with one MAC no FIB knows, so
+        // that a packet sent by the cache shows it (hits); the second half
+        // runs with them stale, then one backend's missing.
+        let resolved = lb_userspace::nexthop::resolve_blocking(
+            dp.hop_targets(),
+            vec!["x0".into(), "x1".into()],
+            // Some backends of the fuzz's services have no neighbour: their
+            // hops stay missing.
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let first = resolved
+            .iter()
+            .position(|(_, h)| h.is_some())
+            .expect("the testrun net's backends resolve");
+        let marked: Vec<_> = resolved
+            .iter()
+            .enumerate()
+            .map(|(i, (id, hop))| {
+                let hop = hop.map(|h| lb_userspace::nexthop::Hop {
+                    dmac: if i == first { CACHED_ONLY_MAC } else { h.dmac },
+                    ..h
+                });
+                (*id, hop)
+            })
+            .collect();
+        dp.invalidate_hops().unwrap();
+        dp.set_hops(&marked).unwrap();
         let mut model = Model::from_maps(&dp, x0, x1);
         let before = Model::kernel_counts(&dp);
         let mut source = Gen { rng: Rng(seed) };
@@ -529,6 +560,15 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
             if i == frames / 2 {
                 dp.set_firewall(&firewall(true)).unwrap();
                 dp.apply(&services(true)).unwrap();
+                // Stale, all of them; then the first backend's written again
+                // (current) and the others' missing.
+                dp.invalidate_hops().unwrap();
+                let half: Vec<_> = marked
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, hop))| (*id, if i == first { *hop } else { None }))
+                    .collect();
+                dp.set_hops(&half).unwrap();
                 model.reload(&dp);
             }
             let (frame, backside) = source.frame();
@@ -587,6 +627,13 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(kernel, model, "the outcome counters differ (seed {seed})");
+    // The next-hop cache was used (hits), as well as bypassed (stale, missing).
+    let c = |i: u32| kernel[i as usize];
+    use lb_common::counter::{FORWARDED, NEXT_HOP_LOOKUPS, REPLIES};
+    assert!(
+        frames < 100_000 || c(NEXT_HOP_LOOKUPS) < c(FORWARDED) + c(REPLIES),
+        "every forwarded packet looked its next hop up: the cache was never hit"
+    );
     // The run must have reached the paths it is meant to compare.
     for c in [
         lb_common::counter::FORWARDED,
@@ -601,6 +648,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         lb_common::counter::RESET_NO_BACKEND,
         lb_common::counter::DROP_BACKEND_GONE,
         lb_common::counter::PASS_FRAGMENT,
+        lb_common::counter::NEXT_HOP_LOOKUPS,
     ] {
         assert!(
             frames < 100_000 || kernel[c as usize] > 0,

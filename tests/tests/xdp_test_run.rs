@@ -977,6 +977,7 @@ fn root_next_hops_are_taken_from_the_cache_while_current_and_from_the_fib_otherw
             (generation, h.x0, X0_MAC, CLIENT_MAC),
             "the client side's hop, cached"
         );
+        println!("the cached reply hop's MTU: {}", cached.mtu);
         assert!(cached.mtu >= 1500 || cached.mtu == reply.build().len() as u32 - 14);
         let (_, out) = h.send_from_backend(&reply);
         assert_eq!(out, want_reply(&reply));
