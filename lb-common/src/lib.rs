@@ -22,8 +22,13 @@ pub const RING_SIZE: u32 = 1024;
 /// Each service owns two ring halves; the service entry names the live one, so a
 /// new ring is written into the other half and switched in by one map update.
 pub const RING_MAP_SIZE: u32 = MAX_SERVICES * 2 * RING_SIZE;
-/// Entries of the connection table (and of the reverse-NAT table), LRU-evicted.
+/// Entries of the connection table (and of the reverse-NAT table): established
+/// flows only, LRU-evicted only when established flows exceed it.
 pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Entries of the transient table: flows whose handshake is not complete
+/// (half-open) and flows that ended and linger, two entries each (client
+/// side and reply side), LRU-evicted. A SYN flood churns this table only.
+pub const TRANSIENT_SIZE: u32 = 65_536;
 
 /// Interfaces the TC hook knows by index (`IFACES`): indexes at or above it
 /// are sent through the device's egress.
@@ -63,7 +68,9 @@ pub struct Service {
     pub flags: u32,
     /// Seed of the flow hash (Maglev services).
     pub hash_seed: u32,
-    pub _pad: u32,
+    /// A UDP flow idle for longer than this many ticks (`bpf_jiffies64`) is
+    /// over: its next packet is a new flow. 0: never.
+    pub idle_ticks: u32,
 }
 
 /// New flows are placed by Maglev consistent hashing of their 5-tuple, and a
@@ -174,6 +181,48 @@ pub struct Flow {
 /// The client or the backend sent FIN or RST: the flow is ending, and a new
 /// SYN on the same addresses and ports is a new connection to be scheduled afresh.
 pub const FLOW_F_CLOSING: u32 = 1;
+/// The client sent FIN.
+pub const FLOW_F_FIN_CLIENT: u32 = 2;
+/// The backend sent FIN. With both FINs (or one RST) the flow is closed: it
+/// leaves the connection table for the transient one, where it lingers.
+pub const FLOW_F_FIN_BACKEND: u32 = 4;
+
+/// Value of the transient table, keyed by a flow's client side (client to
+/// VIP) and by its reply side (backend to client): a TCP flow whose
+/// handshake is not complete, or that ended and lingers so that
+/// retransmitted FINs and the last ACK still find their way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Transient {
+    /// Tick (`bpf_jiffies64`) of the SYN (half-open) or of the end (closed).
+    pub since: u64,
+    pub backend: u32,
+    pub service: u32,
+    /// The backend's generation when the flow was scheduled.
+    pub generation: u32,
+    /// The VIP side, for the reply-side entry's rewrite.
+    pub vip: [u8; 4],
+    pub vport: [u8; 2],
+    /// `TRANSIENT_HALF_OPEN` or `TRANSIENT_CLOSED`.
+    pub state: u8,
+    /// 1 in the entry keyed by the reply side.
+    pub reply: u8,
+    pub _pad: u32,
+}
+
+/// Only the client's SYN went through; its ACK makes the flow established.
+pub const TRANSIENT_HALF_OPEN: u8 = 1;
+/// The flow ended (both FINs, or an RST); it lingers for `Settings::linger_ticks`.
+pub const TRANSIENT_CLOSED: u8 = 2;
+
+/// The data path's settings (one entry), written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// How long a closed flow lingers, in ticks.
+    pub linger_ticks: u32,
+    pub _pad: u32,
+}
 
 /// Value of the reverse-NAT table: how to make a backend's reply look like the VIP's.
 #[repr(C)]
@@ -326,6 +375,12 @@ pub mod counter {
     /// A packet whose next hop was not cached, or cached under an older
     /// generation: looked up in the kernel's FIB (counted beside its outcome).
     pub const NEXT_HOP_LOOKUPS: u32 = 29;
+    /// Not an outcome: TCP flows whose client completed the handshake (moved
+    /// from the transient table to the connection table).
+    pub const FLOWS_ESTABLISHED: u32 = 30;
+    /// Not an outcome: flows that ended (both FINs, or an RST) and left the
+    /// connection table to linger in the transient one.
+    pub const FLOWS_CLOSED: u32 = 31;
     /// Not a slot: the outcome of a forwarded packet, already counted in
     /// its backend's traffic (one counter update per packet).
     pub const COUNTED: u32 = u32::MAX;
@@ -333,7 +388,7 @@ pub mod counter {
     pub const COUNT: u32 = 32;
 
     /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 30] = [
+    pub const NAMES: [&str; 32] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_other_proto",
@@ -364,6 +419,8 @@ pub mod counter {
         "drop_icmp",
         "pass_too_big",
         "next_hop_lookups",
+        "flows_established",
+        "flows_closed",
     ];
 }
 
@@ -375,6 +432,8 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseFlow>() == 40);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<Transient>() == 32);
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
 const _: () = assert!(counter::NAMES.len() as u32 <= counter::COUNT);
 
@@ -391,6 +450,8 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseFlow {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for Transient {}
+    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for firewall::RuleKey {}
     unsafe impl aya::Pod for firewall::Firewall {}

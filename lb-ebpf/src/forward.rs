@@ -14,7 +14,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     hook::{Hook, Outcome},
-    maps::HOP_GENERATION,
+    maps::{HOP_GENERATION, SCRATCH, SCRATCH_FIB},
     stats,
 };
 
@@ -84,14 +84,35 @@ pub fn route<H: Hook>(ctx: &H, hop: &NextHop, ip: *mut Ipv4Hdr, to: &FlowKey) ->
     lookup(ctx, ip, to)
 }
 
-/// Looks up the route of `to` in the kernel's FIB, as the kernel
-/// would forward the packet arriving on this interface. A `Via` result
-/// carries the hop stamped with the generation read before the lookup, so
-/// that it can be cached: a change reported while the lookup ran leaves it
-/// stale, not wrong. A subprogram, not inlined: it is off the fast path, and
-/// each inlined copy would take its own 64 bytes of the 512-byte stack.
+/// Looks up the route of `to` in the kernel's FIB (see [`fib`]). A
+/// subprogram, not inlined: it is off the fast path (its parameters and
+/// result pass through a per-CPU scratch slot, off the 512-byte stack).
 #[inline(never)]
 pub fn lookup<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
+    let kind = match fib(ctx, ip, to) {
+        0 => Kind::Via,
+        1 => Kind::Local,
+        2 => Kind::NoNeigh,
+        3 => Kind::TooBig,
+        _ => Kind::Unreachable,
+    };
+    let hop = match SCRATCH.get(SCRATCH_FIB) {
+        // SAFETY: `fib` left the hop in the slot's first 24 bytes (the slot
+        // is 64 bytes, 8-aligned).
+        Some(slot) => unsafe { *(slot.as_ptr() as *const NextHop) },
+        None => NextHop::default(),
+    };
+    Route { kind, hop }
+}
+
+/// Looks up the route of `to` in the kernel's FIB, as the kernel would
+/// forward the packet arriving on this interface; returns the kind (0 via,
+/// 1 local, 2 no neighbour, 3 too big, 4 unreachable) and leaves the hop in
+/// the scratch slot, stamped with the generation read before the lookup, so
+/// that it can be cached: a change reported while the lookup ran leaves it
+/// stale, not wrong.
+#[inline(always)]
+fn fib<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> u32 {
     let generation = generation();
     // SAFETY: the caller parsed the IPv4 header as inside the frame.
     let (tot_len, tos) = unsafe { (u16::from_be_bytes((*ip).tot_len), (*ip).tos) };
@@ -106,9 +127,12 @@ pub fn lookup<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
         | (u16::from_ne_bytes(to.dport) as u64) << 32
         | (tot_len as u64) << 48;
     let w1 = ctx.ingress_ifindex() as u64 | (tos as u64) << 32;
-    let mut fib = core::mem::MaybeUninit::<[u64; 8]>::uninit();
-    let w = fib.as_mut_ptr() as *mut u64;
-    // SAFETY: eight stores into the eight words of the array.
+    // In this CPU's scratch slot, not on the stack (see maps::SCRATCH).
+    let Some(fib) = SCRATCH.get_ptr_mut(SCRATCH_FIB) else {
+        return 4;
+    };
+    let w = fib as *mut u64;
+    // SAFETY: eight stores into the eight words of the slot.
     unsafe {
         core::ptr::write_volatile(w, w0);
         core::ptr::write_volatile(w.add(1), w1);
@@ -121,7 +145,7 @@ pub fn lookup<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
     }
     const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
     let params = w as *mut FibParams;
-    // SAFETY: `fib` is a fully written, 64-byte bpf_fib_lookup on the stack.
+    // SAFETY: `fib` is a fully written, 64-byte bpf_fib_lookup.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), params, 64, 0) };
     // SAFETY: the helper wrote its outputs into the same struct.
     let (ifindex, mtu, w6, w7) = unsafe {
@@ -133,27 +157,26 @@ pub fn lookup<H: Hook>(ctx: &H, ip: *mut Ipv4Hdr, to: &FlowKey) -> Route {
         )
     };
     let kind = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS if !ctx.segments_fit(ifindex, 0) => Kind::TooBig,
-        BPF_FIB_LKUP_RET_SUCCESS => Kind::Via,
-        BPF_FIB_LKUP_RET_NOT_FWDED => Kind::Local,
-        BPF_FIB_LKUP_RET_NO_NEIGH => Kind::NoNeigh,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Kind::TooBig,
-        _ => Kind::Unreachable,
+        BPF_FIB_LKUP_RET_SUCCESS if !ctx.segments_fit(ifindex, 0) => 3,
+        BPF_FIB_LKUP_RET_SUCCESS => 0,
+        BPF_FIB_LKUP_RET_NOT_FWDED => 1,
+        BPF_FIB_LKUP_RET_NO_NEIGH => 2,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => 3,
+        _ => 4,
     };
-    let b = (w6 >> 32 | w7 << 32).to_ne_bytes();
-    let c = (w7 >> 32).to_ne_bytes();
-    Route {
-        kind,
-        hop: NextHop {
-            generation,
-            ifindex,
-            // The kernel reports the route's MTU on success when it was asked
-            // to check a length; a GSO packet at TC is not checked by length.
-            mtu: if tot_len != 0 { mtu as u32 } else { 0 },
-            smac: [b[0], b[1], b[2], b[3], b[4], b[5]],
-            dmac: [b[6], b[7], c[0], c[1], c[2], c[3]],
-        },
+    // The hop, over the slot's first three words: generation and ifindex;
+    // the MTU (the kernel reports the route's on success when asked to
+    // check a length; a GSO packet at TC is not checked by length) and the
+    // source MAC's first 4 bytes; its last 2 and the destination MAC.
+    let mtu = if tot_len != 0 { mtu as u64 } else { 0 };
+    let smac = w6 >> 32 | w7 << 32;
+    // SAFETY: three stores into the slot (its outputs were read above).
+    unsafe {
+        core::ptr::write_volatile(w, generation as u64 | (ifindex as u64) << 32);
+        core::ptr::write_volatile(w.add(1), mtu | (smac & 0xffff_ffff) << 32);
+        core::ptr::write_volatile(w.add(2), (smac >> 32) & 0xffff | (w7 >> 16) << 16);
     }
+    kind
 }
 
 /// Writes a MAC address with two stores (a 6-byte copy compiles to a

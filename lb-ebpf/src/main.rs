@@ -23,16 +23,16 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    counter, firewall::Firewall, prefilter_bit, Backend, FlowKey, NextHop, ServiceKey,
+    counter, firewall::Firewall, prefilter_bit, Backend, FlowKey, NextHop, ReverseFlow, ServiceKey,
     BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
-    IPPROTO_TCP, PREFILTER_BACKENDS, PREFILTER_VIPS, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
+    IPPROTO_TCP, PREFILTER_BACKENDS, PREFILTER_VIPS, TRANSIENT_CLOSED, TRANSIENT_HALF_OPEN,
 };
 
 use crate::{
-    conntrack::Reverse,
+    conntrack::{Plan, STAGE_NEW},
     forward::Kind,
     hook::{Hook, Outcome},
-    maps::{BACKENDS, HOPS, PREFILTER, SERVICES, SERVICES_BY_ID},
+    maps::{BACKENDS, HOPS, PREFILTER, REVERSE, SCRATCH, SCRATCH_PLAN, SERVICES, SERVICES_BY_ID},
     parse::{Packet, Parsed},
     stats::Direction,
 };
@@ -123,21 +123,8 @@ fn handle<H: Hook>(ctx: &H, fw: &Firewall, p: &Packet) -> Outcome {
     let (src, dst) = unsafe { ((*p.ip).src_addr, (*p.ip).dst_addr) };
     let key = FlowKey::new(src, dst, sport, dport, p.proto);
     if maybe(PREFILTER_VIPS, dst) {
-        if let Some(o) = established(ctx, p, &key) {
+        if let Some(o) = to_vip(ctx, fw, p, &key) {
             return o;
-        }
-        let svc_key = ServiceKey {
-            vip: dst,
-            port: dport,
-            proto: p.proto,
-            _pad: 0,
-        };
-        // SAFETY: the value is copied out at once.
-        if let Some(svc) = unsafe { SERVICES.get(svc_key).copied() } {
-            return to_service(ctx, fw, p, &key, &svc);
-        }
-        if firewall::closed(fw, dst) {
-            return Outcome::drop(counter::DROP_CLOSED_PORT);
         }
     }
     if maybe(PREFILTER_BACKENDS, src) {
@@ -153,140 +140,163 @@ fn maybe(half: u32, addr: [u8; 4]) -> bool {
     PREFILTER.get(half + word).is_some_and(|w| *w & bit != 0)
 }
 
-/// The fast path of an established flow to a VIP: the flow is known, its
-/// backend is the one it was scheduled on and takes its packets as usual,
-/// the packet is no SYN and has TTL to spare. Anything else (`None`) goes
-/// the full path, which knows every rule.
+/// A packet to a VIP address: its flow's backend, from the fast path (an
+/// established flow) or the full path (the service, the flow tables, the
+/// scheduler); then, written once for both, the route, the flow's change of
+/// stage (full path only), the rewrite and the send. `None`: no service
+/// takes it (the caller goes on as for any address).
 #[inline(always)]
-fn established<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Option<Outcome> {
-    if p.proto == IPPROTO_TCP && p.is_tcp_open() {
-        return None;
-    }
-    let f = conntrack::entry(key)?;
-    // SAFETY: f points at a live map value (see conntrack::touch).
-    let (backend_id, generation, service) =
-        unsafe { ((*f).backend, (*f).generation, (*f).service) };
-    let b = BACKENDS.get(backend_id)?;
-    if b.generation != generation
-        || b.flags & BACKEND_F_PRESENT == 0
-        || b.flags & (BACKEND_F_DROP_FLOWS | BACKEND_F_RESET_FLOWS) != 0
-    {
-        return None;
-    }
+fn to_vip<H: Hook>(ctx: &H, fw: &Firewall, p: &Packet, key: &FlowKey) -> Option<Outcome> {
+    // The plan of the full path (in this CPU's scratch slot), or null.
+    let mut plan: *mut Plan = core::ptr::null_mut();
+    let (backend_id, backend) = match established(p, key) {
+        Ok(found) => found,
+        Err(refused) if refused != 0 => return Some(Outcome::drop(refused)),
+        Err(_) => {
+            let svc_key = ServiceKey {
+                vip: key.dst,
+                port: key.dport,
+                proto: p.proto,
+                _pad: 0,
+            };
+            let Some(svc) = SERVICES.get_ptr(svc_key) else {
+                if firewall::closed(fw, key.dst) {
+                    return Some(Outcome::drop(counter::DROP_CLOSED_PORT));
+                }
+                return None;
+            };
+            // SAFETY: a live map value; the service map is replaced whole
+            // (see `dataplane::apply`), never a value in place.
+            let svc = unsafe { &*svc };
+            plan = SCRATCH.get_ptr_mut(SCRATCH_PLAN)? as *mut Plan;
+            match full_path(ctx, fw, p, key, svc, plan) {
+                Ok(found) => found,
+                Err(o) => return Some(o),
+            }
+        }
+    };
     // SAFETY: parse() checked the IPv4 header is inside the frame.
     if unsafe { (*p.ip).ttl } <= 1 {
-        return None;
-    }
-    // The backend's slot is the flow's (same generation), so the service it
-    // belongs to is the flow's too: a removed service's backends are gone.
-    let svc = SERVICES_BY_ID.get(service)?;
-    if !firewall::service_allows(svc, key.src) {
-        return Some(Outcome::drop(counter::DROP_DENIED_SERVICE));
+        return Some(Outcome::pass(counter::PASS_TTL_EXPIRED));
     }
     let hop = HOPS.get(backend_id)?;
-    let to = FlowKey::new(key.src, b.addr, key.sport, b.port, p.proto);
+    let to = FlowKey::new(key.src, backend.addr, key.sport, backend.port, p.proto);
     let route = forward::route(ctx, hop, p.ip, &to);
     if route.kind == Kind::Unreachable {
         return Some(Outcome::drop(counter::DROP_NO_ROUTE));
     }
+    let mut new_flow = false;
+    if !plan.is_null() {
+        // The last check that can refuse the packet is behind us: only now
+        // does the flow's stage change.
+        // SAFETY: this CPU's scratch slot, written by conntrack::plan.
+        let refused = conntrack::commit(key, unsafe { &*plan }, backend);
+        if refused != 0 {
+            return Some(Outcome::drop(refused));
+        }
+        // SAFETY: as above.
+        new_flow = unsafe { (*plan).stage } == STAGE_NEW;
+    }
     let bytes = ctx.frame_len() as u64;
-    // SAFETY: as above.
-    unsafe { conntrack::touch(f, p.is_tcp_close()) };
     nat::decrement_ttl(p.ip);
-    let fix = nat::rewrite_dst(p, b.addr, b.port);
+    let fix = nat::rewrite_dst(p, backend.addr, backend.port);
     let sent = route.kind == Kind::Via;
-    stats::traffic(
-        backend_id,
-        Direction::Forward { new_flow: false },
-        sent,
-        bytes,
-    );
+    stats::traffic(backend_id, Direction::Forward { new_flow }, sent, bytes);
     Some(forward::send(p.eth, &route, counter::COUNTED).with_fix(fix))
 }
 
-/// Client to VIP: find the flow's backend or pick one, rewrite, forward.
+/// The fast path's backend for an established flow: the flow is known, its
+/// backend is the one it was scheduled on and takes its packets as usual,
+/// the packet is no SYN, FIN or RST, a UDP flow is not idle past its
+/// service's timeout. `Err(0)`: the full path decides (it knows every rule);
+/// `Err(counter)`: refused.
 #[inline(always)]
-fn to_service<H: Hook>(
+fn established(p: &Packet, key: &FlowKey) -> Result<(u32, &'static Backend), u32> {
+    if p.proto == IPPROTO_TCP && (p.is_tcp_open() || p.is_tcp_close()) {
+        return Err(0);
+    }
+    let f = conntrack::entry(key).ok_or(0u32)?;
+    // SAFETY: f points at a live map value (see conntrack::touch).
+    let (backend_id, generation, service, last_seen) =
+        unsafe { ((*f).backend, (*f).generation, (*f).service, (*f).last_seen) };
+    let b = BACKENDS.get(backend_id).ok_or(0u32)?;
+    if b.generation != generation
+        || b.flags & BACKEND_F_PRESENT == 0
+        || b.flags & (BACKEND_F_DROP_FLOWS | BACKEND_F_RESET_FLOWS) != 0
+    {
+        return Err(0);
+    }
+    // The backend's slot is the flow's (same generation), so the service it
+    // belongs to is the flow's too: a removed service's backends are gone.
+    let svc = SERVICES_BY_ID.get(service).ok_or(0u32)?;
+    let now = conntrack::now();
+    if idle_expired(svc, p.proto, last_seen, now) {
+        return Err(0);
+    }
+    if !firewall::service_allows(svc, key.src) {
+        return Err(counter::DROP_DENIED_SERVICE);
+    }
+    // SAFETY: as above.
+    unsafe { conntrack::touch(f, now) };
+    Ok((backend_id, b))
+}
+
+/// Whether a UDP flow last seen at `last_seen` is over (idle past its
+/// service's timeout).
+#[inline(always)]
+pub(crate) fn idle_expired(svc: &lb_common::Service, proto: u8, last_seen: u64, now: u64) -> bool {
+    proto != IPPROTO_TCP
+        && svc.idle_ticks != 0
+        && now.wrapping_sub(last_seen) > svc.idle_ticks as u64
+}
+
+/// The full path's backend: the service's rules, where the flow stands in
+/// the flow tables (or a backend for a new one: `conntrack::plan`, into
+/// `plan`), and the backend's state. `Err`: the packet's outcome.
+#[inline(always)]
+fn full_path<H: Hook>(
     ctx: &H,
     fw: &Firewall,
     p: &Packet,
     key: &FlowKey,
     svc: &lb_common::Service,
-) -> Outcome {
-    let bytes = ctx.frame_len() as u64;
+    plan: *mut Plan,
+) -> Result<(u32, &'static Backend), Outcome> {
     if !firewall::service_allows(svc, key.src) {
-        return Outcome::drop(counter::DROP_DENIED_SERVICE);
+        return Err(Outcome::drop(counter::DROP_DENIED_SERVICE));
     }
-    let opening = p.is_tcp_open();
-    let known = conntrack::lookup(key, opening, p.is_tcp_close())
-        // A SYN for a flow whose backend takes no new flows or is gone is
-        // a new connection on old ports: it is scheduled afresh.
-        .filter(|k| !(p.proto == IPPROTO_TCP && opening && !takes_new_flows(k)));
-    let (backend_id, generation, new_flow) = match known {
-        Some(k) => (k.backend, Some(k.generation), false),
-        None => {
-            if p.proto == IPPROTO_TCP && !opening {
-                // Mid-flow segment of a flow we do not know (evicted, or
-                // it came through another balancer). Maglev knows where
-                // it belongs; a round-robin service never guesses.
-                if svc.flags & SERVICE_F_MAGLEV == 0 {
-                    return Outcome::drop(counter::DROP_TCP_NO_FLOW);
-                }
-                stats::count(counter::FLOWS_RECOVERED);
-            }
-            // The SYN-flood guard, before the flow takes a table entry.
-            if let Err(over) = firewall::admit_new_flow(fw, key.src) {
-                return Outcome::drop(over);
-            }
-            let Some(b) = select::pick(svc, key) else {
-                if p.proto == IPPROTO_TCP && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
-                    return Outcome::new(reset::reset(ctx), counter::RESET_NO_BACKEND);
-                }
-                return Outcome::drop(counter::DROP_NO_BACKEND);
-            };
-            (b, None, true)
+    conntrack::plan(key, svc, fw, conntrack::facts(p), plan);
+    // SAFETY: this CPU's scratch slot, every field written by plan().
+    let (refused, stage, backend_id, generation) = unsafe {
+        (
+            (*plan).refused,
+            (*plan).stage,
+            (*plan).backend,
+            (*plan).generation,
+        )
+    };
+    if refused != 0 {
+        if refused == counter::RESET_NO_BACKEND {
+            return Err(Outcome::new(reset::reset(ctx), counter::RESET_NO_BACKEND));
         }
+        return Err(Outcome::drop(refused));
+    }
+    let Some(backend) = backend_ref(backend_id) else {
+        return Err(Outcome::drop(counter::DROP_BACKEND_GONE));
     };
-    let Some(backend) = backend(backend_id) else {
-        return Outcome::drop(counter::DROP_BACKEND_GONE);
-    };
-    if let Some(g) = generation {
-        if g != backend.generation {
+    if stage != STAGE_NEW {
+        if generation != backend.generation {
             // The flow's backend was removed and its slot reused.
-            return Outcome::drop(counter::DROP_BACKEND_GONE);
+            return Err(Outcome::drop(counter::DROP_BACKEND_GONE));
         }
         if backend.flags & BACKEND_F_DROP_FLOWS != 0 {
-            return Outcome::drop(counter::DROP_BACKEND_DOWN);
+            return Err(Outcome::drop(counter::DROP_BACKEND_DOWN));
         }
         if backend.flags & BACKEND_F_RESET_FLOWS != 0 && p.proto == IPPROTO_TCP {
-            return Outcome::new(reset::reset(ctx), counter::RESET_FLOW);
+            return Err(Outcome::new(reset::reset(ctx), counter::RESET_FLOW));
         }
     }
-    // SAFETY: parse() checked the IPv4 header is inside the frame.
-    if unsafe { (*p.ip).ttl } <= 1 {
-        return Outcome::pass(counter::PASS_TTL_EXPIRED);
-    }
-    let Some(hop) = HOPS.get(backend_id) else {
-        return Outcome::drop(counter::DROP_BACKEND_GONE);
-    };
-    let to = FlowKey::new(key.src, backend.addr, key.sport, backend.port, p.proto);
-    let route = forward::route(ctx, hop, p.ip, &to);
-    if route.kind == Kind::Unreachable {
-        return Outcome::drop(counter::DROP_NO_ROUTE);
-    }
-    // The last check that can refuse the packet is behind us: only now
-    // does a new flow take its table entries.
-    if new_flow {
-        if !conntrack::insert(key, svc.id, backend_id, &backend) {
-            return Outcome::drop(counter::DROP_TABLE_FULL);
-        }
-        stats::count(counter::NEW_FLOWS);
-    }
-    nat::decrement_ttl(p.ip);
-    let fix = nat::rewrite_dst(p, backend.addr, backend.port);
-    let sent = route.kind == Kind::Via;
-    stats::traffic(backend_id, Direction::Forward { new_flow }, sent, bytes);
-    forward::send(p.eth, &route, counter::COUNTED).with_fix(fix)
+    Ok((backend_id, backend))
 }
 
 /// Backend to client: put the VIP back as the source, forward. The client
@@ -294,20 +304,35 @@ fn to_service<H: Hook>(
 #[inline(always)]
 fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
     let bytes = ctx.frame_len() as u64;
-    let Some(found) = conntrack::reverse(key) else {
-        return Outcome::pass(counter::PASS_NO_SERVICE);
-    };
-    let (vip, vport, backend, entry) = match found {
-        Reverse::Tracked(rev) => {
-            // SAFETY: a live map value; read field by field.
-            let (vip, vport, backend) = unsafe { ((*rev).vip, (*rev).vport, (*rev).backend) };
-            if p.is_tcp_syn_ack() && conntrack::stale_for_handshake(key, vip, vport) {
-                return Outcome::pass(counter::PASS_NO_SERVICE);
-            }
-            (vip, vport, backend, rev)
+    let now = conntrack::now();
+    let syn_ack = p.is_tcp_syn_ack();
+    // The VIP side: this instance's entry of an established flow (where the
+    // client side's hop is cached), else of a transient one (the handshake's
+    // SYN-ACK, a lingering FIN), else the backend address's (stateless).
+    let (vip, vport, backend_id);
+    let mut entry: *mut ReverseFlow = core::ptr::null_mut();
+    // (state, service) of a transient flow; state 0: not transient.
+    let (mut t_state, mut t_service) = (0u8, 0u32);
+    if let Some(rev) = REVERSE.get_ptr_mut(key) {
+        // SAFETY: a live map value; read field by field.
+        (vip, vport, backend_id) = unsafe { ((*rev).vip, (*rev).vport, (*rev).backend) };
+        if syn_ack && conntrack::stale_for_handshake(key, vip, vport) {
+            return Outcome::pass(counter::PASS_NO_SERVICE);
         }
-        Reverse::ByBackend(rev) => (rev.vip, rev.vport, rev.backend, core::ptr::null_mut()),
-    };
+        entry = rev;
+    } else if let Some(t) = conntrack::transient_of(key, now) {
+        if syn_ack && t.state == TRANSIENT_CLOSED {
+            // A new handshake on the ports of a flow that ended: not ours
+            // (see stale_for_handshake).
+            return Outcome::pass(counter::PASS_NO_SERVICE);
+        }
+        (vip, vport, backend_id) = (t.vip, t.vport, t.backend);
+        (t_state, t_service) = (t.state, t.service);
+    } else if let Some(rev) = conntrack::by_backend(key) {
+        (vip, vport, backend_id) = (rev.vip, rev.vport, rev.backend);
+    } else {
+        return Outcome::pass(counter::PASS_NO_SERVICE);
+    }
     let cached = if entry.is_null() {
         NextHop::default()
     } else {
@@ -335,23 +360,74 @@ fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
         // SAFETY: as above.
         unsafe { (*entry).hop = route.hop };
     }
-    if p.is_tcp_close() {
-        // The backend ends the connection (or refuses it): a later SYN
-        // on these ports is a new connection.
-        conntrack::mark_closing(key, vip, vport);
+    let (fin, rst) = (p.is_tcp_fin(), p.is_tcp_rst());
+    if fin || rst {
+        end_by_backend(
+            key,
+            vip,
+            vport,
+            fin,
+            rst,
+            (t_state, t_service, backend_id),
+            now,
+        );
     }
     let fix = nat::rewrite_src(p, vip, vport);
-    stats::traffic(backend, Direction::Reply, route.kind == Kind::Via, bytes);
+    stats::traffic(backend_id, Direction::Reply, route.kind == Kind::Via, bytes);
     forward::send(p.eth, &route, counter::COUNTED).with_fix(fix)
 }
 
-/// Whether the tracked flow's backend is still there and takes new flows.
+/// The backend ends the connection (FIN) or refuses or aborts it (RST): a
+/// later SYN on these ports is a new connection, and once both sides sent
+/// FIN (or at an RST) the flow is closed.
 #[inline(always)]
-fn takes_new_flows(k: &conntrack::Known) -> bool {
-    match backend(k.backend) {
-        Some(b) => b.generation == k.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0,
+fn end_by_backend(
+    key: &FlowKey,
+    vip: [u8; 4],
+    vport: [u8; 2],
+    fin: bool,
+    rst: bool,
+    (t_state, t_service, t_backend): (u8, u32, u32),
+    now: u64,
+) {
+    let client = conntrack::client_flow(key, vip, vport);
+    if t_state != 0 {
+        // A transient flow: the backend refusing the handshake closes it.
+        if t_state == TRANSIENT_HALF_OPEN && rst {
+            if let Some(b) = backend_ref(t_backend) {
+                conntrack::close_transient(&client, t_service, t_backend, b, now);
+            }
+        }
+        return;
+    }
+    let Some((service, backend_id, flags)) = conntrack::backend_ends(&client, fin) else {
+        return;
+    };
+    if rst || conntrack::both_fins(flags) {
+        if let Some(b) = backend(backend_id) {
+            if conntrack::retire(&client, service, backend_id, &b, now) {
+                stats::count(counter::FLOWS_CLOSED);
+            }
+        }
+    }
+}
+
+/// Whether a flow's backend (id and generation) is still there and takes
+/// new flows.
+#[inline(always)]
+pub(crate) fn takes_new_flows_of(id: u32, generation: u32) -> bool {
+    match backend(id) {
+        Some(b) => b.generation == generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0,
         None => false,
     }
+}
+
+/// The backend with id `id`, in place, if its slot holds one.
+#[inline(always)]
+pub fn backend_ref(id: u32) -> Option<&'static Backend> {
+    BACKENDS
+        .get(id)
+        .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
 }
 
 /// The backend with id `id`, if its slot holds one.

@@ -9,9 +9,9 @@ use lb_common::{
     firewall::{
         Firewall, RuleKey, TokenBucket, MAX_DENY_RULES, MAX_SERVICE_RULES, SOURCE_RATE_SIZE,
     },
-    Backend, BackendKey, Flow, FlowKey, NextHop, ReverseFlow, Service, ServiceKey, Traffic,
-    CONNTRACK_SIZE, MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_IFINDEX, MAX_SERVICES, PREFILTER_WORDS,
-    RING_MAP_SIZE,
+    Backend, BackendKey, Flow, FlowKey, NextHop, ReverseFlow, Service, ServiceKey, Settings,
+    Traffic, Transient, CONNTRACK_SIZE, MAGLEV_MAP_SIZE, MAX_BACKENDS, MAX_IFINDEX, MAX_SERVICES,
+    PREFILTER_WORDS, RING_MAP_SIZE, TRANSIENT_SIZE,
 };
 
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
@@ -69,6 +69,35 @@ pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(C
 #[map(name = "REVERSE")]
 pub static REVERSE: LruHashMap<FlowKey, ReverseFlow> =
     LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Half-open and closed flows, by client side and by reply side (see
+/// `lb_common::Transient`).
+#[map(name = "TRANSIENT")]
+pub static TRANSIENT: LruHashMap<FlowKey, Transient> =
+    LruHashMap::with_max_entries(TRANSIENT_SIZE, 0);
+
+/// Per-CPU count of established flows per backend id: +1 when a flow
+/// enters the connection table, -1 when it leaves it (the daemon sums the
+/// CPUs: O(backends), whatever the number of flows).
+#[map(name = "ACTIVE")]
+pub static ACTIVE: PerCpuArray<i64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU scratch memory for the subprograms off the fast path (the FIB
+/// lookup's parameters, table values being written), one slot each: the
+/// verifier counts a call chain's stack frames together against 512 bytes,
+/// and the fast path's frame takes most of them.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// `SCRATCH` slots.
+pub const SCRATCH_FIB: u32 = 0;
+pub const SCRATCH_VALUE: u32 = 1;
+pub const SCRATCH_PLAN: u32 = 2;
+pub const SCRATCH_SLOTS: u32 = 3;
+
+/// The data path's settings (one entry).
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Per-CPU packet counts by outcome (`lb_common::counter`); forwarded
 /// packets are counted in `BACKEND_TRAFFIC` instead.

@@ -87,6 +87,26 @@ impl Packet {
         }
     }
 
+    /// TCP FIN.
+    #[inline(always)]
+    pub fn is_tcp_fin(&self) -> bool {
+        match self.l4 {
+            // SAFETY: parse() checked that the header is inside the frame.
+            L4::Tcp(t) => unsafe { (*t).fin() != 0 },
+            L4::Udp(_) => false,
+        }
+    }
+
+    /// TCP RST.
+    #[inline(always)]
+    pub fn is_tcp_rst(&self) -> bool {
+        match self.l4 {
+            // SAFETY: parse() checked that the header is inside the frame.
+            L4::Tcp(t) => unsafe { (*t).rst() != 0 },
+            L4::Udp(_) => false,
+        }
+    }
+
     /// A SYN with ACK: the server's half of a handshake.
     #[inline(always)]
     pub fn is_tcp_syn_ack(&self) -> bool {

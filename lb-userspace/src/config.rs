@@ -8,9 +8,16 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
+
+/// How long a UDP flow may idle before it is over, unless a service says
+/// (`udp_idle_timeout_s`).
+pub const DEFAULT_UDP_IDLE_S: u32 = 60;
+/// How long a closed TCP flow lingers (`[daemon] closed_linger_s`).
+pub const DEFAULT_CLOSED_LINGER_S: u32 = 10;
 
 /// Bounds of `[daemon] conntrack_size`.
 pub const MIN_CONNTRACK_SIZE: u32 = 1024;
@@ -230,6 +237,8 @@ struct RawDaemon {
     #[serde(default)]
     stateless_reverse_nat: bool,
     conntrack_size: Option<u32>,
+    transient_size: Option<u32>,
+    closed_linger_s: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -256,6 +265,7 @@ struct RawService {
     firewall: RawSourceRules,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    udp_idle_timeout_s: Option<u32>,
 }
 
 /// `[firewall]`: what the data path drops before any service sees it.
@@ -616,8 +626,14 @@ pub struct DaemonConfig {
     /// not this balancer saw the flow (active-active). Off by default: it
     /// would also rewrite traffic that reaches the backends without the VIP.
     pub stateless_reverse_nat: bool,
-    /// Entries of the connection table (and of the reply table beside it).
+    /// Entries of the connection table (and of the reply table beside it):
+    /// established flows.
     pub conntrack_size: u32,
+    /// Entries of the transient table: half-open and closed flows, two each.
+    pub transient_size: u32,
+    /// How long a closed flow lingers (its retransmitted FINs and last ACK
+    /// still go through).
+    pub closed_linger: Duration,
 }
 
 /// Whether `name` names a namespace under /run/netns.
@@ -664,6 +680,9 @@ pub struct ServiceConfig {
     /// `[service.firewall]`.
     pub firewall: SourceRules,
     pub backends: Vec<BackendConfig>,
+    /// UDP: a flow idle for this long is over (its next packet is scheduled
+    /// afresh, and its entry is reclaimed).
+    pub udp_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -773,6 +792,20 @@ impl Config {
         let mut maglev_services = 0;
         for (si, s) in raw.services.iter().enumerate() {
             let key = format!("service[{si}]");
+            if let Some(n) = s.udp_idle_timeout_s {
+                if s.protocol != Protocol::Udp {
+                    bad(
+                        format!("{key}.udp_idle_timeout_s"),
+                        "only a UDP service has an idle timeout (a TCP flow ends with FIN or RST)"
+                            .into(),
+                    );
+                } else if !(1..=86_400).contains(&n) {
+                    bad(
+                        format!("{key}.udp_idle_timeout_s"),
+                        format!("{n} is outside 1..=86400 (seconds)"),
+                    );
+                }
+            }
             if let Some(p) = name_problem(&s.name) {
                 bad(format!("{key}.name"), p);
             } else if let Some(prev) = names.insert(&s.name, si) {
@@ -1062,6 +1095,9 @@ impl Config {
                     health: svc_health,
                     firewall,
                     backends,
+                    udp_idle_timeout: Duration::from_secs(
+                        s.udp_idle_timeout_s.unwrap_or(DEFAULT_UDP_IDLE_S) as u64,
+                    ),
                 });
             }
         }
@@ -1089,6 +1125,22 @@ impl Config {
                          without . or ..",
                         p.display()
                     ),
+                );
+            }
+        }
+        if let Some(n) = raw.daemon.transient_size {
+            if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
+                bad(
+                    "daemon.transient_size".into(),
+                    format!("{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE}"),
+                );
+            }
+        }
+        if let Some(n) = raw.daemon.closed_linger_s {
+            if !(1..=300).contains(&n) {
+                bad(
+                    "daemon.closed_linger_s".into(),
+                    format!("{n} is outside 1..=300 (seconds)"),
                 );
             }
         }
@@ -1193,6 +1245,15 @@ impl Config {
                     .daemon
                     .conntrack_size
                     .unwrap_or(lb_common::CONNTRACK_SIZE),
+                transient_size: raw
+                    .daemon
+                    .transient_size
+                    .unwrap_or(lb_common::TRANSIENT_SIZE),
+                closed_linger: Duration::from_secs(
+                    raw.daemon
+                        .closed_linger_s
+                        .unwrap_or(DEFAULT_CLOSED_LINGER_S) as u64,
+                ),
             },
             firewall,
             services,

@@ -67,8 +67,13 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     let _lock = crate::lock::take(&cfg.daemon.pin_dir, &cfg.daemon.control_socket)?;
     preflight(&cfg)?;
     let pin_dir = cfg.daemon.pin_dir.clone();
-    let (dp, adopted) = Dataplane::load_pinned(&pin_dir, fresh, cfg.daemon.conntrack_size)
-        .context("loading the data path")?;
+    let (dp, adopted) = Dataplane::load_pinned(
+        &pin_dir,
+        fresh,
+        cfg.daemon.conntrack_size,
+        cfg.daemon.transient_size,
+    )
+    .context("loading the data path")?;
     let kept = crate::dataplane::persistence(&pin_dir);
     if kept.survives_restart == Some(false) {
         tracing::warn!(why = %kept.why, "the data path will not survive a restart of this daemon");

@@ -37,7 +37,7 @@ use lb_common::{
         FIREWALL_F_ECHO_REPLY, RULE_ALLOW, RULE_DENY,
     },
     maglev, prefilter_bit, ring, Backend, BackendKey, Flow, FlowKey, NextHop, ReverseFlow, Service,
-    ServiceKey, Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT,
+    ServiceKey, Settings, Traffic, BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT,
     BACKEND_F_RESET_FLOWS, FLOW_F_CLOSING, IFACE_F_PEER, MAX_BACKENDS, MAX_IFINDEX,
     MAX_MAGLEV_SERVICES, MAX_SERVICES, PREFILTER_BACKENDS, PREFILTER_VIPS, PREFILTER_WORDS,
     RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV, SERVICE_F_RESET_IF_EMPTY,
@@ -100,6 +100,10 @@ pub const MAPS: &[&str] = &[
     "PREFILTER",
     "HOPS",
     "HOP_GENERATION",
+    "TRANSIENT",
+    "ACTIVE",
+    "SETTINGS",
+    "SCRATCH",
 ];
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
@@ -163,6 +167,8 @@ pub struct ServiceSpec {
     /// Which sources may reach it.
     pub rules: SourceRules,
     pub backends: Vec<BackendSpec>,
+    /// UDP: how long a flow may idle before it is over.
+    pub udp_idle: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +210,7 @@ impl ServiceSpec {
                     reset_flows: false,
                 })
                 .collect(),
+            udp_idle: (s.protocol == Protocol::Udp).then_some(s.udp_idle_timeout),
         }
     }
 }
@@ -398,7 +405,12 @@ impl Dataplane {
     /// needed). Maps pinned there by an earlier daemon are adopted, with
     /// their contents, unless `fresh`, which removes them first. Returns the
     /// data path and whether it adopted earlier state.
-    pub fn load_pinned(dir: &Path, fresh: bool, conntrack_size: u32) -> Result<(Dataplane, bool)> {
+    pub fn load_pinned(
+        dir: &Path,
+        fresh: bool,
+        conntrack_size: u32,
+        transient_size: u32,
+    ) -> Result<(Dataplane, bool)> {
         let pins = |problem: String| DataplaneError::Pins {
             dir: dir.to_owned(),
             problem,
@@ -424,21 +436,27 @@ impl Dataplane {
         }
         if adopted {
             // A pinned map is reused as it is: its size must be the one asked.
-            let have = aya::maps::MapInfo::from_pin(dir.join("CONNTRACK"))
-                .map_err(|e| pins(format!("CONNTRACK: {e}")))?
-                .max_entries();
-            if have != conntrack_size {
-                return Err(pins(format!(
-                    "its connection table has {have} entries and the config asks for \
-                     {conntrack_size} ([daemon] conntrack_size): keep the size, or start with \
-                     `lb run --fresh` (established flows will be lost)"
-                )));
+            for (map, asked, key) in [
+                ("CONNTRACK", conntrack_size, "conntrack_size"),
+                ("TRANSIENT", transient_size, "transient_size"),
+            ] {
+                let have = aya::maps::MapInfo::from_pin(dir.join(map))
+                    .map_err(|e| pins(format!("{map}: {e}")))?
+                    .max_entries();
+                if have != asked {
+                    return Err(pins(format!(
+                        "its {map} table has {have} entries and the config asks for {asked} \
+                         ([daemon] {key}): keep the size, or start with `lb run --fresh` \
+                         (established flows will be lost)"
+                    )));
+                }
             }
         }
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("CONNTRACK", conntrack_size)
-            .map_max_entries("REVERSE", conntrack_size);
+            .map_max_entries("REVERSE", conntrack_size)
+            .map_max_entries("TRANSIENT", transient_size);
         let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -517,6 +535,11 @@ impl Dataplane {
             retired: HashMap::new(),
         };
         dp.read_firewall_maps()?;
+        if adoption.is_none() {
+            dp.set_linger(std::time::Duration::from_secs(
+                crate::config::DEFAULT_CLOSED_LINGER_S as u64,
+            ))?;
+        }
         dp.prefilter = {
             let a: Array<_, u32> =
                 Array::try_from(dp.map_ref("PREFILTER")?).map_err(map_err("PREFILTER"))?;
@@ -947,6 +970,36 @@ impl Dataplane {
         })();
         self.prefilter = have;
         result
+    }
+
+    /// How long a closed flow lingers in the transient table (its
+    /// retransmitted FINs and last ACK still go through).
+    pub fn set_linger(&mut self, linger: std::time::Duration) -> Result<()> {
+        let ticks = crate::clock::jiffies(linger).min(u32::MAX as u64) as u32;
+        self.array::<Settings>("SETTINGS")?
+            .set(
+                0,
+                Settings {
+                    linger_ticks: ticks,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err("SETTINGS"))
+    }
+
+    /// Established flows per backend, as the data path counts them when
+    /// flows enter and leave the connection table: O(backends), whatever
+    /// the number of flows.
+    pub fn active_flows(&self) -> Result<HashMap<(String, String), u64>> {
+        let a: PerCpuArray<_, i64> =
+            PerCpuArray::try_from(self.map_ref("ACTIVE")?).map_err(map_err("ACTIVE"))?;
+        let mut out = HashMap::with_capacity(self.backends.len());
+        for (key, &bid) in &self.backends {
+            let n: i64 = a.get(&bid, 0).map_err(map_err("ACTIVE"))?.iter().sum();
+            out.insert(key.clone(), n.max(0) as u64);
+        }
+        Ok(out)
     }
 
     /// Makes every cached next hop stale at once (the kernel reported a
@@ -1414,6 +1467,13 @@ impl Dataplane {
                         self.retire_traffic(bid, service)?;
                     }
                     self.reset_counters("BACKEND_TRAFFIC", bid)?;
+                    // The slot's count of flows was the earlier backend's.
+                    let zeros = PerCpuValues::try_from(vec![0i64; self.nr_cpus])
+                        .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+                    PerCpuArray::<_, i64>::try_from(self.map("ACTIVE")?)
+                        .map_err(map_err("ACTIVE"))?
+                        .set(bid, zeros, 0)
+                        .map_err(map_err("ACTIVE"))?;
                     // The slot's cached hop was the earlier backend's.
                     self.array::<NextHop>("HOPS")?
                         .set(bid, NextHop::default(), 0)
@@ -1534,7 +1594,9 @@ impl Dataplane {
                     0
                 },
             hash_seed: seed,
-            _pad: 0,
+            idle_ticks: s.udp_idle.map_or(0, |d| {
+                crate::clock::jiffies(d).clamp(1, u32::MAX as u64) as u32
+            }),
         };
         // By id first: a flow scheduled by the new entry finds it there.
         self.array::<Service>("SERVICES_BY_ID")?

@@ -185,6 +185,7 @@ impl ServiceState {
             // Steered services refuse what they cannot place: a write with no
             // primary fails fast instead of hanging.
             reset_if_empty: c.steering != Steering::None,
+            udp_idle: (c.protocol == crate::config::Protocol::Udp).then_some(c.udp_idle_timeout),
             rules: c.firewall.clone(),
             backends: self
                 .backends
@@ -311,6 +312,9 @@ impl Balancer {
         let specs: Vec<ServiceSpec> = self.services.iter().map(|s| s.spec(seed)).collect();
         self.dp
             .set_firewall(&self.file.firewall)
+            .map_err(|e| format!("{e:#}"))?;
+        self.dp
+            .set_linger(self.file.daemon.closed_linger)
             .map_err(|e| format!("{e:#}"))?;
         self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
         let targets = self.dp.hop_targets();

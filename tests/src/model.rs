@@ -49,7 +49,22 @@ pub struct Verdict {
 struct Tracked {
     backend: u32,
     generation: u32,
+    service: u32,
     closing: bool,
+    fin_client: bool,
+    fin_backend: bool,
+}
+
+/// A flow of the transient table: half-open, or closed (lingering; the
+/// model's runs are shorter than the linger).
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    half_open: bool,
+    backend: u32,
+    generation: u32,
+    service: u32,
+    vip: [u8; 4],
+    vport: [u8; 2],
 }
 
 #[derive(Clone, Copy)]
@@ -81,6 +96,9 @@ pub struct Model {
     rules: Vec<(u32, u32, u32, u32)>,
     backend_vips: HashMap<BackendKey, ReverseFlow>,
     conntrack: HashMap<FlowKey, Tracked>,
+    /// Half-open and closed flows, by client side and by reply side.
+    transient: HashMap<FlowKey, Pending>,
+    services_by_id: HashMap<u32, Service>,
     reverse: HashMap<FlowKey, ReverseFlow>,
     /// The next-hop generation, and each backend id's cached hop.
     hop_generation: u32,
@@ -112,6 +130,8 @@ impl Model {
             rules: Vec::new(),
             backend_vips: HashMap::new(),
             conntrack: HashMap::new(),
+            transient: HashMap::new(),
+            services_by_id: HashMap::new(),
             reverse: HashMap::new(),
             hop_generation: 0,
             hops: Vec::new(),
@@ -129,6 +149,7 @@ impl Model {
         let services: BpfHashMap<_, ServiceKey, Service> =
             BpfHashMap::try_from(map(dp, "SERVICES")).unwrap();
         self.services = services.iter().map(|r| r.unwrap()).collect();
+        self.services_by_id = self.services.values().map(|s| (s.id, *s)).collect();
         let backends: Array<_, Backend> = Array::try_from(map(dp, "BACKENDS")).unwrap();
         self.backends = backends.iter().map(|r| r.unwrap()).collect();
         let generation: Array<_, u32> = Array::try_from(map(dp, "HOP_GENERATION")).unwrap();
@@ -307,116 +328,294 @@ impl Model {
         );
         let tcp = proto == IPPROTO_TCP;
         let opening = !tcp || (syn && !ack);
-        let closing = tcp && (fin || rst);
-        let skey = ServiceKey {
-            vip: key.dst,
-            port: key.dport,
-            proto,
-            _pad: 0,
-        };
-        if let Some(svc) = self.services.get(&skey).copied() {
-            if !self.allows(&svc, key.src) {
-                return (XDP_DROP, counter::DROP_DENIED_SERVICE);
+        if self.maybe_vip(key.dst) {
+            if let Some(out) = self.for_vip(f, ingress, l4, &key, (tcp, opening, syn, fin, rst)) {
+                return out;
             }
-            let known = match self.conntrack.get_mut(&key) {
-                Some(t) if !(opening && t.closing) => {
-                    t.closing |= closing;
-                    Some(*t)
-                }
-                _ => None,
-            };
-            // A SYN on a flow whose backend is gone or takes no new flows is
-            // a new connection on old ports.
-            let known = known.filter(|t| {
-                !(tcp && opening)
-                    || self.backend(t.backend).is_some_and(|b| {
-                        b.generation == t.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0
-                    })
+        }
+        self.reply(f, ingress, l4, &key, (tcp, syn && ack, fin, rst))
+    }
+
+    /// Whether `addr` is a VIP (the prefilter's exact meaning; its false
+    /// positives change nothing).
+    fn maybe_vip(&self, addr: [u8; 4]) -> bool {
+        self.vips.contains(&addr) || self.services.keys().any(|k| k.vip == addr)
+    }
+
+    /// A packet to a VIP address; None: no service takes it.
+    fn for_vip(
+        &mut self,
+        f: &mut Vec<u8>,
+        ingress: u32,
+        l4: usize,
+        key: &FlowKey,
+        (tcp, opening, syn, fin, rst): (bool, bool, bool, bool, bool),
+    ) -> Option<(u32, u32)> {
+        let key = *key;
+        // The fast path: an established flow, its backend as scheduled, no
+        // SYN, FIN or RST.
+        let fast = (!(tcp && ((syn && opening) || fin || rst)))
+            .then(|| self.conntrack.get(&key).copied())
+            .flatten()
+            .filter(|t| {
+                self.backend(t.backend).is_some_and(|b| {
+                    b.generation == t.generation
+                        && b.flags & (BACKEND_F_DROP_FLOWS | BACKEND_F_RESET_FLOWS) == 0
+                })
             });
-            let (bid, generation, new_flow) = match known {
-                Some(t) => (t.backend, Some(t.generation), false),
-                None => {
-                    if tcp && !opening {
-                        if svc.flags & SERVICE_F_MAGLEV == 0 {
-                            return (XDP_DROP, counter::DROP_TCP_NO_FLOW);
-                        }
-                        self.counts[counter::FLOWS_RECOVERED as usize] += 1;
+        let (bid, b, plan) = match fast {
+            Some(t) => {
+                let svc = self.services_by_id[&t.service];
+                if !self.allows(&svc, key.src) {
+                    return Some((XDP_DROP, counter::DROP_DENIED_SERVICE));
+                }
+                (t.backend, self.backend(t.backend).unwrap(), None)
+            }
+            None => {
+                let skey = ServiceKey {
+                    vip: key.dst,
+                    port: key.dport,
+                    proto: key.proto,
+                    _pad: 0,
+                };
+                let Some(svc) = self.services.get(&skey).copied() else {
+                    if self.closed(key.dst) {
+                        return Some((XDP_DROP, counter::DROP_CLOSED_PORT));
                     }
-                    match self.pick(&svc, &key) {
-                        Some(b) => (b, None, true),
-                        None => {
-                            if tcp && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
-                                return (reset(f), counter::RESET_NO_BACKEND);
-                            }
-                            return (XDP_DROP, counter::DROP_NO_BACKEND);
-                        }
-                    }
-                }
-            };
-            let Some(b) = self.backend(bid) else {
-                return (XDP_DROP, counter::DROP_BACKEND_GONE);
-            };
-            if let Some(g) = generation {
-                if g != b.generation {
-                    return (XDP_DROP, counter::DROP_BACKEND_GONE);
-                }
-                if b.flags & BACKEND_F_DROP_FLOWS != 0 {
-                    return (XDP_DROP, counter::DROP_BACKEND_DOWN);
-                }
-                if b.flags & BACKEND_F_RESET_FLOWS != 0 && tcp {
-                    return (reset(f), counter::RESET_FLOW);
+                    return None;
+                };
+                match self.plan(f, &key, &svc, (tcp, opening, fin, rst)) {
+                    Ok((bid, b, plan)) => (bid, b, Some(plan)),
+                    Err(out) => return Some(out),
                 }
             }
-            // State only after the last check that can refuse the packet.
-            if f[22] <= 1 {
-                return (XDP_PASS, counter::PASS_TTL_EXPIRED);
+        };
+        if f[22] <= 1 {
+            return Some((XDP_PASS, counter::PASS_TTL_EXPIRED));
+        }
+        // (The testrun namespace routes every address the model sends to:
+        // no "no route" drop happens here.)
+        let hop = self.hops.get(bid as usize).copied().unwrap_or_default();
+        let route = self.route_by(&hop, f, b.addr);
+        if let Some(plan) = plan {
+            self.commit(&key, &plan, bid, &b, (tcp, opening, fin, rst));
+        }
+        decrement_ttl(f);
+        rewrite(f, l4, Side::Destination, b.addr, b.port);
+        Some(self.send(f, ingress, route, counter::FORWARDED))
+    }
+
+    /// The full path: where the flow stands, or a backend for a new one, and
+    /// the backend's state.
+    fn plan(
+        &mut self,
+        f: &mut Vec<u8>,
+        key: &FlowKey,
+        svc: &Service,
+        (tcp, opening, _fin, _rst): (bool, bool, bool, bool),
+    ) -> Result<(u32, Backend, Plan), (u32, u32)> {
+        if !self.allows(svc, key.src) {
+            return Err((XDP_DROP, counter::DROP_DENIED_SERVICE));
+        }
+        let mut plan = Plan {
+            stage: Stage::New,
+            service: svc.id,
+            replaced: None,
+        };
+        let mut known: Option<(u32, u32)> = None;
+        if let Some(t) = self.conntrack.get(key).copied() {
+            let again = tcp
+                && opening
+                && (t.closing
+                    || !self.backend(t.backend).is_some_and(|b| {
+                        b.generation == t.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0
+                    }));
+            if again {
+                plan.replaced = Some(t.backend);
+            } else {
+                plan.stage = Stage::Established;
+                known = Some((t.backend, t.generation));
             }
-            // (The testrun namespace routes every address the model sends
-            // to: no "no route" drop happens here.)
-            let hop = self.hops.get(bid as usize).copied().unwrap_or_default();
-            let route = self.route_by(&hop, f, b.addr);
-            if new_flow {
-                self.conntrack.insert(
-                    key,
-                    Tracked {
-                        backend: bid,
-                        generation: b.generation,
-                        closing: false,
-                    },
-                );
-                self.reverse.insert(
-                    FlowKey {
-                        src: b.addr,
-                        dst: key.src,
-                        sport: b.port,
-                        dport: key.sport,
-                        proto,
-                        _pad: [0; 3],
-                    },
-                    ReverseFlow {
-                        vip: key.dst,
-                        vport: key.dport,
-                        _pad: [0; 2],
-                        backend: bid,
-                        service: svc.id,
-                        hop: Default::default(),
-                    },
-                );
+        } else if tcp {
+            if let Some(t) = self.transient.get(key).copied() {
+                let retry = !t.half_open
+                    || !self.backend(t.backend).is_some_and(|b| {
+                        b.generation == t.generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0
+                    });
+                if !(opening && retry) {
+                    plan.stage = if t.half_open {
+                        Stage::HalfOpen
+                    } else {
+                        Stage::Closed
+                    };
+                    plan.service = t.service;
+                    known = Some((t.backend, t.generation));
+                }
+            }
+        }
+        let bid = match known {
+            Some((bid, _)) => bid,
+            None => {
+                if tcp && !opening {
+                    if svc.flags & SERVICE_F_MAGLEV == 0 {
+                        return Err((XDP_DROP, counter::DROP_TCP_NO_FLOW));
+                    }
+                    self.counts[counter::FLOWS_RECOVERED as usize] += 1;
+                }
+                match self.pick(svc, key) {
+                    Some(b) => b,
+                    None => {
+                        if tcp && svc.flags & SERVICE_F_RESET_IF_EMPTY != 0 {
+                            return Err((reset(f), counter::RESET_NO_BACKEND));
+                        }
+                        return Err((XDP_DROP, counter::DROP_NO_BACKEND));
+                    }
+                }
+            }
+        };
+        let Some(b) = self.backend(bid) else {
+            return Err((XDP_DROP, counter::DROP_BACKEND_GONE));
+        };
+        if let Some((_, g)) = known {
+            if g != b.generation {
+                return Err((XDP_DROP, counter::DROP_BACKEND_GONE));
+            }
+            if b.flags & BACKEND_F_DROP_FLOWS != 0 {
+                return Err((XDP_DROP, counter::DROP_BACKEND_DOWN));
+            }
+            if b.flags & BACKEND_F_RESET_FLOWS != 0 && tcp {
+                return Err((reset(f), counter::RESET_FLOW));
+            }
+        }
+        Ok((bid, b, plan))
+    }
+
+    /// The flow's change of stage, once the packet passed every check.
+    fn commit(
+        &mut self,
+        key: &FlowKey,
+        plan: &Plan,
+        bid: u32,
+        b: &Backend,
+        (tcp, opening, fin, rst): (bool, bool, bool, bool),
+    ) {
+        let pending = |half_open| Pending {
+            half_open,
+            backend: bid,
+            generation: b.generation,
+            service: plan.service,
+            vip: key.dst,
+            vport: key.dport,
+        };
+        let rkey = reply_key(key, b);
+        match plan.stage {
+            Stage::New => {
+                if let Some(old) = plan.replaced {
+                    if self.conntrack.remove(key).is_some() {
+                        if let Some(ob) = self.backend(old) {
+                            self.reverse.remove(&reply_key(key, &ob));
+                        }
+                    }
+                }
+                if tcp && opening {
+                    self.transient.insert(*key, pending(true));
+                    self.transient.insert(rkey, pending(true));
+                } else {
+                    self.establish(key, plan.service, bid, b);
+                }
                 self.counts[counter::NEW_FLOWS as usize] += 1;
             }
-            decrement_ttl(f);
-            rewrite(f, l4, Side::Destination, b.addr, b.port);
-            return self.send(f, ingress, route, counter::FORWARDED);
+            Stage::HalfOpen if rst => {
+                self.transient.insert(*key, pending(false));
+                self.transient.insert(rkey, pending(false));
+            }
+            Stage::HalfOpen if !opening => {
+                self.establish(key, plan.service, bid, b);
+                self.transient.remove(key);
+                self.transient.remove(&rkey);
+                self.counts[counter::FLOWS_ESTABLISHED as usize] += 1;
+                if fin {
+                    let t = self.conntrack.get_mut(key).unwrap();
+                    t.closing = true;
+                    t.fin_client = true;
+                }
+            }
+            Stage::Established if fin || rst => {
+                let t = self.conntrack.get_mut(key).unwrap();
+                t.closing = true;
+                t.fin_client |= fin;
+                if rst || (t.fin_client && t.fin_backend) {
+                    self.retire(key, b);
+                }
+            }
+            _ => {}
         }
-        if self.closed(key.dst) {
-            return (XDP_DROP, counter::DROP_CLOSED_PORT);
-        }
+    }
+
+    fn establish(&mut self, key: &FlowKey, service: u32, bid: u32, b: &Backend) {
+        self.conntrack.insert(
+            *key,
+            Tracked {
+                backend: bid,
+                generation: b.generation,
+                service,
+                closing: false,
+                fin_client: false,
+                fin_backend: false,
+            },
+        );
+        self.reverse.insert(
+            reply_key(key, b),
+            ReverseFlow {
+                vip: key.dst,
+                vport: key.dport,
+                _pad: [0; 2],
+                backend: bid,
+                service,
+                hop: Default::default(),
+            },
+        );
+    }
+
+    /// Both FINs, or an RST: the flow leaves the established tables and
+    /// lingers in the transient one.
+    fn retire(&mut self, key: &FlowKey, b: &Backend) {
+        let Some(t) = self.conntrack.remove(key) else {
+            return;
+        };
+        let rkey = reply_key(key, b);
+        self.reverse.remove(&rkey);
+        let p = Pending {
+            half_open: false,
+            backend: t.backend,
+            generation: b.generation,
+            service: t.service,
+            vip: key.dst,
+            vport: key.dport,
+        };
+        self.transient.insert(*key, p);
+        self.transient.insert(rkey, p);
+        self.counts[counter::FLOWS_CLOSED as usize] += 1;
+    }
+
+    /// A packet from a backend address: a reply of a flow, or not ours.
+    fn reply(
+        &mut self,
+        f: &mut [u8],
+        ingress: u32,
+        l4: usize,
+        key: &FlowKey,
+        (tcp, syn_ack, fin, rst): (bool, bool, bool, bool),
+    ) -> (u32, u32) {
+        let key = *key;
+        let proto = key.proto;
+        let mut transient: Option<Pending> = None;
         let rev = match self.reverse.get(&key).copied() {
             Some(rev) => {
-                if tcp && syn && ack {
+                if tcp && syn_ack {
                     let stale = self
                         .conntrack
-                        .get(&client_flow(&key, &rev))
+                        .get(&client_flow(&key, rev.vip, rev.vport))
                         .is_none_or(|t| t.closing);
                     if stale {
                         self.reverse.remove(&key);
@@ -425,15 +624,31 @@ impl Model {
                 }
                 Some(rev)
             }
-            None => self
-                .backend_vips
-                .get(&BackendKey {
-                    addr: key.src,
-                    port: key.sport,
-                    proto,
-                    _pad: 0,
-                })
-                .copied(),
+            None => match self.transient.get(&key).copied() {
+                Some(t) => {
+                    if tcp && syn_ack && !t.half_open {
+                        return (XDP_PASS, counter::PASS_NO_SERVICE);
+                    }
+                    transient = Some(t);
+                    Some(ReverseFlow {
+                        vip: t.vip,
+                        vport: t.vport,
+                        _pad: [0; 2],
+                        backend: t.backend,
+                        service: t.service,
+                        hop: Default::default(),
+                    })
+                }
+                None => self
+                    .backend_vips
+                    .get(&BackendKey {
+                        addr: key.src,
+                        port: key.sport,
+                        proto,
+                        _pad: 0,
+                    })
+                    .copied(),
+            },
         };
         let Some(rev) = rev else {
             return (XDP_PASS, counter::PASS_NO_SERVICE);
@@ -473,10 +688,34 @@ impl Model {
                 }
             }
         }
-        if closing {
-            // The backend ends or refuses the connection.
-            if let Some(t) = self.conntrack.get_mut(&client_flow(&key, &rev)) {
-                t.closing = true;
+        if tcp && (fin || rst) {
+            let client = client_flow(&key, rev.vip, rev.vport);
+            match transient {
+                Some(t) => {
+                    if t.half_open && rst {
+                        if let Some(b) = self.backend(t.backend) {
+                            let p = Pending {
+                                half_open: false,
+                                generation: b.generation,
+                                ..t
+                            };
+                            self.transient.insert(client, p);
+                            self.transient.insert(reply_key(&client, &b), p);
+                        }
+                    }
+                }
+                None => {
+                    if let Some(t) = self.conntrack.get_mut(&client) {
+                        t.closing = true;
+                        t.fin_backend |= fin;
+                        let (done, bid) = (rst || (t.fin_client && t.fin_backend), t.backend);
+                        if done {
+                            if let Some(b) = self.backend(bid) {
+                                self.retire(&client, &b);
+                            }
+                        }
+                    }
+                }
             }
         }
         rewrite(f, l4, Side::Source, rev.vip, rev.vport);
@@ -731,15 +970,31 @@ impl Quote {
 }
 
 /// The client flow (client to VIP) of the reply `key` (backend to client).
-fn client_flow(key: &FlowKey, rev: &ReverseFlow) -> FlowKey {
-    FlowKey {
-        src: key.dst,
-        dst: rev.vip,
-        sport: key.dport,
-        dport: rev.vport,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+fn client_flow(key: &FlowKey, vip: [u8; 4], vport: [u8; 2]) -> FlowKey {
+    FlowKey::new(key.dst, vip, key.dport, vport, key.proto)
+}
+
+/// The reply side's key of the client flow `key` on backend `b`.
+fn reply_key(key: &FlowKey, b: &Backend) -> FlowKey {
+    FlowKey::new(b.addr, key.src, b.port, key.sport, key.proto)
+}
+
+/// Where a client packet's flow stands (as `conntrack::plan` says).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    New,
+    Established,
+    HalfOpen,
+    Closed,
+}
+
+/// The full path's plan for a client packet.
+#[derive(Clone, Copy)]
+struct Plan {
+    stage: Stage,
+    service: u32,
+    /// The backend of the established flow the packet replaces.
+    replaced: Option<u32>,
 }
 
 fn be16(f: &[u8], at: usize) -> u16 {

@@ -26,6 +26,7 @@ fn service(name: &str, port: u16, protocol: Protocol, backend_port: u16) -> Serv
         vip: VIP,
         port,
         protocol,
+        udp_idle: None,
         maglev: None,
         reset_if_empty: false,
         rules: SourceRules::default(),
@@ -245,6 +246,13 @@ fn root_icmp_errors_about_tracked_flows_reach_the_right_end_with_every_checksum_
         );
         assert_eq!(a, XDP_REDIRECT);
         assert_eq!(&fwd[30..34], &B1.octets());
+        // The client's ACK completes the handshake: the flow is established
+        // (ICMP errors are matched to established flows).
+        let (a, _) = h.run(
+            &Frame::tcp((CLIENT, 40_000), (VIP, 80), TCP_ACK).build(),
+            x0,
+        );
+        assert_eq!(a, XDP_REDIRECT);
 
         // "Fragmentation needed" from a router on the client's side about our
         // reply VIP:80 -> client: it must reach b1, quoting b1:8080.

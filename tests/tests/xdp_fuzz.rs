@@ -96,6 +96,7 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
             vip: VIP,
             port: 80,
             protocol: Protocol::Tcp,
+            udp_idle: None,
             maglev: None,
             reset_if_empty: false,
             rules: SourceRules {
@@ -109,6 +110,8 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
             vip: VIP,
             port: 53,
             protocol: Protocol::Udp,
+            // The model has no clock: flows never idle out here.
+            udp_idle: None,
             maglev: None,
             reset_if_empty: false,
             rules: SourceRules::default(),
@@ -119,6 +122,7 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
             vip: VIP2,
             port: 80,
             protocol: Protocol::Tcp,
+            udp_idle: None,
             maglev: Some((1021, 7)),
             reset_if_empty: false,
             rules: SourceRules {
@@ -132,6 +136,7 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
             vip: VIP,
             port: 3306,
             protocol: Protocol::Tcp,
+            udp_idle: None,
             maglev: None,
             reset_if_empty: true,
             rules: SourceRules::default(),
@@ -523,6 +528,8 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         let x0 = lb_userspace::config::if_index("x0").unwrap();
         let x1 = lb_userspace::config::if_index("x1").unwrap();
         dp.set_firewall(&firewall(false)).unwrap();
+        // The model has no clock: closed flows linger longer than the run.
+        dp.set_linger(std::time::Duration::from_secs(3600)).unwrap();
         dp.apply(&services(false)).unwrap();
         // Next hops as the daemon keeps them, with one MAC no FIB knows, so
         // that a packet sent by the cache shows it (hits); the second half
@@ -649,6 +656,8 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         lb_common::counter::DROP_BACKEND_GONE,
         lb_common::counter::PASS_FRAGMENT,
         lb_common::counter::NEXT_HOP_LOOKUPS,
+        lb_common::counter::FLOWS_ESTABLISHED,
+        lb_common::counter::FLOWS_CLOSED,
     ] {
         assert!(
             frames < 100_000 || kernel[c as usize] > 0,

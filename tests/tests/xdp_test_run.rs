@@ -95,6 +95,7 @@ fn services() -> Vec<ServiceConfig> {
             health: None,
             firewall: Default::default(),
             backends: vec![backend("b1", B1, 8080), backend("b2", B2, 8080)],
+            udp_idle_timeout: std::time::Duration::from_secs(60),
         },
         ServiceConfig {
             name: "dns".into(),
@@ -109,6 +110,7 @@ fn services() -> Vec<ServiceConfig> {
             health: None,
             firewall: Default::default(),
             backends: vec![backend("b1", B1, 5353), backend("b2", B2, 5353)],
+            udp_idle_timeout: std::time::Duration::from_secs(60),
         },
     ]
 }
@@ -841,21 +843,19 @@ fn root_a_syn_the_balancer_does_not_forward_leaves_no_flow_behind() {
         assert_eq!(h.counter("pass_ttl_expired"), 1);
         assert_eq!(h.counter("new_flows"), 0);
         assert_eq!(
-            table_len::<lb_common::Flow>(h, "CONNTRACK"),
+            table_len::<lb_common::Transient>(h, "TRANSIENT"),
             0,
-            "no client-side entry"
-        );
-        assert_eq!(
-            table_len::<lb_common::ReverseFlow>(h, "REVERSE"),
-            0,
-            "no reply-side entry"
+            "no half-open entry"
         );
 
+        // A SYN that goes through: half-open, by both sides, and nothing in
+        // the established tables yet.
         let (action, _) = h.send_from_client(&client_frame(47000, TCP_SYN));
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(h.counter("new_flows"), 1);
-        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 1);
-        assert_eq!(table_len::<lb_common::ReverseFlow>(h, "REVERSE"), 1);
+        assert_eq!(table_len::<lb_common::Transient>(h, "TRANSIENT"), 2);
+        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 0);
+        assert_eq!(table_len::<lb_common::ReverseFlow>(h, "REVERSE"), 0);
     });
 }
 

@@ -147,6 +147,7 @@ fn service(n_backends: usize, scheduler: Scheduler) -> ServiceConfig {
                 health: None,
             })
             .collect(),
+        udp_idle_timeout: std::time::Duration::from_secs(60),
     }
 }
 
