@@ -154,13 +154,16 @@ fn put_transient(
     let Some(t) = transient(key, state, service, backend_id, backend.generation, now) else {
         return false;
     };
-    // SAFETY: t points at this CPU's scratch slot.
+    // SAFETY: t points at this CPU's scratch slot; inserted by reference
+    // (a copy would take stack).
     unsafe {
-        if TRANSIENT.insert(key, &*t, 0).is_err() {
+        let value: &Transient = &*t;
+        if TRANSIENT.insert(key, value, 0).is_err() {
             return false;
         }
         (*t).reply = 1;
-        TRANSIENT.insert(reply_key(key, backend), &*t, 0).is_ok()
+        let value: &Transient = &*t;
+        TRANSIENT.insert(reply_key(key, backend), value, 0).is_ok()
     }
 }
 
@@ -180,7 +183,7 @@ pub fn promote(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, 
         return false;
     }
     let _ = TRANSIENT.remove(key);
-    let _ = TRANSIENT.remove(&reply_key(key, backend));
+    let _ = TRANSIENT.remove(reply_key(key, backend));
     true
 }
 
@@ -199,7 +202,7 @@ pub fn retire(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, n
     if CONNTRACK.remove(key).is_err() {
         return false;
     }
-    let _ = REVERSE.remove(&reply_key(key, backend));
+    let _ = REVERSE.remove(reply_key(key, backend));
     count_active(backend_id, -1);
     put_transient(key, TRANSIENT_CLOSED, service, backend_id, backend, now);
     true
@@ -214,7 +217,7 @@ pub fn replace(key: &FlowKey, backend_id: u32) {
         return;
     }
     if let Some(old) = crate::backend_ref(backend_id) {
-        let _ = REVERSE.remove(&reply_key(key, old));
+        let _ = REVERSE.remove(reply_key(key, old));
     }
     count_active(backend_id, -1);
 }

@@ -22,6 +22,8 @@ pub enum Request {
     Status,
     /// The Prometheus text exposition, as `{"text": ...}`.
     Metrics,
+    /// A walk of the connection table (a diagnostic: seconds when it is full).
+    Census,
     /// Stop the daemon. `keep_datapath`: leave the program attached and the
     /// maps pinned, so forwarding continues and the next `lb run` adopts them
     /// (restarts, upgrades); otherwise detach and remove the pins.

@@ -155,13 +155,13 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
                     let _ = reply.send(Response::Ok(serde_json::json!({ "message": msg })));
                     break keep_datapath;
                 }
-                if matches!(req, Request::Status | Request::Metrics) {
-                    // The flow counts walk the whole connection table: off the
-                    // loop, so a scrape never delays a failover.
+                if matches!(req, Request::Census) {
+                    // The census walks the whole connection table: off the
+                    // loop, so it never delays a failover.
                     match lb.flow_query() {
                         Ok(q) => {
                             tokio::task::spawn_blocking(move || {
-                                let _ = reply.send(q.answer(&req));
+                                let _ = reply.send(q.answer());
                             });
                         }
                         Err(e) => {

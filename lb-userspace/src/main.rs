@@ -65,6 +65,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
+    /// Walk the connection table (a diagnostic: seconds when it is full;
+    /// `status` counts flows without it).
+    Census {
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+    },
     /// Re-read the daemon's config file and apply the difference (as SIGHUP);
     /// an invalid file changes nothing and its error is printed.
     Reload {
@@ -197,6 +203,11 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Census { socket } => {
+            let v = control::request(&socket, &Request::Census)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Command::Reload { socket } => say(&socket, Request::Reload),
         Command::Manpage => {
             let mut out = Vec::new();
@@ -311,6 +322,18 @@ fn render_status(v: &serde_json::Value) -> String {
             t(&state["why"])
         );
     }
+    let ct = &v["conntrack"];
+    let _ = writeln!(
+        out,
+        "flows: {} established of {} ({}{})",
+        t(&ct["entries"]),
+        t(&ct["capacity"]),
+        t(&ct["pressure"]),
+        match ct["pressure_events"].as_u64() {
+            Some(n) if n > 0 => format!(", past 90% {n} times"),
+            _ => String::new(),
+        }
+    );
     for a in v["attachments"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,

@@ -47,7 +47,7 @@ impl Metrics {
 
     /// The text exposition of everything, from `status` (what `lb status
     /// --json` shows) and `table` (connection-table entries and capacity).
-    pub fn render(&self, status: &Value, table: (u64, u64)) -> String {
+    pub fn render(&self, status: &Value) -> String {
         let r = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
@@ -144,7 +144,12 @@ impl Metrics {
         );
         let ct = gauge(
             "lb_conntrack_entries",
-            "Entries in the connection table (open, closing and idle flows until evicted).",
+            "Established flows in the connection table (counted by the data path as flows enter and leave it; half-open and closed flows wait apart).",
+            &[],
+        );
+        let pressure = counter(
+            "lb_conntrack_pressure_events_total",
+            "Times the connection table filled past 90% of its capacity (at 100% established flows are evicted).",
             &[],
         );
         let ct_cap = gauge(
@@ -251,8 +256,15 @@ impl Metrics {
             };
             packets.with_label_values(&[action, reason]).inc_by(v);
         }
-        ct.with_label_values::<&str>(&[]).set(table.0 as i64);
-        ct_cap.with_label_values::<&str>(&[]).set(table.1 as i64);
+        let table = &status["conntrack"];
+        ct.with_label_values::<&str>(&[])
+            .set(table["entries"].as_u64().unwrap_or(0) as i64);
+        ct_cap
+            .with_label_values::<&str>(&[])
+            .set(table["capacity"].as_u64().unwrap_or(0) as i64);
+        pressure
+            .with_label_values::<&str>(&[])
+            .inc_by(table["pressure_events"].as_u64().unwrap_or(0));
         for a in status["attachments"].as_array().into_iter().flatten() {
             xdp.with_label_values(&[
                 &s(&a["interface"]),

@@ -242,6 +242,11 @@ pub struct Balancer {
     censuses: Arc<CensusCache>,
     monitors: HashMap<(String, String), Checker<MonitorTarget>>,
     next_checker: u64,
+    /// Whether the connection table was past `PRESSURE_PERCENT` at the last
+    /// look, how often it crossed it, and when that was last logged.
+    pressured: bool,
+    pressure_events: u64,
+    pressure_logged: Option<Instant>,
     /// Every backend's (id, address), for the next-hop watcher.
     hop_targets: tokio::sync::watch::Sender<Vec<(u32, Ipv4Addr)>>,
 }
@@ -293,6 +298,9 @@ impl Balancer {
             monitors: HashMap::new(),
             next_checker: 0,
             hop_targets: tokio::sync::watch::Sender::new(Vec::new()),
+            pressured: false,
+            pressure_events: 0,
+            pressure_logged: None,
         };
         b.sync().map_err(anyhow::Error::msg)?;
         Ok(b)
@@ -522,11 +530,21 @@ impl Balancer {
     /// Answers a control request.
     pub fn control(&mut self, req: Request) -> Response {
         let r = match req {
-            // The daemon's loop takes these off the loop (`flow_query`); here
+            // O(backends): the data path counts flows per backend.
+            Request::Status => {
+                return self.status().map_or_else(Response::Error, Response::Ok);
+            }
+            Request::Metrics => {
+                return match self.status() {
+                    Ok(status) => Response::Ok(json!({ "text": self.metrics.render(&status) })),
+                    Err(e) => Response::Error(e),
+                };
+            }
+            // The daemon's loop takes this off the loop (`flow_query`); here
             // the census is taken in place.
-            Request::Status | Request::Metrics => {
+            Request::Census => {
                 return match self.flow_query() {
-                    Ok(q) => q.answer(&req),
+                    Ok(q) => q.answer(),
                     Err(e) => Response::Error(e),
                 };
             }
@@ -672,21 +690,56 @@ impl Balancer {
         Ok(format!("{service}/{name} weight {weight}"))
     }
 
-    /// A status or metrics answer, all but its flow counts: those walk the
-    /// whole connection table, which [`FlowQuery::answer`] does off the
-    /// daemon's loop, so health and MySQL reports are handled meanwhile.
+    /// A census of the connection table, answered off the daemon's loop
+    /// ([`FlowQuery::answer`]): it walks the whole table, one system call per
+    /// entry (seconds for a full one). A diagnostic only: status and metrics
+    /// use the data path's own counts.
     pub fn flow_query(&self) -> Result<FlowQuery> {
         Ok(FlowQuery {
-            status: self.status_without_flows()?,
             census: self.dp.census().map_err(|e| format!("{e:#}"))?,
-            metrics: self.metrics.clone(),
             censuses: self.censuses.clone(),
         })
     }
 
-    /// Everything `lb status` shows, as JSON, but the flow counts.
-    fn status_without_flows(&self) -> Result<serde_json::Value> {
+    /// Takes note of the flow table's fill: crossing [`PRESSURE`] of its
+    /// capacity is counted and logged (at most once a minute), before
+    /// established flows are evicted at 100%.
+    fn pressure(&mut self, established: u64, capacity: u64) -> &'static str {
+        let high = established * 100 >= capacity * PRESSURE_PERCENT;
+        if high && !self.pressured {
+            self.pressure_events += 1;
+            let quiet = self
+                .pressure_logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if quiet {
+                self.pressure_logged = Some(Instant::now());
+                tracing::warn!(
+                    established,
+                    capacity,
+                    "the connection table is {}% full: at 100% established flows are evicted \
+                     (raise [daemon] conntrack_size)",
+                    established * 100 / capacity.max(1)
+                );
+            }
+        }
+        self.pressured = high;
+        if established >= capacity {
+            "full"
+        } else if high {
+            "high"
+        } else {
+            "ok"
+        }
+    }
+
+    /// Everything `lb status` shows, as JSON. O(backends): the flow counts
+    /// are the data path's (flows entering and leaving the connection table).
+    pub fn status(&mut self) -> Result<serde_json::Value> {
         let e = |e: crate::dataplane::DataplaneError| format!("{e:#}");
+        let active = self.dp.active_flows().map_err(e)?;
+        let established: u64 = active.values().sum();
+        let capacity = self.file.daemon.conntrack_size as u64;
+        let pressure = self.pressure(established, capacity);
         let mut services = Vec::new();
         for s in &self.services {
             let c = &s.config;
@@ -697,9 +750,10 @@ impl Balancer {
                     .backend_traffic(&c.name, &b.config.name)
                     .map_err(e)?
                     .into();
+                let key = (c.name.clone(), b.config.name.clone());
                 backends.push(json!({
                     "name": b.config.name,
-                    "active_flows": 0,
+                    "active_flows": active.get(&key).copied().unwrap_or(0),
                     "address": b.config.address,
                     "port": b.config.port,
                     "weight": b.config.weight,
@@ -752,17 +806,23 @@ impl Balancer {
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,
-            "conntrack": { "entries": 0, "capacity": self.file.daemon.conntrack_size },
+            "conntrack": {
+                "entries": established,
+                "capacity": capacity,
+                "pressure": pressure,
+                "pressure_events": self.pressure_events,
+            },
         }))
     }
 }
 
-/// A status or metrics answer waiting for its flow counts (see
-/// [`Balancer::flow_query`]).
+/// The share of the connection table (percent) from which its fill is a
+/// pressure: counted, logged, shown.
+pub const PRESSURE_PERCENT: u64 = 90;
+
+/// A census waiting to be taken (see [`Balancer::flow_query`]).
 pub struct FlowQuery {
-    status: serde_json::Value,
     census: FlowCensus,
-    metrics: crate::metrics::Metrics,
     censuses: Arc<CensusCache>,
 }
 
@@ -789,33 +849,23 @@ impl CensusCache {
 }
 
 impl FlowQuery {
-    /// Takes the census (seconds with a full table: call it off the loop)
-    /// and answers `req`, a status or metrics request.
-    pub fn answer(self, req: &Request) -> Response {
-        let FlowQuery {
-            mut status,
-            census,
-            metrics,
-            censuses,
-        } = self;
-        let census = censuses.get_or_take(census);
-        for s in status["services"].as_array_mut().into_iter().flatten() {
-            let service = s["name"].as_str().unwrap_or_default().to_owned();
-            for b in s["backends"].as_array_mut().into_iter().flatten() {
-                let key = (
-                    service.clone(),
-                    b["name"].as_str().unwrap_or_default().to_owned(),
-                );
-                b["active_flows"] = json!(census.active.get(&key).copied().unwrap_or(0));
-            }
-        }
-        status["conntrack"] = json!({ "entries": census.entries, "capacity": census.capacity });
-        match req {
-            Request::Metrics => Response::Ok(json!({
-                "text": metrics.render(&status, (census.entries, census.capacity)),
-            })),
-            _ => Response::Ok(status),
-        }
+    /// Walks the connection table (seconds for a full one: call it off the
+    /// loop): its entries, and per backend the flows seen lately.
+    pub fn answer(self) -> Response {
+        let census = self.censuses.get_or_take(self.census);
+        let mut recent: Vec<serde_json::Value> = census
+            .active
+            .iter()
+            .map(|((service, backend), n)| {
+                json!({ "service": service, "backend": backend, "recent_flows": n })
+            })
+            .collect();
+        recent.sort_by_key(|v| v.to_string());
+        Response::Ok(json!({
+            "entries": census.entries,
+            "capacity": census.capacity,
+            "backends": recent,
+        }))
     }
 }
 
