@@ -74,7 +74,7 @@ impl Metrics {
         );
         let svc_flows = counter(
             "lb_service_flows_total",
-            "Flows a service scheduled (new entries in the connection table).",
+            "Flows a service scheduled.",
             &["service"],
         );
         let be_packets = counter(
@@ -139,12 +139,17 @@ impl Metrics {
         );
         let flows = counter(
             "lb_flows_total",
-            "Flows scheduled (kind=scheduled), and of those the ones Maglev placed mid-flow (kind=recovered).",
+            "Flows scheduled (kind=scheduled), of those the ones Maglev placed mid-flow (kind=recovered); TCP flows whose handshake completed (kind=established) and flows that ended (kind=closed).",
             &["kind"],
         );
         let ct = gauge(
             "lb_conntrack_entries",
             "Established flows in the connection table (counted by the data path as flows enter and leave it; half-open and closed flows wait apart).",
+            &[],
+        );
+        let hop_lookups = counter(
+            "lb_next_hop_lookups_total",
+            "Packets whose next hop was not cached (or stale) and was looked up in the kernel's FIB.",
             &[],
         );
         let pressure = counter(
@@ -247,6 +252,18 @@ impl Metrics {
                 }
                 "flows_recovered" => {
                     flows.with_label_values(&["recovered"]).inc_by(v);
+                    continue;
+                }
+                "flows_established" => {
+                    flows.with_label_values(&["established"]).inc_by(v);
+                    continue;
+                }
+                "flows_closed" => {
+                    flows.with_label_values(&["closed"]).inc_by(v);
+                    continue;
+                }
+                "next_hop_lookups" => {
+                    hop_lookups.with_label_values::<&str>(&[]).inc_by(v);
                     continue;
                 }
                 other => match other.split_once('_') {

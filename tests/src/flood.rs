@@ -42,11 +42,32 @@ fn syn(src: Ipv4Addr, sport: u16, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
     p
 }
 
+/// Where a flood's SYNs come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Sources {
+    /// One address, ports changing.
+    One(Ipv4Addr),
+    /// A different, spoofed address for every SYN (100.64.0.0/10, from a
+    /// fixed sequence), as a flood of many sources looks.
+    Spoofed,
+}
+
 /// Sends up to `max` SYNs from `src` to `dst` in namespace `ns`, for at most
 /// `within`, as fast as one thread can.
 pub fn syn_flood(
     ns: &Netns,
     src: Ipv4Addr,
+    dst: SocketAddrV4,
+    max: u64,
+    within: Duration,
+) -> Flooded {
+    flood(ns, Sources::One(src), dst, max, within)
+}
+
+/// Like [`syn_flood`], from `sources`.
+pub fn flood(
+    ns: &Netns,
+    sources: Sources,
     dst: SocketAddrV4,
     max: u64,
     within: Duration,
@@ -66,6 +87,14 @@ pub fn syn_flood(
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < max && started.elapsed() < within {
+            let src = match sources {
+                Sources::One(a) => a,
+                Sources::Spoofed => {
+                    // 100.64.0.0/10, walked by a multiplicative step.
+                    let n = (sent as u32).wrapping_mul(2_654_435_761) & 0x003f_ffff;
+                    Ipv4Addr::from(0x6440_0000 | n)
+                }
+            };
             let p = syn(src, 1024 + (sent % 60_000) as u16, dst, sent as u32);
             // SAFETY: p and to are valid for the lengths given.
             let n = unsafe {

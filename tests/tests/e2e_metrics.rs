@@ -195,7 +195,13 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
             "{web}: packets increased by exactly what it received"
         );
     }
-    assert!(get(&after, "lb_conntrack_entries", &[]) >= N as f64);
+    // Each connection ended: it left the connection table (counted closed).
+    assert!(get(&after, "lb_conntrack_entries", &[]) <= 2.0);
+    assert!(
+        get(&after, "lb_flows_total", &[("kind", "closed")])
+            - get(&before, "lb_flows_total", &[("kind", "closed")])
+            >= (N - 2) as f64
+    );
     assert_eq!(
         get(
             &after,

@@ -31,6 +31,12 @@ struct Bed {
 
 /// db1 primary, db2 its replica, and the balancer with both VIPs.
 fn bed() -> Bed {
+    bed_with("", "")
+}
+
+/// [`bed`], with `services` added to the config and `daemon` to its
+/// `[daemon]` table.
+fn bed_with(services: &str, daemon: &str) -> Bed {
     require_root();
     let t = Topology::new(&format!("m{}{}", std::process::id() % 10_000, unique()), 2);
     let db1 = MariaDb::start(&t.backends[0], "db1", backend_addr(1), 1);
@@ -54,11 +60,13 @@ fn bed() -> Bed {
         )
     };
     let cfg = format!(
-        "{}{}",
+        "{}{}{services}",
         svc("mysql-write", WRITE, "mysql-primary"),
         svc("mysql-read", READ, "mysql-replica")
     );
-    let lb = LbDaemon::start(&t.lb, |sock| lb_config(sock, &cfg));
+    let lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &cfg).replace("hook = \"auto\"", &format!("hook = \"auto\"\n{daemon}"))
+    });
     let b = Bed {
         t,
         db1,
@@ -343,4 +351,38 @@ fn root_two_writable_servers_keep_writes_on_the_primary_and_raise_an_alarm() {
         b.lb.log_text().contains("MySQL alarm"),
         "the alarm is logged"
     );
+}
+
+#[test]
+fn root_an_idle_write_connection_survives_50000_others_coming_and_going() {
+    // A 4,096-entry table, and nginx beside MariaDB on the same hosts for
+    // the churn: 50,000 short HTTP connections through a web VIP.
+    let b = bed_with(
+        &lb_tests::topology::service_block("web", 80, "tcp", 2, 80),
+        "conntrack_size = 4096",
+    );
+    let _webs = b.t.start_webs();
+    let held = Session::open(&b.t.client, VIP, WRITE).expect("connecting through the write VIP");
+    assert_eq!(held.query("SELECT CAST(@@server_id AS CHAR)").unwrap(), "1");
+    let started = Instant::now();
+    let answered = b.t.client.run(|| {
+        let vip: std::net::SocketAddr = std::net::SocketAddrV4::new(VIP, 80).into();
+        (0..50_000)
+            .filter(|_| lb_tests::http::get(vip, "/").is_ok_and(|(code, _)| code == 200))
+            .count()
+    });
+    println!(
+        "50,000 short connections in {:.1} s ({answered} answered); flows closed {}, \
+         drop_tcp_no_flow {}",
+        started.elapsed().as_secs_f64(),
+        b.lb.status()["counters"]["flows_closed"],
+        b.lb.status()["counters"]["drop_tcp_no_flow"],
+    );
+    assert_eq!(answered, 50_000);
+    assert_eq!(
+        held.query("SELECT CAST(@@server_id AS CHAR)").unwrap(),
+        "1",
+        "the idle connection answers on the same socket, from the primary"
+    );
+    assert_eq!(b.lb.status()["counters"]["drop_tcp_no_flow"], 0);
 }

@@ -986,3 +986,165 @@ fn root_next_hops_are_taken_from_the_cache_while_current_and_from_the_fib_otherw
         assert_eq!(h.counter("replies"), 3);
     });
 }
+
+/// The entries of a flow table, with their values.
+fn table<V: aya::Pod>(h: &Harness, name: &str) -> Vec<(lb_common::FlowKey, V)> {
+    let m = h.dp.map_named(name).expect("the table exists");
+    let t: aya::maps::HashMap<_, lb_common::FlowKey, V> =
+        aya::maps::HashMap::try_from(m).expect("a flow table");
+    t.iter().map(|r| r.unwrap()).collect()
+}
+
+/// The data path's count of established flows of one backend.
+fn active(h: &Harness, backend: &str) -> u64 {
+    let service = if backend.starts_with("udp") {
+        "dns"
+    } else {
+        "web"
+    };
+    let b = backend.trim_start_matches("udp-");
+    h.dp.active_flows().unwrap()[&(service.to_owned(), b.to_owned())]
+}
+
+/// (half-open, closed) entries of the transient table.
+fn transient_states(h: &Harness) -> (usize, usize) {
+    let t = table::<lb_common::Transient>(h, "TRANSIENT");
+    let half = t
+        .iter()
+        .filter(|(_, v)| v.state == lb_common::TRANSIENT_HALF_OPEN)
+        .count();
+    (half, t.len() - half)
+}
+
+#[test]
+fn root_flow_stages_move_between_the_tables_exactly() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        h.dp.set_linger(std::time::Duration::from_secs(3600))
+            .unwrap();
+        let tables = |h: &Harness| {
+            (
+                table_len::<lb_common::Flow>(h, "CONNTRACK"),
+                table_len::<lb_common::ReverseFlow>(h, "REVERSE"),
+                transient_states(h),
+            )
+        };
+        let from_b1 = |flags: u8| {
+            let mut f = Frame::tcp((B1, 8080), (CLIENT, 49000), flags);
+            f.src_mac = B1_MAC;
+            f.dst_mac = X1_MAC;
+            f
+        };
+        // SYN: half-open, by both sides; nothing established.
+        assert_eq!(
+            h.send_from_client(&client_frame(49000, TCP_SYN)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(tables(h), (0, 0, (2, 0)));
+        let half: Vec<_> = table::<lb_common::Transient>(h, "TRANSIENT");
+        assert_eq!(
+            half.iter().map(|(_, v)| v.reply).sum::<u8>(),
+            1,
+            "one entry by the client side, one by the reply side"
+        );
+        assert_eq!((h.counter("new_flows"), active(h, "b1")), (1, 0));
+        // The SYN-ACK finds its VIP side in the half-open entry.
+        let (a, out) = h.send_from_backend(&from_b1(TCP_SYN | TCP_ACK));
+        assert_eq!(a, XDP_REDIRECT);
+        assert_eq!(&out[26..30], &VIP.octets());
+        // The client's ACK completes the handshake: established.
+        assert_eq!(
+            h.send_from_client(&client_frame(49000, TCP_ACK)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(tables(h), (1, 1, (0, 0)));
+        assert_eq!((h.counter("flows_established"), active(h, "b1")), (1, 1));
+        // The client's FIN: closing, still established.
+        let fin = client_frame(49000, TCP_FIN | TCP_ACK);
+        assert_eq!(h.send_from_client(&fin).0, XDP_REDIRECT);
+        let (_, f) = table::<lb_common::Flow>(h, "CONNTRACK")[0];
+        assert_eq!(
+            f.flags,
+            lb_common::FLOW_F_CLOSING | lb_common::FLOW_F_FIN_CLIENT
+        );
+        assert_eq!(tables(h), (1, 1, (0, 0)));
+        // The backend's FIN: both sides done, the flow leaves the
+        // connection table and lingers.
+        assert_eq!(
+            h.send_from_backend(&from_b1(TCP_FIN | TCP_ACK)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(tables(h), (0, 0, (0, 2)));
+        assert_eq!((h.counter("flows_closed"), active(h, "b1")), (1, 0));
+        // Lingering: the last ACK and a retransmitted FIN still go through.
+        let (a, out) = h.send_from_client(&client_frame(49000, TCP_ACK));
+        assert_eq!((a, &out[30..34]), (XDP_REDIRECT, &B1.octets()[..]));
+        assert_eq!(
+            h.send_from_backend(&from_b1(TCP_FIN | TCP_ACK)).0,
+            XDP_REDIRECT
+        );
+        // After the linger the flow is gone: a late segment is no flow's.
+        h.dp.set_linger(std::time::Duration::ZERO).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(
+            h.send_from_client(&client_frame(49000, TCP_ACK)).0,
+            XDP_DROP
+        );
+        assert_eq!(h.counter("drop_tcp_no_flow"), 1);
+        h.dp.set_linger(std::time::Duration::from_secs(3600))
+            .unwrap();
+
+        // An RST ends an established flow at once (port 49001, on b2).
+        h.send_from_client(&client_frame(49001, TCP_SYN));
+        h.send_from_client(&client_frame(49001, TCP_ACK));
+        assert_eq!(active(h, "b2"), 1);
+        assert_eq!(
+            h.send_from_client(&client_frame(49001, TCP_RST)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 0);
+        assert_eq!((h.counter("flows_closed"), active(h, "b2")), (2, 0));
+
+        // A backend refusing the handshake (RST) closes the half-open flow;
+        // the client's next SYN on those ports is a new connection.
+        h.send_from_client(&client_frame(49002, TCP_SYN));
+        let mut refuse = Frame::tcp((B1, 8080), (CLIENT, 49002), TCP_RST | TCP_ACK);
+        refuse.dst_mac = X1_MAC;
+        assert_eq!(h.send_from_backend(&refuse).0, XDP_REDIRECT);
+        let new_before = h.counter("new_flows");
+        h.send_from_client(&client_frame(49002, TCP_SYN));
+        assert_eq!(h.counter("new_flows"), new_before + 1);
+
+        // UDP: established at once, and over after its idle timeout (here
+        // one tick): the next packet is scheduled afresh, the old entry's
+        // count goes.
+        let mut spec: Vec<ServiceSpec> = services()
+            .iter()
+            .map(|s| ServiceSpec::from_config(s, 0))
+            .collect();
+        spec[1].udp_idle = Some(std::time::Duration::from_millis(1));
+        h.dp.apply(&spec).unwrap();
+        let mut dns = Frame::udp((CLIENT, 6000), (VIP, 53));
+        dns.src_mac = CLIENT_MAC;
+        dns.dst_mac = X0_MAC;
+        let (_, out) = h.send_from_client(&dns);
+        let first = out[30..34].to_vec();
+        let conntrack = |h: &Harness| table_len::<lb_common::Flow>(h, "CONNTRACK");
+        assert_eq!(conntrack(h), 1);
+        let (_, out) = h.send_from_client(&dns);
+        assert_eq!(
+            out[30..34],
+            first[..],
+            "within the timeout: the same backend"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let (_, out) = h.send_from_client(&dns);
+        assert_ne!(
+            out[30..34],
+            first[..],
+            "idle past its timeout: a new flow, the next turn"
+        );
+        assert_eq!(conntrack(h), 1);
+        assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 1);
+    });
+}
