@@ -95,6 +95,12 @@ pub const SCRATCH_VALUE: u32 = 1;
 pub const SCRATCH_PLAN: u32 = 2;
 pub const SCRATCH_SLOTS: u32 = 3;
 
+/// Per backend id: established flows the daemon reclaimed (UDP flows idle
+/// past their timeout, deleted by its sweep), to subtract from `ACTIVE`.
+/// Written by the daemon only; the program never reads it.
+#[map(name = "ACTIVE_RECLAIMED")]
+pub static ACTIVE_RECLAIMED: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// The data path's settings (one entry).
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

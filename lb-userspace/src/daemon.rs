@@ -132,6 +132,15 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     // Under systemd (Type=notify): ready once attached and answering.
     notify("READY=1\nSTATUS=attached and balancing");
 
+    // Idle UDP flows are over in the data path at once; their entries are
+    // reclaimed by a sweep of the table, off the loop, every SWEEP.
+    // One sweep at a time, and no sooner than ten times the last one took
+    // after it (a walk of a big table is seconds of a core).
+    let (swept_tx, mut swept) = mpsc::channel(1);
+    let mut sweep = tokio::time::interval(UDP_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeping: Option<std::time::Instant> = None;
+    let mut next_sweep = std::time::Instant::now();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -175,6 +184,23 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
             Some(report) = reports.recv() => lb.on_report(report),
             Some(report) = mysql_reports.recv() => lb.on_mysql_report(report),
             Some(e) = hop_events.recv() => lb.on_next_hops(e),
+            _ = sweep.tick() => {
+                if sweeping.is_none() && std::time::Instant::now() >= next_sweep {
+                    if let Some(job) = lb.udp_sweep() {
+                        sweeping = Some(std::time::Instant::now());
+                        let tx = swept_tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = tx.blocking_send(job.run());
+                        });
+                    }
+                }
+            }
+            Some(done) = swept.recv() => {
+                if let Some(started) = sweeping.take() {
+                    next_sweep = std::time::Instant::now() + started.elapsed() * 10;
+                }
+                lb.on_udp_sweep(done);
+            }
         }
     };
     notify("STOPPING=1");
@@ -189,6 +215,9 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     Ok(())
 }
+
+/// How often the connection table is swept for idle UDP flows.
+const UDP_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Aborts a task when dropped (the daemon's listeners end with it).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

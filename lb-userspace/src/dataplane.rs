@@ -104,6 +104,7 @@ pub const MAPS: &[&str] = &[
     "ACTIVE",
     "SETTINGS",
     "SCRATCH",
+    "ACTIVE_RECLAIMED",
 ];
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
@@ -994,12 +995,71 @@ impl Dataplane {
     pub fn active_flows(&self) -> Result<HashMap<(String, String), u64>> {
         let a: PerCpuArray<_, i64> =
             PerCpuArray::try_from(self.map_ref("ACTIVE")?).map_err(map_err("ACTIVE"))?;
+        let reclaimed: Array<_, u64> = Array::try_from(self.map_ref("ACTIVE_RECLAIMED")?)
+            .map_err(map_err("ACTIVE_RECLAIMED"))?;
         let mut out = HashMap::with_capacity(self.backends.len());
         for (key, &bid) in &self.backends {
             let n: i64 = a.get(&bid, 0).map_err(map_err("ACTIVE"))?.iter().sum();
-            out.insert(key.clone(), n.max(0) as u64);
+            let gone = reclaimed.get(&bid, 0).map_err(map_err("ACTIVE_RECLAIMED"))? as i64;
+            out.insert(key.clone(), (n - gone).max(0) as u64);
         }
         Ok(out)
+    }
+
+    /// A sweep of the connection table for UDP flows idle past their
+    /// service's timeout, to run off the daemon's loop (it walks the table):
+    /// None when no service is UDP.
+    pub fn udp_sweep(&self) -> Result<Option<UdpSweep>> {
+        let idle: HashMap<u32, u64> = self
+            .services
+            .values()
+            .filter_map(|slot| {
+                let spec = slot.spec.as_ref()?;
+                let d = spec.udp_idle?;
+                Some((slot.id, crate::clock::jiffies(d).max(1)))
+            })
+            .collect();
+        if idle.is_empty() {
+            return Ok(None);
+        }
+        let dup = |name: &'static str| -> Result<MapData> {
+            let fd = match self.map_ref(name)? {
+                aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
+                    std::os::fd::AsFd::as_fd(m.fd())
+                        .try_clone_to_owned()
+                        .map_err(DataplaneError::Dup)?
+                }
+                _ => return Err(DataplaneError::MissingMap(name)),
+            };
+            MapData::from_fd(fd).map_err(map_err(name))
+        };
+        let backends = self
+            .services
+            .values()
+            .filter_map(|slot| slot.spec.as_ref())
+            .flat_map(|spec| {
+                spec.backends.iter().filter_map(|b| {
+                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
+                    Some((bid, (b.address.octets(), b.port.to_be_bytes())))
+                })
+            })
+            .collect();
+        Ok(Some(UdpSweep {
+            conntrack: dup("CONNTRACK")?,
+            reverse: dup("REVERSE")?,
+            idle,
+            backends,
+        }))
+    }
+
+    /// Takes note of flows a sweep reclaimed, per backend id.
+    pub fn reclaimed(&mut self, per_backend: &HashMap<u32, u64>) -> Result<()> {
+        let mut a = self.array::<u64>("ACTIVE_RECLAIMED")?;
+        for (&bid, &n) in per_backend {
+            let had = a.get(&bid, 0).map_err(map_err("ACTIVE_RECLAIMED"))?;
+            a.set(bid, had + n, 0).map_err(map_err("ACTIVE_RECLAIMED"))?;
+        }
+        Ok(())
     }
 
     /// Makes every cached next hop stale at once (the kernel reported a
@@ -1474,6 +1534,9 @@ impl Dataplane {
                         .map_err(map_err("ACTIVE"))?
                         .set(bid, zeros, 0)
                         .map_err(map_err("ACTIVE"))?;
+                    self.array::<u64>("ACTIVE_RECLAIMED")?
+                        .set(bid, 0, 0)
+                        .map_err(map_err("ACTIVE_RECLAIMED"))?;
                     // The slot's cached hop was the earlier backend's.
                     self.array::<NextHop>("HOPS")?
                         .set(bid, NextHop::default(), 0)
@@ -1825,6 +1888,57 @@ impl Dataplane {
                 .collect(),
             capacity: self.conntrack_size as u64,
         })
+    }
+}
+
+/// Deletes UDP flows idle past their service's timeout (see
+/// [`Dataplane::udp_sweep`]): one walk of the connection table, off the
+/// daemon's loop.
+pub struct UdpSweep {
+    conntrack: MapData,
+    reverse: MapData,
+    /// Service id -> idle timeout in ticks (UDP services).
+    idle: HashMap<u32, u64>,
+    /// Backend id -> its address and port (network order).
+    backends: HashMap<u32, ([u8; 4], [u8; 2])>,
+}
+
+impl UdpSweep {
+    /// Deletes the idle UDP flows and their reply entries; returns how many
+    /// per backend id. A flow the data path replaced meanwhile is not
+    /// counted twice: only a successful delete counts.
+    pub fn run(self) -> HashMap<u32, u64> {
+        let mut out = HashMap::new();
+        let (Ok(mut table), Ok(mut reverse)) = (
+            BpfHashMap::<_, FlowKey, Flow>::try_from(aya::maps::Map::LruHashMap(self.conntrack)),
+            BpfHashMap::<_, FlowKey, ReverseFlow>::try_from(aya::maps::Map::LruHashMap(
+                self.reverse,
+            )),
+        ) else {
+            return out;
+        };
+        let now = crate::clock::jiffies_now();
+        let idle: Vec<(FlowKey, Flow)> = table
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, f)| {
+                k.proto == lb_common::IPPROTO_UDP
+                    && self
+                        .idle
+                        .get(&f.service)
+                        .is_some_and(|&t| now.saturating_sub(f.last_seen) > t)
+            })
+            .collect();
+        for (k, f) in idle {
+            if table.remove(&k).is_err() {
+                continue;
+            }
+            if let Some(&(addr, port)) = self.backends.get(&f.backend) {
+                let _ = reverse.remove(&FlowKey::new(addr, k.src, port, k.sport, k.proto));
+            }
+            *out.entry(f.backend).or_default() += 1;
+        }
+        out
     }
 }
 

@@ -335,6 +335,28 @@ impl Balancer {
         Ok(())
     }
 
+    /// A sweep of idle UDP flows to run off the loop, if any service is UDP.
+    pub fn udp_sweep(&self) -> Option<crate::dataplane::UdpSweep> {
+        match self.dp.udp_sweep() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep idle UDP flows");
+                None
+            }
+        }
+    }
+
+    /// Takes note of the flows a sweep reclaimed.
+    pub fn on_udp_sweep(&mut self, per_backend: HashMap<u32, u64>) {
+        let n: u64 = per_backend.values().sum();
+        if n > 0 {
+            tracing::debug!(flows = n, "idle UDP flows reclaimed");
+        }
+        if let Err(e) = self.dp.reclaimed(&per_backend) {
+            tracing::warn!(error = %e, "cannot count reclaimed UDP flows");
+        }
+    }
+
     /// The backends whose next hops the watcher keeps current (`nexthop`).
     pub fn hop_targets(&self) -> tokio::sync::watch::Receiver<Vec<(u32, Ipv4Addr)>> {
         self.hop_targets.subscribe()

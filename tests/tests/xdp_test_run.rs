@@ -1146,5 +1146,14 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         );
         assert_eq!(conntrack(h), 1);
         assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 1);
+        // Idle past its timeout and never seen again: the daemon's sweep
+        // reclaims its entries, and its count.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let sweep = h.dp.udp_sweep().unwrap().expect("a UDP service: a sweep");
+        let reclaimed = sweep.run();
+        assert_eq!(reclaimed.values().sum::<u64>(), 1);
+        h.dp.reclaimed(&reclaimed).unwrap();
+        assert_eq!((conntrack(h), table_len::<lb_common::ReverseFlow>(h, "REVERSE")), (0, 0));
+        assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 0);
     });
 }
