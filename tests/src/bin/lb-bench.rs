@@ -294,6 +294,19 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
                 &single,
                 f,
             );
+            // The handshake's last ACK of each of those flows: it moves the
+            // flow from the transient table to the connection table.
+            let acks: Vec<Vec<u8>> = (0..(calls + warmup) as u32)
+                .map(|i| client_tcp(1024 + (i % 60000) as u16 + (i / 60000) as u16, TCP_ACK))
+                .collect();
+            let promoted = b.measure(prog(&mut dp, tc), &acks, b.x0, &redirected)?;
+            push(
+                per_case,
+                "handshake's last ACK (flow established)",
+                promoted,
+                &single,
+                f,
+            );
             let est = client_tcp(1024, TCP_ACK);
             let established = b.measure(
                 prog(&mut dp, tc),
