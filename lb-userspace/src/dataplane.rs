@@ -1000,7 +1000,9 @@ impl Dataplane {
         let mut out = HashMap::with_capacity(self.backends.len());
         for (key, &bid) in &self.backends {
             let n: i64 = a.get(&bid, 0).map_err(map_err("ACTIVE"))?.iter().sum();
-            let gone = reclaimed.get(&bid, 0).map_err(map_err("ACTIVE_RECLAIMED"))? as i64;
+            let gone = reclaimed
+                .get(&bid, 0)
+                .map_err(map_err("ACTIVE_RECLAIMED"))? as i64;
             out.insert(key.clone(), (n - gone).max(0) as u64);
         }
         Ok(out)
@@ -1057,7 +1059,8 @@ impl Dataplane {
         let mut a = self.array::<u64>("ACTIVE_RECLAIMED")?;
         for (&bid, &n) in per_backend {
             let had = a.get(&bid, 0).map_err(map_err("ACTIVE_RECLAIMED"))?;
-            a.set(bid, had + n, 0).map_err(map_err("ACTIVE_RECLAIMED"))?;
+            a.set(bid, had + n, 0)
+                .map_err(map_err("ACTIVE_RECLAIMED"))?;
         }
         Ok(())
     }

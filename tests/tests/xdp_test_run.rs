@@ -1153,7 +1153,13 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         let reclaimed = sweep.run();
         assert_eq!(reclaimed.values().sum::<u64>(), 1);
         h.dp.reclaimed(&reclaimed).unwrap();
-        assert_eq!((conntrack(h), table_len::<lb_common::ReverseFlow>(h, "REVERSE")), (0, 0));
+        assert_eq!(
+            (
+                conntrack(h),
+                table_len::<lb_common::ReverseFlow>(h, "REVERSE")
+            ),
+            (0, 0)
+        );
         assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 0);
     });
 }
