@@ -320,7 +320,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
             // flow i on backend i % 2).
             let last = n - 1;
             let est_port = 1024 + (last % 60000) as u16 + (last / 60000) as u16;
-            let (rb, rport, rmac) = if last % 2 == 0 {
+            let (rb, rport, rmac) = if last.is_multiple_of(2) {
                 (B1, 8000, B1_MAC)
             } else {
                 (B2, 8001, B2_MAC)
