@@ -141,6 +141,8 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeping: Option<std::time::Instant> = None;
     let mut next_sweep = std::time::Instant::now();
+    let mut sample = tokio::time::interval(reconcile::SAMPLE_EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -184,6 +186,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
             Some(report) = reports.recv() => lb.on_report(report),
             Some(report) = mysql_reports.recv() => lb.on_mysql_report(report),
             Some(e) = hop_events.recv() => lb.on_next_hops(e),
+            _ = sample.tick() => lb.sample(),
             _ = sweep.tick() => {
                 if sweeping.is_none() && std::time::Instant::now() >= next_sweep {
                     if let Some(job) = lb.udp_sweep() {

@@ -247,6 +247,10 @@ pub struct Balancer {
     pressured: bool,
     pressure_events: u64,
     pressure_logged: Option<Instant>,
+    /// The last 15 minutes, sampled every `SAMPLE_EVERY` (the status page's
+    /// graphs), and the changes of state within them.
+    samples: std::collections::VecDeque<serde_json::Value>,
+    events: std::collections::VecDeque<serde_json::Value>,
     /// Every backend's (id, address), for the next-hop watcher.
     hop_targets: tokio::sync::watch::Sender<Vec<(u32, Ipv4Addr)>>,
 }
@@ -301,6 +305,8 @@ impl Balancer {
             pressured: false,
             pressure_events: 0,
             pressure_logged: None,
+            samples: Default::default(),
+            events: Default::default(),
         };
         b.sync().map_err(anyhow::Error::msg)?;
         Ok(b)
@@ -333,6 +339,62 @@ impl Balancer {
         });
         self.sync_checkers();
         Ok(())
+    }
+
+    /// Takes one sample of the counters the status page graphs: per backend
+    /// its new flows and packets, and packets by action (cumulative; the page
+    /// draws the rates between samples). O(backends).
+    pub fn sample(&mut self) {
+        // Per backend while they are few, else per service: 15 minutes of
+        // samples stay a small answer whatever the size of the config.
+        let total: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        let mut backends = Vec::new();
+        for s in &self.services {
+            if total > GRAPHED_BACKENDS {
+                if let Ok(t) = self.dp.service_traffic(&s.config.name) {
+                    backends.push(json!([
+                        s.config.name,
+                        t.new_flows,
+                        t.packets + t.reply_packets
+                    ]));
+                }
+                continue;
+            }
+            for b in &s.backends {
+                if let Ok(t) = self.dp.backend_traffic(&s.config.name, &b.config.name) {
+                    backends.push(json!([
+                        format!("{}/{}", s.config.name, b.config.name),
+                        t.new_flows,
+                        t.packets + t.reply_packets
+                    ]));
+                }
+            }
+        }
+        let mut actions: BTreeMap<&str, u64> = BTreeMap::new();
+        if let Ok(c) = self.dp.counters() {
+            for (name, v) in c {
+                let action = match name {
+                    "forwarded" | "replies" | "icmp_to_backend" | "icmp_to_client" => "forward",
+                    n if n.starts_with("pass_") => "pass",
+                    n if n.starts_with("drop_") => "drop",
+                    n if n.starts_with("reset_") || n == "icmp_echo_replied" => "answer",
+                    _ => continue,
+                };
+                *actions.entry(action).or_default() += v;
+            }
+        }
+        push_bounded(
+            &mut self.samples,
+            json!({ "t": unix_ms(), "backends": backends, "actions": actions }),
+        );
+        let horizon = unix_ms().saturating_sub(HISTORY_SPAN.as_millis() as u64);
+        while self
+            .events
+            .front()
+            .is_some_and(|e| e["t"].as_u64().unwrap_or(0) < horizon)
+        {
+            self.events.pop_front();
+        }
     }
 
     /// A sweep of idle UDP flows to run off the loop, if any service is UDP.
@@ -451,6 +513,8 @@ impl Balancer {
         b.history.push_back(r.result.clone());
         if b.health.record(r.result, check.rise, check.fall) {
             let state = if b.health.up { "up" } else { "down" };
+            let what = format!("{}/{} {state}", r.service, r.backend);
+            push_bounded(&mut self.events, json!({ "t": unix_ms(), "what": what }));
             if b.health.up {
                 tracing::info!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
             } else {
@@ -828,6 +892,11 @@ impl Balancer {
             "attachments": self.dp.attachments(),
             "services": services,
             "counters": counters,
+            "history": {
+                "every_s": SAMPLE_EVERY.as_secs(),
+                "samples": self.samples,
+                "events": self.events,
+            },
             "conntrack": {
                 "entries": established,
                 "capacity": capacity,
@@ -836,6 +905,29 @@ impl Balancer {
             },
         }))
     }
+}
+
+/// How often the status page's graphs are sampled, and how far back they go.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+pub const HISTORY_SPAN: Duration = Duration::from_secs(15 * 60);
+/// Up to this many backends the graphs have a line per backend, beyond it
+/// one per service.
+const GRAPHED_BACKENDS: usize = 32;
+
+/// Appends to a history, keeping 15 minutes' worth of samples.
+fn push_bounded(q: &mut std::collections::VecDeque<serde_json::Value>, v: serde_json::Value) {
+    let keep = (HISTORY_SPAN.as_secs() / SAMPLE_EVERY.as_secs() + 1) as usize;
+    while q.len() >= keep {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+/// Wall-clock milliseconds (the page shows times of day).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The share of the connection table (percent) from which its fill is a

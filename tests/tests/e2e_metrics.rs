@@ -211,6 +211,19 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
         0.0
     );
 
+    // The page's graphs need a few of the daemon's samples (every 5 s).
+    let start = Instant::now();
+    while lb.status()["history"]["samples"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon samples no history"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // web2 dies: the metrics and the page say so, while traffic flows.
     webs[1].stop();
     let start = Instant::now();
@@ -244,14 +257,22 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
         Duration::from_millis(10),
     );
     let url = format!("http://{}/", metrics_addr());
-    let dom = chromium(&t.lb, &["--virtual-time-budget=6000", "--dump-dom", &url]);
+    let dom = chromium(
+        &t.lb,
+        &[
+            "--virtual-time-budget=6000",
+            "--window-size=1280,800",
+            "--dump-dom",
+            &url,
+        ],
+    );
     let shot = artifacts().join("status-page.png");
     let _ = std::fs::remove_file(&shot);
     chromium(
         &t.lb,
         &[
             "--virtual-time-budget=6000",
-            "--window-size=1100,700",
+            "--window-size=1280,800",
             &format!("--screenshot={}", shot.display()),
             &url,
         ],
@@ -268,6 +289,22 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
     assert!(
         dom.contains(r#"data-backend="web2" data-state="down""#),
         "web2's row, down"
+    );
+    // The graphs: a line per backend, and web2's failure marked.
+    for marker in [
+        r#"data-series="web/web1""#,
+        r#"data-series="web/web2""#,
+        r#"data-series="forward""#,
+        r#"data-event="web/web2 down""#,
+    ] {
+        assert!(
+            dom.contains(marker),
+            "{marker} in the page's graphs:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(r#"data-fits="true""#),
+        "the page fits 1280x800 without horizontal scrolling"
     );
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     println!("status page screenshot: {} ({size} bytes)", shot.display());
