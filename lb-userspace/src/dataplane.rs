@@ -1024,31 +1024,13 @@ impl Dataplane {
         if idle.is_empty() {
             return Ok(None);
         }
-        let dup = |name: &'static str| -> Result<MapData> {
-            let fd = match self.map_ref(name)? {
-                aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
-                    std::os::fd::AsFd::as_fd(m.fd())
-                        .try_clone_to_owned()
-                        .map_err(DataplaneError::Dup)?
-                }
-                _ => return Err(DataplaneError::MissingMap(name)),
-            };
-            MapData::from_fd(fd).map_err(map_err(name))
-        };
         let backends = self
-            .services
-            .values()
-            .filter_map(|slot| slot.spec.as_ref())
-            .flat_map(|spec| {
-                spec.backends.iter().filter_map(|b| {
-                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
-                    Some((bid, (b.address.octets(), b.port.to_be_bytes())))
-                })
-            })
+            .live_backends()
+            .map(|(bid, b)| (bid, (b.address.octets(), b.port.to_be_bytes())))
             .collect();
         Ok(Some(UdpSweep {
-            conntrack: dup("CONNTRACK")?,
-            reverse: dup("REVERSE")?,
+            conntrack: self.table_handle("CONNTRACK")?,
+            reverse: self.table_handle("REVERSE")?,
             idle,
             backends,
         }))
@@ -1109,19 +1091,39 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Every backend written, with its id.
+    fn live_backends(&self) -> impl Iterator<Item = (u32, &BackendSpec)> {
+        self.services
+            .values()
+            .filter_map(|slot| slot.spec.as_ref())
+            .flat_map(move |spec| {
+                spec.backends.iter().filter_map(move |b| {
+                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
+                    Some((bid, b))
+                })
+            })
+    }
+
+    /// A descriptor of its own for the hash table `name`, for a walk off the
+    /// daemon's loop.
+    fn table_handle(&self, name: &'static str) -> Result<MapData> {
+        let fd = match self.map_ref(name)? {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
+                std::os::fd::AsFd::as_fd(m.fd())
+                    .try_clone_to_owned()
+                    .map_err(DataplaneError::Dup)?
+            }
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        MapData::from_fd(fd).map_err(map_err(name))
+    }
+
     /// The (backend id, address) of every backend: what the next-hop
     /// watcher resolves.
     pub fn hop_targets(&self) -> Vec<(u32, Ipv4Addr)> {
         let mut out: Vec<(u32, Ipv4Addr)> = self
-            .services
-            .values()
-            .filter_map(|slot| slot.spec.as_ref())
-            .flat_map(|spec| {
-                spec.backends.iter().filter_map(|b| {
-                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
-                    Some((bid, b.address))
-                })
-            })
+            .live_backends()
+            .map(|(bid, b)| (bid, b.address))
             .collect();
         out.sort_unstable();
         out
@@ -1873,17 +1875,8 @@ impl Dataplane {
     /// A handle for counting flows away from the daemon's loop: its own
     /// descriptor of the connection table, and which backend each id is now.
     pub fn census(&self) -> Result<FlowCensus> {
-        let fd = match self.map_ref("CONNTRACK")? {
-            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
-                std::os::fd::AsFd::as_fd(m.fd())
-                    .try_clone_to_owned()
-                    .map_err(DataplaneError::Dup)?
-            }
-            _ => return Err(DataplaneError::MissingMap("CONNTRACK")),
-        };
-        let table = MapData::from_fd(fd).map_err(map_err("CONNTRACK"))?;
         Ok(FlowCensus {
-            table,
+            table: self.table_handle("CONNTRACK")?,
             backends: self
                 .backends
                 .iter()
