@@ -18,7 +18,7 @@ use lb_common::{checksum, counter, firewall::Firewall, IPPROTO_ICMP, IPPROTO_TCP
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    backend, firewall,
+    backend_ref, firewall,
     forward::{self, Kind},
     hook::{Hook, Outcome, Verdict},
     maps::{CONNTRACK, REVERSE},
@@ -137,7 +137,7 @@ fn error<H: Hook>(ctx: &H, m: &Icmp, to_vip: bool) -> Option<Outcome> {
     if to_vip {
         // SAFETY: the value is copied out at once.
         let flow = unsafe { CONNTRACK.get(key).copied() }?;
-        let b = backend(flow.backend).filter(|b| b.generation == flow.generation)?;
+        let b = backend_ref(flow.backend).filter(|b| b.generation == flow.generation)?;
         let route = forward::lookup(
             ctx,
             m.ip,

@@ -404,8 +404,8 @@ fn end_by_backend(
         return;
     };
     if rst || conntrack::both_fins(flags) {
-        if let Some(b) = backend(backend_id) {
-            if conntrack::retire(&client, service, backend_id, &b, now) {
+        if let Some(b) = backend_ref(backend_id) {
+            if conntrack::retire(&client, service, backend_id, b, now) {
                 stats::count(counter::FLOWS_CLOSED);
             }
         }
@@ -416,7 +416,7 @@ fn end_by_backend(
 /// new flows.
 #[inline(always)]
 pub(crate) fn takes_new_flows_of(id: u32, generation: u32) -> bool {
-    match backend(id) {
+    match backend_ref(id) {
         Some(b) => b.generation == generation && b.flags & BACKEND_F_NO_NEW_FLOWS == 0,
         None => false,
     }
@@ -428,16 +428,6 @@ pub fn backend_ref(id: u32) -> Option<&'static Backend> {
     BACKENDS
         .get(id)
         .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
-}
-
-/// The backend with id `id`, if its slot holds one.
-#[inline(always)]
-pub fn backend(id: u32) -> Option<Backend> {
-    let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_PRESENT == 0 {
-        return None;
-    }
-    Some(*b)
 }
 
 #[cfg(not(test))]

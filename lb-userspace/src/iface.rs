@@ -313,18 +313,7 @@ pub fn xdp_generic(iface: &str) -> Option<bool> {
     body[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     let attrs = rtnl(RTM_GETLINK, RTM_NEWLINK, &body, &[]).ok()?;
     let (_, xdp) = attrs.iter().find(|(k, _)| *k == IFLA_XDP)?;
-    // Nested attributes: length, type, value, each 4-byte aligned.
-    let mut nested = Vec::new();
-    let mut at = 0;
-    while at + 4 <= xdp.len() {
-        let len = u16::from_ne_bytes([xdp[at], xdp[at + 1]]) as usize;
-        let kind = u16::from_ne_bytes([xdp[at + 2], xdp[at + 3]]) & 0x3fff;
-        if len < 4 || at + len > xdp.len() {
-            break;
-        }
-        nested.push((kind, &xdp[at + 4..at + len]));
-        at += (len + 3) & !3;
-    }
+    let nested = attributes(xdp);
     let attached = nested
         .iter()
         .find(|(k, v)| *k == IFLA_XDP_ATTACHED && !v.is_empty())?
@@ -426,18 +415,28 @@ fn rtnl(
             "rtnetlink answered {mtype}, not {answer}"
         )));
     }
-    let mut at = align(16 + body.len());
+    let first = align(16 + body.len()).min(mlen);
+    Ok(attributes(&buf[first..mlen])
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect())
+}
+
+/// The netlink attributes in `buf`: (type, value), each a length, a type
+/// and a value, 4-byte aligned; a malformed one ends the list.
+fn attributes(buf: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
-    while at + 4 <= mlen {
-        let alen = u16::from_ne_bytes([buf[at], buf[at + 1]]) as usize;
-        let atype = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
-        if alen < 4 || at + alen > mlen {
+    let mut at = 0;
+    while at + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[at], buf[at + 1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > buf.len() {
             break;
         }
-        out.push((atype, buf[at + 4..at + alen].to_vec()));
-        at += align(alen);
+        out.push((kind, &buf[at + 4..at + len]));
+        at += (len + 3) & !3;
     }
-    Ok(out)
+    out
 }
 
 /// Finds the namespace this one knows as `nsid` among the named namespaces
