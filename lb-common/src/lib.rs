@@ -9,6 +9,7 @@
 pub mod checksum;
 pub mod firewall;
 pub mod maglev;
+pub mod maps;
 pub mod reset;
 pub mod ring;
 

@@ -72,6 +72,11 @@ pub fn jiffies_now() -> u64 {
     c.ticks + (monotonic_ns().saturating_sub(c.at_ns)) * c.hz / 1_000_000_000
 }
 
+/// The kernel's tick rate (ticks a second).
+pub fn hz() -> u64 {
+    calibration().hz
+}
+
 /// `d` in ticks.
 pub fn jiffies(d: Duration) -> u64 {
     d.as_nanos() as u64 * calibration().hz / 1_000_000_000

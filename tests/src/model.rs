@@ -16,12 +16,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{lpm_trie::LpmTrie, Array, HashMap as BpfHashMap};
 use lb_common::{
     checksum, counter,
     firewall::{
-        Firewall, RuleKey, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST, FIREWALL_F_ECHO_REPLY,
-        RULE_ALLOW,
+        Firewall, FIREWALL_F_CLOSED_DROP, FIREWALL_F_DENY_LIST, FIREWALL_F_ECHO_REPLY, RULE_ALLOW,
     },
     maglev, Backend, BackendKey, FlowKey, NextHop, ReverseFlow, Service, ServiceKey,
     BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
@@ -109,11 +107,6 @@ pub struct Model {
     x1: u32,
 }
 
-fn map<'a>(dp: &'a Dataplane, name: &str) -> &'a aya::maps::Map {
-    dp.map_named(name)
-        .unwrap_or_else(|| panic!("the program has no map {name}"))
-}
-
 impl Model {
     /// A model of `dp` as it stands (its connection table empty), for frames
     /// received on `x0` (client side) or `x1` (backend side) of the testrun net.
@@ -146,51 +139,44 @@ impl Model {
     /// Reads the control plane's maps again (after an `apply`); the model's
     /// own tables (flows, replies) are kept, as the program's are.
     pub fn reload(&mut self, dp: &Dataplane) {
-        let services: BpfHashMap<_, ServiceKey, Service> =
-            BpfHashMap::try_from(map(dp, "SERVICES")).unwrap();
+        let maps = dp.maps();
+        let services = &maps.services;
         self.services = services.iter().map(|r| r.unwrap()).collect();
         self.services_by_id = self.services.values().map(|s| (s.id, *s)).collect();
-        let backends: Array<_, Backend> = Array::try_from(map(dp, "BACKENDS")).unwrap();
-        self.backends = backends.iter().map(|r| r.unwrap()).collect();
-        let generation: Array<_, u32> = Array::try_from(map(dp, "HOP_GENERATION")).unwrap();
-        self.hop_generation = generation.get(&0, 0).unwrap();
-        let hops: Array<_, NextHop> = Array::try_from(map(dp, "HOPS")).unwrap();
-        self.hops = hops.iter().map(|r| r.unwrap()).collect();
-        let rings: Array<_, u32> = Array::try_from(map(dp, "RINGS")).unwrap();
-        let tables: Array<_, u32> = Array::try_from(map(dp, "MAGLEV")).unwrap();
-        let positions: Array<_, u64> = Array::try_from(map(dp, "RR_POSITION")).unwrap();
+        self.backends = maps.backends.iter().map(|r| r.unwrap()).collect();
+        self.hop_generation = maps.hop_generation.get(&0, 0).unwrap();
+        self.hops = maps.hops.iter().map(|r| r.unwrap()).collect();
+        let (rings, tables, positions) = (&maps.rings, &maps.maglev, &maps.rr_position);
         self.rings.clear();
         self.maglev.clear();
         for s in self.services.values() {
             let (source, into, limit) = if s.flags & SERVICE_F_MAGLEV != 0 {
-                (&tables, &mut self.maglev, MAGLEV_MAP_SIZE)
+                (tables, &mut self.maglev, MAGLEV_MAP_SIZE)
             } else {
-                (&rings, &mut self.rings, RING_MAP_SIZE)
+                (rings, &mut self.rings, RING_MAP_SIZE)
             };
             for slot in s.ring_base..(s.ring_base + s.ring_len).min(limit) {
                 into.insert(slot, source.get(&slot, 0).unwrap());
             }
             self.rr.insert(s.id, positions.get(&s.id, 0).unwrap());
         }
-        let vips: BpfHashMap<_, [u8; 4], u32> = BpfHashMap::try_from(map(dp, "VIPS")).unwrap();
-        self.vips = vips.keys().map(|k| k.unwrap()).collect();
-        let fw: Array<_, Firewall> = Array::try_from(map(dp, "FIREWALL")).unwrap();
-        self.firewall = fw.get(&0, 0).unwrap();
+        self.vips = maps.vips.keys().map(|k| k.unwrap()).collect();
+        self.firewall = maps.firewall.get(&0, 0).unwrap();
         assert_eq!(
             (self.firewall.source_cost_ns, self.firewall.global_cost_ns),
             (0, 0),
             "the model has no clock: rate limits must be off"
         );
-        let deny: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(map(dp, "FW_DENY")).unwrap();
-        self.deny = deny
+        self.deny = maps
+            .fw_deny
             .keys()
             .map(|k| {
                 let k = k.unwrap();
                 (u32::from_be_bytes(k.data()), k.prefix_len())
             })
             .collect();
-        let rules: LpmTrie<_, RuleKey, u32> = LpmTrie::try_from(map(dp, "FW_RULES")).unwrap();
-        self.rules = rules
+        self.rules = maps
+            .fw_rules
             .iter()
             .map(|r| {
                 let (k, v) = r.unwrap();
@@ -203,9 +189,7 @@ impl Model {
                 )
             })
             .collect();
-        let bv: BpfHashMap<_, BackendKey, ReverseFlow> =
-            BpfHashMap::try_from(map(dp, "BACKEND_VIPS")).unwrap();
-        self.backend_vips = bv.iter().map(|r| r.unwrap()).collect();
+        self.backend_vips = maps.backend_vips.iter().map(|r| r.unwrap()).collect();
     }
 
     /// The kernel's outcome counters, summed over CPUs, as the daemon

@@ -817,13 +817,15 @@ fn root_a_closed_flows_reply_entry_does_not_capture_a_new_direct_connection() {
     });
 }
 
-/// The number of entries in one of the data path's flow tables (values of
-/// type `V`).
-fn table_len<V: aya::Pod>(h: &Harness, name: &str) -> usize {
-    let m = h.dp.map_named(name).expect("the table exists");
-    let t: aya::maps::HashMap<_, lb_common::FlowKey, V> =
-        aya::maps::HashMap::try_from(m).expect("a flow table");
-    t.keys().count()
+/// The number of entries in one of the data path's flow tables.
+fn table_len(h: &Harness, table: &str) -> usize {
+    let m = h.dp.maps();
+    match table {
+        "TRANSIENT" => m.transient.keys().count(),
+        "CONNTRACK" => m.conntrack.keys().count(),
+        "REVERSE" => m.reverse.keys().count(),
+        _ => panic!("no flow table {table}"),
+    }
 }
 
 /// A new flow takes its table entries only once nothing can refuse the
@@ -842,20 +844,16 @@ fn root_a_syn_the_balancer_does_not_forward_leaves_no_flow_behind() {
         assert_eq!(out, frame, "passed unchanged");
         assert_eq!(h.counter("pass_ttl_expired"), 1);
         assert_eq!(h.counter("new_flows"), 0);
-        assert_eq!(
-            table_len::<lb_common::Transient>(h, "TRANSIENT"),
-            0,
-            "no half-open entry"
-        );
+        assert_eq!(table_len(h, "TRANSIENT"), 0, "no half-open entry");
 
         // A SYN that goes through: half-open, by both sides, and nothing in
         // the established tables yet.
         let (action, _) = h.send_from_client(&client_frame(47000, TCP_SYN));
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(h.counter("new_flows"), 1);
-        assert_eq!(table_len::<lb_common::Transient>(h, "TRANSIENT"), 2);
-        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 0);
-        assert_eq!(table_len::<lb_common::ReverseFlow>(h, "REVERSE"), 0);
+        assert_eq!(table_len(h, "TRANSIENT"), 2);
+        assert_eq!(table_len(h, "CONNTRACK"), 0);
+        assert_eq!(table_len(h, "REVERSE"), 0);
     });
 }
 
@@ -870,8 +868,7 @@ fn backend_id(dp: &Dataplane, addr: Ipv4Addr) -> u32 {
 
 /// The reverse entry of the reply `reply` (backend to client).
 fn reverse_entry(dp: &Dataplane, reply: &Frame) -> lb_common::ReverseFlow {
-    let m: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::ReverseFlow> =
-        aya::maps::HashMap::try_from(dp.map_named("REVERSE").unwrap()).unwrap();
+    let m = &dp.maps().reverse;
     let (sport, dport) = match reply.l4 {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
         L4::Other { .. } => unreachable!(),
@@ -988,10 +985,9 @@ fn root_next_hops_are_taken_from_the_cache_while_current_and_from_the_fib_otherw
 }
 
 /// The entries of a flow table, with their values.
-fn table<V: aya::Pod>(h: &Harness, name: &str) -> Vec<(lb_common::FlowKey, V)> {
-    let m = h.dp.map_named(name).expect("the table exists");
-    let t: aya::maps::HashMap<_, lb_common::FlowKey, V> =
-        aya::maps::HashMap::try_from(m).expect("a flow table");
+fn entries<V: aya::Pod>(
+    t: &aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, V>,
+) -> Vec<(lb_common::FlowKey, V)> {
     t.iter().map(|r| r.unwrap()).collect()
 }
 
@@ -1008,7 +1004,7 @@ fn active(h: &Harness, backend: &str) -> u64 {
 
 /// (half-open, closed) entries of the transient table.
 fn transient_states(h: &Harness) -> (usize, usize) {
-    let t = table::<lb_common::Transient>(h, "TRANSIENT");
+    let t = entries(&h.dp.maps().transient);
     let half = t
         .iter()
         .filter(|(_, v)| v.state == lb_common::TRANSIENT_HALF_OPEN)
@@ -1024,8 +1020,8 @@ fn root_flow_stages_move_between_the_tables_exactly() {
             .unwrap();
         let tables = |h: &Harness| {
             (
-                table_len::<lb_common::Flow>(h, "CONNTRACK"),
-                table_len::<lb_common::ReverseFlow>(h, "REVERSE"),
+                table_len(h, "CONNTRACK"),
+                table_len(h, "REVERSE"),
                 transient_states(h),
             )
         };
@@ -1041,7 +1037,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
             XDP_REDIRECT
         );
         assert_eq!(tables(h), (0, 0, (2, 0)));
-        let half: Vec<_> = table::<lb_common::Transient>(h, "TRANSIENT");
+        let half: Vec<_> = entries(&h.dp.maps().transient);
         assert_eq!(
             half.iter().map(|(_, v)| v.reply).sum::<u8>(),
             1,
@@ -1062,7 +1058,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         // The client's FIN: closing, still established.
         let fin = client_frame(49000, TCP_FIN | TCP_ACK);
         assert_eq!(h.send_from_client(&fin).0, XDP_REDIRECT);
-        let (_, f) = table::<lb_common::Flow>(h, "CONNTRACK")[0];
+        let (_, f) = entries(&h.dp.maps().conntrack)[0];
         assert_eq!(
             f.flags,
             lb_common::FLOW_F_CLOSING | lb_common::FLOW_F_FIN_CLIENT
@@ -1102,7 +1098,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
             h.send_from_client(&client_frame(49001, TCP_RST)).0,
             XDP_REDIRECT
         );
-        assert_eq!(table_len::<lb_common::Flow>(h, "CONNTRACK"), 0);
+        assert_eq!(table_len(h, "CONNTRACK"), 0);
         assert_eq!((h.counter("flows_closed"), active(h, "b2")), (2, 0));
 
         // A backend refusing the handshake (RST) closes the half-open flow;
@@ -1129,7 +1125,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         dns.dst_mac = X0_MAC;
         let (_, out) = h.send_from_client(&dns);
         let first = out[30..34].to_vec();
-        let conntrack = |h: &Harness| table_len::<lb_common::Flow>(h, "CONNTRACK");
+        let conntrack = |h: &Harness| table_len(h, "CONNTRACK");
         assert_eq!(conntrack(h), 1);
         let (_, out) = h.send_from_client(&dns);
         assert_eq!(
@@ -1153,13 +1149,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         let reclaimed = sweep.run();
         assert_eq!(reclaimed.values().sum::<u64>(), 1);
         h.dp.reclaimed(&reclaimed).unwrap();
-        assert_eq!(
-            (
-                conntrack(h),
-                table_len::<lb_common::ReverseFlow>(h, "REVERSE")
-            ),
-            (0, 0)
-        );
+        assert_eq!((conntrack(h), table_len(h, "REVERSE")), (0, 0));
         assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 0);
     });
 }

@@ -1,0 +1,882 @@
+//! The planner: what to write to the maps so that they carry the services
+//! asked for. It owns the bookkeeping (service, backend and Maglev ids, the
+//! backends' generations, which ring half each service reads) and touches no
+//! map: `plan` turns the desired services and what it knows the maps hold
+//! into an ordered list of [`Write`]s, which the writer (`write.rs`) applies.
+//!
+//! The order is the data path's safety: a backend is written before a ring
+//! names it; a ring is written into the half the data path is not reading,
+//! and the service entry that switches to it comes after every ring write;
+//! a departed backend's slot is cleared only after that switch. A packet
+//! sees the old backend set or the new one, never a mix or an empty set.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use lb_common::{
+    maglev, prefilter_bit, ring, Backend, BackendKey, NextHop, ReverseFlow, Service, ServiceKey,
+    BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
+    MAX_BACKENDS, MAX_MAGLEV_SERVICES, MAX_SERVICES, PREFILTER_BACKENDS, PREFILTER_VIPS,
+    PREFILTER_WORDS, RING_SIZE, SERVICE_F_ALLOWLIST, SERVICE_F_FIREWALL, SERVICE_F_MAGLEV,
+    SERVICE_F_RESET_IF_EMPTY,
+};
+
+use super::spec::{BackendSpec, ServiceSpec};
+use crate::config::{Cidr, SourceRules};
+
+/// One write to the maps. [`Planner::plan`] returns them in the order they
+/// must be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// One word of the prefilter's bitmaps (VIPs, then backend addresses).
+    Prefilter {
+        word: u32,
+        bits: u32,
+    },
+    /// A service id taken by a new service: its folded-in traffic and its
+    /// round-robin position start at zero.
+    NewService {
+        id: u32,
+    },
+    /// A freed backend slot taken again: the traffic its last backend left
+    /// is folded into that backend's service (`into`, if it still exists)
+    /// and the totals, which stay monotonic.
+    FoldTraffic {
+        backend: u32,
+        into: Option<u32>,
+    },
+    /// A backend slot given to a new backend: its traffic, its count of
+    /// flows and its cached next hop start at zero.
+    NewBackend {
+        id: u32,
+    },
+    /// A backend slot's value (a cleared one keeps its generation).
+    Backend {
+        id: u32,
+        value: Backend,
+    },
+    /// One slot of the round-robin rings.
+    Ring {
+        index: u32,
+        backend: u32,
+    },
+    /// One entry of the Maglev tables.
+    Maglev {
+        index: u32,
+        backend: u32,
+    },
+    /// A source rule of a service (None: removed).
+    Rule {
+        service: u32,
+        cidr: Cidr,
+        verdict: Option<u32>,
+    },
+    /// A service by id (what established flows read).
+    ServiceById {
+        id: u32,
+        value: Service,
+    },
+    /// A service by address: the switch to the ring half just written.
+    Service {
+        key: ServiceKey,
+        value: Service,
+    },
+    RemoveService {
+        key: ServiceKey,
+    },
+    /// A VIP the firewall guards (closed ports), added or removed.
+    Vip {
+        vip: [u8; 4],
+        present: bool,
+    },
+    /// A stateless reply entry (None: removed).
+    BackendVip {
+        key: BackendKey,
+        value: Option<ReverseFlow>,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("service {service}: {problem}")]
+pub struct CapacityError {
+    pub service: String,
+    pub problem: String,
+}
+
+/// What the maps held when the program was loaded (an earlier daemon's
+/// pins, or nothing): the planner starts from it.
+#[derive(Debug, Default, Clone)]
+pub struct Found {
+    /// The service entries, by address.
+    pub services: HashMap<ServiceKey, Service>,
+    /// Every backend slot (present or not: generations live in free slots too).
+    pub backends: Vec<Backend>,
+    /// Backend slots with traffic counted.
+    pub with_traffic: HashSet<u32>,
+    pub prefilter: Vec<u32>,
+    pub vips: HashSet<[u8; 4]>,
+    pub rules: HashMap<(u32, Cidr), u32>,
+    pub backend_vips: HashSet<BackendKey>,
+}
+
+/// Hands out small integer ids and takes them back.
+#[derive(Debug, Default, Clone)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn take(&mut self, max: u32) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.free.push(id);
+    }
+
+    /// Marks `id` used (adoption); ids below it not yet used become free.
+    fn claim(&mut self, id: u32) {
+        if let Some(i) = self.free.iter().position(|&f| f == id) {
+            self.free.remove(i);
+            return;
+        }
+        while self.next <= id {
+            if self.next != id {
+                self.free.push(self.next);
+            }
+            self.next += 1;
+        }
+    }
+}
+
+/// Where a service lives in the maps.
+#[derive(Debug, Clone)]
+struct ServiceSlot {
+    id: u32,
+    key: ServiceKey,
+    /// Which half (0 or 1) of its ring or table space the data path reads now.
+    half: u32,
+    /// Its slot in the Maglev map, for Maglev services.
+    maglev_slot: Option<u32>,
+    /// What each half of its Maglev space holds (empty: unknown), so a new
+    /// table only writes the entries that differ.
+    tables: [Vec<u32>; 2],
+    /// None after adoption: written in full at the first plan.
+    spec: Option<ServiceSpec>,
+}
+
+/// What an earlier daemon left that the first plan has not matched yet.
+#[derive(Debug, Default, Clone)]
+struct Adoption {
+    services: HashMap<ServiceKey, Service>,
+    /// Present backends: id and value.
+    backends: Vec<(u32, Backend)>,
+}
+
+/// The planner's knowledge of the maps, and the ids it has handed out.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    services: BTreeMap<String, ServiceSlot>,
+    /// (service name, backend name) -> backend id.
+    backends: HashMap<(String, String), u32>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    maglev_ids: Ids,
+    /// Per backend slot: how many backends have held it (see `Backend::generation`).
+    generations: Vec<u32>,
+    /// Freed backend slots whose traffic still counts (replies of their
+    /// flows keep coming for a while) -> the service id they served, if it
+    /// still exists: folded in when the slot is given again.
+    retired: HashMap<u32, Option<u32>>,
+    prefilter: Vec<u32>,
+    vips: HashSet<[u8; 4]>,
+    rules: HashMap<(u32, Cidr), u32>,
+    backend_vips: HashMap<BackendKey, ReverseFlow>,
+    /// Whether BACKEND_VIPS is filled (see `Dataplane::set_stateless_replies`).
+    stateless_replies: bool,
+    adopting: Option<Adoption>,
+    /// The kernel's tick rate (idle timeouts are written in ticks).
+    hz: u64,
+}
+
+impl Planner {
+    /// A planner for maps that hold `found`. Services and backends found
+    /// there are adopted by the first plan that asks for them (same ids,
+    /// same generations: their flows keep going) and removed by it if it
+    /// does not.
+    pub fn new(found: Found, hz: u64) -> Planner {
+        let mut p = Planner {
+            services: BTreeMap::new(),
+            backends: HashMap::new(),
+            service_ids: Ids::default(),
+            backend_ids: Ids::default(),
+            maglev_ids: Ids::default(),
+            generations: vec![0; MAX_BACKENDS as usize],
+            retired: HashMap::new(),
+            prefilter: found.prefilter,
+            vips: found.vips,
+            rules: found.rules,
+            backend_vips: HashMap::new(),
+            stateless_replies: false,
+            adopting: None,
+            hz,
+        };
+        p.prefilter.resize(2 * PREFILTER_WORDS as usize, 0);
+        for (i, b) in found
+            .backends
+            .iter()
+            .enumerate()
+            .take(MAX_BACKENDS as usize)
+        {
+            p.generations[i] = b.generation;
+        }
+        let present: Vec<(u32, Backend)> = found
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.flags & BACKEND_F_PRESENT != 0)
+            .map(|(i, b)| (i as u32, *b))
+            .collect();
+        // Every id found stays taken until the first plan has matched it or
+        // let it go: a new service or backend must never be handed an id an
+        // adopted one still holds.
+        for svc in found.services.values() {
+            p.service_ids.claim(svc.id);
+            if svc.flags & SERVICE_F_MAGLEV != 0 {
+                p.maglev_ids
+                    .claim(svc.ring_base / (2 * maglev::MAX_TABLE_SIZE));
+            }
+        }
+        for (bid, _) in &present {
+            p.backend_ids.claim(*bid);
+        }
+        // Free slots still hold their last backend's traffic.
+        for bid in found.with_traffic {
+            if !present.iter().any(|(b, _)| *b == bid) {
+                p.retired.insert(bid, None);
+            }
+        }
+        // Reply entries found are rewritten or removed by the first plan.
+        for k in found.backend_vips {
+            p.backend_vips.insert(k, UNKNOWN_REPLY);
+        }
+        if !found.services.is_empty() || !present.is_empty() {
+            p.adopting = Some(Adoption {
+                services: found.services,
+                backends: present,
+            });
+        }
+        p
+    }
+
+    /// Un-NAT replies from single-VIP backends by their address alone (see
+    /// `Dataplane::set_stateless_replies`); in force from the next plan.
+    pub fn set_stateless_replies(&mut self, on: bool) {
+        self.stateless_replies = on;
+    }
+
+    pub fn stateless_replies(&self) -> bool {
+        self.stateless_replies
+    }
+
+    /// The writes that make the maps carry exactly `services`: services and
+    /// backends added, changed and removed, each change atomic for the
+    /// packets in flight. A service whose spec did not change gets none.
+    pub fn plan(&mut self, services: &[ServiceSpec]) -> Result<Vec<Write>, CapacityError> {
+        let mut w = Vec::new();
+        // New addresses pass the prefilter before their services exist;
+        // gone ones stop passing it only after their services are gone.
+        self.sync_prefilter(services, true, &mut w);
+        for s in services {
+            let unchanged = self
+                .services
+                .get(&s.name)
+                .is_some_and(|slot| slot.spec.as_ref() == Some(s));
+            if !unchanged {
+                self.plan_service(s, &mut w)?;
+            }
+        }
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|name| !services.iter().any(|s| &s.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove_service(&name, &mut w);
+        }
+        if let Some(a) = self.adopting.take() {
+            self.forget_unadopted(a, &mut w);
+        }
+        self.sync_vips(services, &mut w);
+        self.forget_rules_of_gone_services(&mut w);
+        self.sync_backend_vips(services, &mut w);
+        self.sync_prefilter(services, false, &mut w);
+        Ok(w)
+    }
+
+    /// Every backend planned, with its id.
+    pub fn live_backends(&self) -> impl Iterator<Item = (u32, &BackendSpec)> {
+        self.services
+            .values()
+            .filter_map(|slot| slot.spec.as_ref())
+            .flat_map(move |spec| {
+                spec.backends.iter().filter_map(move |b| {
+                    let bid = *self.backends.get(&(spec.name.clone(), b.name.clone()))?;
+                    Some((bid, b))
+                })
+            })
+    }
+
+    /// Every planned service, with its id.
+    pub fn live_services(&self) -> impl Iterator<Item = (u32, &ServiceSpec)> {
+        self.services
+            .values()
+            .filter_map(|slot| Some((slot.id, slot.spec.as_ref()?)))
+    }
+
+    pub fn service_id(&self, service: &str) -> Option<u32> {
+        self.services.get(service).map(|s| s.id)
+    }
+
+    pub fn backend_id(&self, service: &str, backend: &str) -> Option<u32> {
+        self.backends
+            .get(&(service.to_owned(), backend.to_owned()))
+            .copied()
+    }
+
+    /// (service, backend) -> backend id, for every backend.
+    pub fn backend_ids(&self) -> impl Iterator<Item = (&(String, String), u32)> {
+        self.backends.iter().map(|(k, &v)| (k, v))
+    }
+
+    /// The generation backend slot `id` is at.
+    pub fn generation(&self, id: u32) -> u32 {
+        self.generations[id as usize]
+    }
+
+    /// Freed backend slots whose traffic still counts, with the service id
+    /// they served if it still exists.
+    pub fn retired(&self) -> impl Iterator<Item = (u32, Option<u32>)> + '_ {
+        self.retired.iter().map(|(&b, &s)| (b, s))
+    }
+
+    fn plan_service(&mut self, s: &ServiceSpec, w: &mut Vec<Write>) -> Result<(), CapacityError> {
+        let key = service_key(s);
+        let capacity = |problem: String| CapacityError {
+            service: s.name.clone(),
+            problem,
+        };
+        let adopted = self.adopting.as_mut().and_then(|a| a.services.remove(&key));
+        let (id, half, old_key, mut maglev_slot, mut tables) =
+            match (self.services.get(&s.name), adopted) {
+                (Some(slot), _) => (
+                    slot.id,
+                    1 - slot.half,
+                    Some(slot.key),
+                    slot.maglev_slot,
+                    slot.tables.clone(),
+                ),
+                (None, Some(svc)) => {
+                    // The earlier daemon's service: same id and counters, and
+                    // the half it was not reading gets the new ring.
+                    self.service_ids.claim(svc.id);
+                    let (unit, slot) = if svc.flags & SERVICE_F_MAGLEV != 0 {
+                        let slot = svc.ring_base / (2 * maglev::MAX_TABLE_SIZE);
+                        self.maglev_ids.claim(slot);
+                        (maglev::MAX_TABLE_SIZE, Some(slot))
+                    } else {
+                        (RING_SIZE, None)
+                    };
+                    let half = (svc.ring_base / unit) % 2;
+                    (svc.id, 1 - half, Some(key), slot, Default::default())
+                }
+                (None, None) => {
+                    let id = self
+                        .service_ids
+                        .take(MAX_SERVICES)
+                        .ok_or_else(|| capacity(format!("more than {MAX_SERVICES} services")))?;
+                    // Retired backends of the id's earlier service are not this one's.
+                    for svc in self.retired.values_mut() {
+                        if *svc == Some(id) {
+                            *svc = None;
+                        }
+                    }
+                    w.push(Write::NewService { id });
+                    (id, 0, None, None, Default::default())
+                }
+            };
+        let old_backends: HashMap<String, BackendSpec> = self
+            .services
+            .get(&s.name)
+            .and_then(|slot| slot.spec.as_ref())
+            .map(|spec| {
+                spec.backends
+                    .iter()
+                    .map(|b| (b.name.clone(), b.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        // Backends first: a ring must only name backends already written.
+        let mut ids = Vec::with_capacity(s.backends.len());
+        for b in &s.backends {
+            let bkey = (s.name.clone(), b.name.clone());
+            let moved = old_backends
+                .get(&b.name)
+                .is_some_and(|o| (o.address, o.port) != (b.address, b.port));
+            if moved {
+                // Same name, new address: a different server. Its old flows
+                // must not follow the name to the new address.
+                self.remove_backend(&bkey, id, w);
+            }
+            let adopted = self.adopting.as_mut().and_then(|a| {
+                let i = a.backends.iter().position(|(_, v)| {
+                    v.service == id
+                        && v.addr == b.address.octets()
+                        && v.port == b.port.to_be_bytes()
+                })?;
+                Some(a.backends.remove(i).0)
+            });
+            let (bid, fresh) = match (self.backends.get(&bkey), adopted) {
+                (Some(&bid), _) => (bid, false),
+                (None, Some(bid)) => {
+                    // Same slot and generation: its flows keep going.
+                    self.backend_ids.claim(bid);
+                    self.backends.insert(bkey, bid);
+                    (bid, true)
+                }
+                (None, None) => {
+                    let bid = self
+                        .backend_ids
+                        .take(MAX_BACKENDS)
+                        .ok_or_else(|| capacity(format!("more than {MAX_BACKENDS} backends")))?;
+                    if let Some(into) = self.retired.remove(&bid) {
+                        w.push(Write::FoldTraffic { backend: bid, into });
+                    }
+                    w.push(Write::NewBackend { id: bid });
+                    self.generations[bid as usize] = self.generations[bid as usize].wrapping_add(1);
+                    self.backends.insert(bkey, bid);
+                    (bid, true)
+                }
+            };
+            let unchanged = !fresh
+                && old_backends
+                    .get(&b.name)
+                    .is_some_and(|o| backend_flags(o) == backend_flags(b));
+            if !unchanged {
+                let value = Backend {
+                    addr: b.address.octets(),
+                    port: b.port.to_be_bytes(),
+                    _pad: [0; 2],
+                    flags: backend_flags(b),
+                    service: id,
+                    generation: self.generations[bid as usize],
+                };
+                w.push(Write::Backend { id: bid, value });
+            }
+            ids.push(bid);
+        }
+
+        let weights: Vec<u32> = s.backends.iter().map(|b| b.ring_weight).collect();
+        let (base, len, flags, seed) = match s.maglev {
+            None => {
+                if let Some(slot) = maglev_slot.take() {
+                    self.maglev_ids.give_back(slot);
+                }
+                let mut slots = vec![0u32; RING_SIZE as usize];
+                let len = ring::fill_ring(&weights, &mut slots).ok_or_else(|| {
+                    capacity(format!("the weights need more than {RING_SIZE} ring slots"))
+                })?;
+                let base = (id * 2 + half) * RING_SIZE;
+                for (i, &slot) in slots[..len].iter().enumerate() {
+                    w.push(Write::Ring {
+                        index: base + i as u32,
+                        backend: ids[slot as usize],
+                    });
+                }
+                (base, len as u32, 0, 0)
+            }
+            Some((m, seed)) => {
+                let slot = match maglev_slot {
+                    Some(slot) => slot,
+                    None => {
+                        let slot = self.maglev_ids.take(MAX_MAGLEV_SERVICES).ok_or_else(|| {
+                            capacity(format!("more than {MAX_MAGLEV_SERVICES} Maglev services"))
+                        })?;
+                        maglev_slot = Some(slot);
+                        slot
+                    }
+                };
+                let base = (slot * 2 + half) * maglev::MAX_TABLE_SIZE;
+                let names: Vec<(&[u8], u32)> = s
+                    .backends
+                    .iter()
+                    .map(|b| (b.name.as_bytes(), b.ring_weight))
+                    .collect();
+                let mut table = vec![0u32; m as usize];
+                let len = if maglev::fill_table(&names, seed, &mut table) {
+                    for e in table.iter_mut() {
+                        *e = ids[*e as usize];
+                    }
+                    // Only what differs from what this half holds.
+                    let known = &tables[half as usize];
+                    for (i, &b) in table.iter().enumerate() {
+                        if known.len() != table.len() || known[i] != b {
+                            w.push(Write::Maglev {
+                                index: base + i as u32,
+                                backend: b,
+                            });
+                        }
+                    }
+                    m
+                } else {
+                    // No backend can take new flows.
+                    table.clear();
+                    0
+                };
+                tables[half as usize] = table;
+                (base, len, SERVICE_F_MAGLEV, seed)
+            }
+        };
+        let firewall_flags = self.write_rules(id, &s.rules, w);
+        let value = Service {
+            id,
+            ring_base: base,
+            ring_len: len,
+            flags: flags
+                | firewall_flags
+                | if s.reset_if_empty {
+                    SERVICE_F_RESET_IF_EMPTY
+                } else {
+                    0
+                },
+            hash_seed: seed,
+            idle_ticks: s
+                .udp_idle
+                .map_or(0, |d| ticks(d, self.hz).clamp(1, u32::MAX as u64) as u32),
+        };
+        // By id first: a flow scheduled by the new entry finds it there.
+        w.push(Write::ServiceById { id, value });
+        w.push(Write::Service { key, value });
+        if let Some(old) = old_key.filter(|k| *k != key) {
+            w.push(Write::RemoveService { key: old });
+        }
+
+        // Backends that left this service: after the switch, nothing new picks them.
+        let gone: Vec<(String, String)> = self
+            .backends
+            .keys()
+            .filter(|(svc, b)| svc == &s.name && !s.backends.iter().any(|c| &c.name == b))
+            .cloned()
+            .collect();
+        for bkey in gone {
+            self.remove_backend(&bkey, id, w);
+        }
+        self.services.insert(
+            s.name.clone(),
+            ServiceSlot {
+                id,
+                key,
+                half,
+                maglev_slot,
+                tables,
+                spec: Some(s.clone()),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_service(&mut self, name: &str, w: &mut Vec<Write>) {
+        let Some(slot) = self.services.remove(name) else {
+            return;
+        };
+        w.push(Write::RemoveService { key: slot.key });
+        let gone: Vec<(String, String)> = self
+            .backends
+            .keys()
+            .filter(|(svc, _)| svc == name)
+            .cloned()
+            .collect();
+        for bkey in gone {
+            self.remove_backend(&bkey, slot.id, w);
+        }
+        self.service_ids.give_back(slot.id);
+        if let Some(m) = slot.maglev_slot {
+            self.maglev_ids.give_back(m);
+        }
+    }
+
+    /// Frees a backend's slot; its traffic is folded into its service's
+    /// (`service`) when the slot is taken again.
+    fn remove_backend(&mut self, bkey: &(String, String), service: u32, w: &mut Vec<Write>) {
+        if let Some(bid) = self.backends.remove(bkey) {
+            self.retired.insert(bid, Some(service));
+            // The generation stays in the slot: flows that remember it must
+            // never match whichever backend takes the slot next.
+            let value = Backend {
+                generation: self.generations[bid as usize],
+                ..Backend::default()
+            };
+            w.push(Write::Backend { id: bid, value });
+            self.backend_ids.give_back(bid);
+        }
+    }
+
+    /// Writes service `id`'s source rules (adding before removing, so a
+    /// changed list never lets through what both versions deny); returns the
+    /// service's firewall flags.
+    fn write_rules(&mut self, id: u32, rules: &SourceRules, w: &mut Vec<Write>) -> u32 {
+        let want: HashMap<Cidr, u32> = rules
+            .allow
+            .iter()
+            .map(|c| (*c, lb_common::firewall::RULE_ALLOW))
+            .chain(
+                rules
+                    .deny
+                    .iter()
+                    .map(|c| (*c, lb_common::firewall::RULE_DENY)),
+            )
+            .collect();
+        let mut have: Vec<(Cidr, u32)> = self
+            .rules
+            .iter()
+            .filter(|((sid, _), _)| *sid == id)
+            .map(|((_, c), v)| (*c, *v))
+            .collect();
+        have.sort_unstable();
+        let mut added: Vec<(Cidr, u32)> = want
+            .iter()
+            .filter(|(c, v)| !have.contains(&(**c, **v)))
+            .map(|(c, v)| (*c, *v))
+            .collect();
+        added.sort_unstable();
+        for (cidr, v) in added {
+            w.push(Write::Rule {
+                service: id,
+                cidr,
+                verdict: Some(v),
+            });
+            self.rules.insert((id, cidr), v);
+        }
+        for (cidr, _) in have {
+            if !want.contains_key(&cidr) {
+                w.push(Write::Rule {
+                    service: id,
+                    cidr,
+                    verdict: None,
+                });
+                self.rules.remove(&(id, cidr));
+            }
+        }
+        match (want.is_empty(), rules.allow.is_empty()) {
+            (true, _) => 0,
+            (false, true) => SERVICE_F_FIREWALL,
+            (false, false) => SERVICE_F_FIREWALL | SERVICE_F_ALLOWLIST,
+        }
+    }
+
+    /// Removes the rules of service ids no service holds any more.
+    fn forget_rules_of_gone_services(&mut self, w: &mut Vec<Write>) {
+        let live: HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        let mut gone: Vec<u32> = self
+            .rules
+            .keys()
+            .map(|(id, _)| *id)
+            .filter(|id| !live.contains(id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        gone.sort_unstable();
+        for id in gone {
+            self.write_rules(id, &SourceRules::default(), w);
+        }
+    }
+
+    /// After the first plan that follows an adoption: whatever the earlier
+    /// daemon left that the services asked for do not have is removed.
+    fn forget_unadopted(&mut self, a: Adoption, w: &mut Vec<Write>) {
+        let mut services: Vec<(ServiceKey, Service)> = a.services.into_iter().collect();
+        services.sort_unstable_by_key(|(_, s)| s.id);
+        for (key, svc) in services {
+            tracing::info!(
+                ?key,
+                "removing a service the earlier daemon had and this config does not"
+            );
+            w.push(Write::RemoveService { key });
+            self.service_ids.give_back(svc.id);
+            if svc.flags & SERVICE_F_MAGLEV != 0 {
+                self.maglev_ids
+                    .give_back(svc.ring_base / (2 * maglev::MAX_TABLE_SIZE));
+            }
+        }
+        for (bid, b) in a.backends {
+            self.retired.insert(bid, None);
+            self.backend_ids.give_back(bid);
+            let value = Backend {
+                generation: b.generation,
+                ..Backend::default()
+            };
+            w.push(Write::Backend { id: bid, value });
+        }
+    }
+
+    /// Makes VIPS hold exactly the services' addresses.
+    fn sync_vips(&mut self, services: &[ServiceSpec], w: &mut Vec<Write>) {
+        let want: HashSet<[u8; 4]> = services.iter().map(|s| s.vip.octets()).collect();
+        let mut added: Vec<[u8; 4]> = want.difference(&self.vips).copied().collect();
+        let mut removed: Vec<[u8; 4]> = self.vips.difference(&want).copied().collect();
+        added.sort_unstable();
+        removed.sort_unstable();
+        for vip in added {
+            w.push(Write::Vip { vip, present: true });
+        }
+        for vip in removed {
+            w.push(Write::Vip {
+                vip,
+                present: false,
+            });
+        }
+        self.vips = want;
+    }
+
+    /// Keeps BACKEND_VIPS equal to the backends that serve exactly one VIP
+    /// (empty unless stateless replies are on).
+    fn sync_backend_vips(&mut self, services: &[ServiceSpec], w: &mut Vec<Write>) {
+        let mut seen: HashMap<BackendKey, Vec<ReverseFlow>> = HashMap::new();
+        if self.stateless_replies {
+            for s in services {
+                let Some(slot) = self.services.get(&s.name) else {
+                    continue;
+                };
+                for b in &s.backends {
+                    let Some(&bid) = self.backends.get(&(s.name.clone(), b.name.clone())) else {
+                        continue;
+                    };
+                    let key = BackendKey {
+                        addr: b.address.octets(),
+                        port: b.port.to_be_bytes(),
+                        proto: s.protocol.number(),
+                        _pad: 0,
+                    };
+                    seen.entry(key).or_default().push(ReverseFlow {
+                        vip: s.vip.octets(),
+                        vport: s.port.to_be_bytes(),
+                        _pad: [0; 2],
+                        backend: bid,
+                        service: slot.id,
+                        hop: NextHop::default(),
+                    });
+                }
+            }
+        }
+        let want: HashMap<BackendKey, ReverseFlow> = seen
+            .into_iter()
+            .filter(|(_, v)| v.len() == 1)
+            .map(|(k, v)| (k, v[0]))
+            .collect();
+        let have = std::mem::take(&mut self.backend_vips);
+        let mut changed: Vec<(BackendKey, Option<ReverseFlow>)> = want
+            .iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .map(|(k, v)| (*k, Some(*v)))
+            .chain(
+                have.keys()
+                    .filter(|k| !want.contains_key(k))
+                    .map(|k| (*k, None)),
+            )
+            .collect();
+        changed.sort_unstable_by_key(|(k, v)| (v.is_none(), k.addr, k.port, k.proto));
+        for (key, value) in changed {
+            w.push(Write::BackendVip { key, value });
+        }
+        self.backend_vips = want;
+    }
+
+    /// The prefilter's words that differ: the bits of every VIP and every
+    /// backend address of `services`, plus (`keep`) those set now.
+    fn sync_prefilter(&mut self, services: &[ServiceSpec], keep: bool, w: &mut Vec<Write>) {
+        let mut want = vec![0u32; 2 * PREFILTER_WORDS as usize];
+        if keep {
+            want.copy_from_slice(&self.prefilter);
+        }
+        let vips = services
+            .iter()
+            .map(|s| s.vip)
+            // VIPs the firewall guards (closed ports) pass it too.
+            .chain(self.vips.iter().map(|v| Ipv4Addr::from(*v)));
+        let backends = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address));
+        for (half, addr) in vips
+            .map(|a| (PREFILTER_VIPS, a))
+            .chain(backends.map(|a| (PREFILTER_BACKENDS, a)))
+        {
+            let (word, bit) = prefilter_bit(addr.octets());
+            want[(half + word) as usize] |= bit;
+        }
+        for (i, &bits) in want.iter().enumerate() {
+            if bits != self.prefilter[i] {
+                w.push(Write::Prefilter {
+                    word: i as u32,
+                    bits,
+                });
+            }
+        }
+        self.prefilter = want;
+    }
+}
+
+/// A reply entry found in the maps, not yet matched to a backend: any
+/// wanted value differs from it.
+const UNKNOWN_REPLY: ReverseFlow = ReverseFlow {
+    vip: [0; 4],
+    vport: [0; 2],
+    _pad: [0; 2],
+    backend: u32::MAX,
+    service: u32::MAX,
+    hop: NextHop {
+        generation: 0,
+        ifindex: 0,
+        mtu: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    },
+};
+
+fn service_key(s: &ServiceSpec) -> ServiceKey {
+    ServiceKey {
+        vip: s.vip.octets(),
+        port: s.port.to_be_bytes(),
+        proto: s.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn backend_flags(b: &BackendSpec) -> u32 {
+    let mut f = BACKEND_F_PRESENT;
+    if b.drop_flows {
+        f |= BACKEND_F_DROP_FLOWS;
+    }
+    if b.reset_flows {
+        f |= BACKEND_F_RESET_FLOWS;
+    }
+    if b.ring_weight == 0 {
+        f |= BACKEND_F_NO_NEW_FLOWS;
+    }
+    f
+}
+
+/// `d` in ticks of a `hz` clock.
+pub fn ticks(d: Duration, hz: u64) -> u64 {
+    (d.as_nanos() * hz as u128 / 1_000_000_000) as u64
+}
