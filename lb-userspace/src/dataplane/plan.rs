@@ -880,3 +880,513 @@ fn backend_flags(b: &BackendSpec) -> u32 {
 pub fn ticks(d: Duration, hz: u64) -> u64 {
     (d.as_nanos() * hz as u128 / 1_000_000_000) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    //! The planner's writes, exactly and in order, for each kind of change
+    //! the reconciler makes. No kernel: the planner touches no map.
+
+    use super::*;
+    use crate::config::Protocol;
+    use lb_common::IPPROTO_TCP;
+    use Write as W;
+
+    const HZ: u64 = 250;
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
+    fn backend(name: &str, last: u8, weight: u32) -> BackendSpec {
+        BackendSpec {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 0, 1, last),
+            port: 8080,
+            ring_weight: weight,
+            drop_flows: false,
+            reset_flows: false,
+        }
+    }
+
+    fn web(backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            name: "web".into(),
+            vip: VIP,
+            port: 80,
+            protocol: Protocol::Tcp,
+            maglev: None,
+            reset_if_empty: false,
+            rules: SourceRules::default(),
+            backends,
+            udp_idle: None,
+        }
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            vip: VIP.octets(),
+            port: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    fn present(last: u8, flags: u32, generation: u32) -> Backend {
+        Backend {
+            addr: [10, 0, 1, last],
+            port: 8080u16.to_be_bytes(),
+            _pad: [0; 2],
+            flags: BACKEND_F_PRESENT | flags,
+            service: 0,
+            generation,
+        }
+    }
+
+    fn cleared(generation: u32) -> Backend {
+        Backend {
+            generation,
+            ..Backend::default()
+        }
+    }
+
+    fn service(ring_base: u32, ring_len: u32, flags: u32, hash_seed: u32) -> Service {
+        Service {
+            id: 0,
+            ring_base,
+            ring_len,
+            flags,
+            hash_seed,
+            idle_ticks: 0,
+        }
+    }
+
+    /// The switch to a ring or table: by id, then by address.
+    fn switch(value: Service) -> [Write; 2] {
+        [
+            W::ServiceById { id: 0, value },
+            W::Service { key: key(), value },
+        ]
+    }
+
+    fn ring(base: u32, backends: &[u32]) -> Vec<Write> {
+        backends
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| W::Ring {
+                index: base + i as u32,
+                backend: b,
+            })
+            .collect()
+    }
+
+    /// The prefilter word that carries `addr` in the half starting at `half`.
+    fn prefilter(half: u32, addrs: &[Ipv4Addr]) -> Vec<Write> {
+        let mut words: BTreeMap<u32, u32> = BTreeMap::new();
+        for a in addrs {
+            let (word, bit) = prefilter_bit(a.octets());
+            *words.entry(half + word).or_default() |= bit;
+        }
+        words
+            .into_iter()
+            .map(|(word, bits)| W::Prefilter { word, bits })
+            .collect()
+    }
+
+    fn planner() -> Planner {
+        Planner::new(Found::default(), HZ)
+    }
+
+    /// A planner that has written `web` with backends a and b.
+    fn with_a_and_b() -> Planner {
+        let mut p = planner();
+        p.plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_new_service_is_written_backends_first_and_switched_in_last() {
+        let mut p = planner();
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let a = Ipv4Addr::new(10, 0, 1, 1);
+        let b = Ipv4Addr::new(10, 0, 1, 2);
+        let mut want = prefilter(PREFILTER_VIPS, &[VIP]);
+        want.extend(prefilter(PREFILTER_BACKENDS, &[a, b]));
+        want.extend([
+            W::NewService { id: 0 },
+            W::NewBackend { id: 0 },
+            W::Backend {
+                id: 0,
+                value: present(1, 0, 1),
+            },
+            W::NewBackend { id: 1 },
+            W::Backend {
+                id: 1,
+                value: present(2, 0, 1),
+            },
+        ]);
+        want.extend(ring(0, &[0, 1]));
+        want.extend(switch(service(0, 2, 0, 0)));
+        want.push(W::Vip {
+            vip: VIP.octets(),
+            present: true,
+        });
+        assert_eq!(writes, want);
+        // The same services again: nothing to write.
+        assert_eq!(
+            p.plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])]),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn draining_a_backend_rewrites_the_idle_half_without_it_then_switches() {
+        let mut p = with_a_and_b();
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 0)])])
+            .unwrap();
+        let mut want = vec![W::Backend {
+            id: 1,
+            value: present(2, BACKEND_F_NO_NEW_FLOWS, 1),
+        }];
+        want.extend(ring(RING_SIZE, &[0]));
+        want.extend(switch(service(RING_SIZE, 1, 0, 0)));
+        assert_eq!(writes, want);
+        // Undrained: back to the first half, both backends in it.
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let mut want = vec![W::Backend {
+            id: 1,
+            value: present(2, 0, 1),
+        }];
+        want.extend(ring(0, &[0, 1]));
+        want.extend(switch(service(0, 2, 0, 0)));
+        assert_eq!(writes, want);
+    }
+
+    #[test]
+    fn reweighting_writes_only_the_ring_and_the_switch() {
+        let mut p = with_a_and_b();
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 3), backend("b", 2, 1)])])
+            .unwrap();
+        let mut slots = vec![0u32; RING_SIZE as usize];
+        let len = ring::fill_ring(&[3, 1], &mut slots).unwrap();
+        assert_eq!(len, 4);
+        assert_eq!(slots[..len].iter().filter(|&&s| s == 0).count(), 3);
+        let mut want = ring(RING_SIZE, &slots[..len]);
+        want.extend(switch(service(RING_SIZE, 4, 0, 0)));
+        assert_eq!(writes, want);
+    }
+
+    #[test]
+    fn an_added_backend_passes_the_prefilter_and_is_written_before_the_ring_names_it() {
+        let mut p = with_a_and_b();
+        let c = Ipv4Addr::new(10, 0, 1, 3);
+        let writes = p
+            .plan(&[web(vec![
+                backend("a", 1, 1),
+                backend("b", 2, 1),
+                backend("c", 3, 1),
+            ])])
+            .unwrap();
+        let (word, bit) = prefilter_bit(c.octets());
+        let had = p.prefilter[(PREFILTER_BACKENDS + word) as usize] & !bit;
+        let mut want = vec![
+            W::Prefilter {
+                word: PREFILTER_BACKENDS + word,
+                bits: had | bit,
+            },
+            W::NewBackend { id: 2 },
+            W::Backend {
+                id: 2,
+                value: present(3, 0, 1),
+            },
+        ];
+        want.extend(ring(RING_SIZE, &[0, 1, 2]));
+        want.extend(switch(service(RING_SIZE, 3, 0, 0)));
+        assert_eq!(writes, want);
+    }
+
+    #[test]
+    fn a_removed_backend_is_cleared_after_the_switch_and_its_slot_reused_later() {
+        let mut p = with_a_and_b();
+        let writes = p.plan(&[web(vec![backend("a", 1, 1)])]).unwrap();
+        let b = Ipv4Addr::new(10, 0, 1, 2);
+        let mut want = ring(RING_SIZE, &[0]);
+        want.extend(switch(service(RING_SIZE, 1, 0, 0)));
+        // After the switch: nothing new picks it. Its generation stays.
+        want.push(W::Backend {
+            id: 1,
+            value: cleared(1),
+        });
+        // Its address stops passing the prefilter last.
+        let (word, _) = prefilter_bit(b.octets());
+        let (a_word, a_bit) = prefilter_bit(Ipv4Addr::new(10, 0, 1, 1).octets());
+        want.push(W::Prefilter {
+            word: PREFILTER_BACKENDS + word,
+            // a's bit stays if it shares the word.
+            bits: if a_word == word { a_bit } else { 0 },
+        });
+        assert_eq!(writes, want);
+
+        // A new backend takes the freed slot: what the old one counted is
+        // folded into the service, the slot's counts start again, and its
+        // generation moves on (the old backend's flows never match it).
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("d", 4, 1)])])
+            .unwrap();
+        let fresh: Vec<&Write> = writes
+            .iter()
+            .filter(|w| !matches!(w, W::Prefilter { .. }))
+            .collect();
+        let mut want = vec![
+            W::FoldTraffic {
+                backend: 1,
+                into: Some(0),
+            },
+            W::NewBackend { id: 1 },
+            W::Backend {
+                id: 1,
+                value: present(4, 0, 2),
+            },
+        ];
+        want.extend(ring(0, &[0, 1]));
+        want.extend(switch(service(0, 2, 0, 0)));
+        assert_eq!(fresh, want.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_backend_moved_to_another_address_is_a_new_backend() {
+        let mut p = with_a_and_b();
+        let mut moved = backend("b", 9, 1);
+        moved.port = 9090;
+        let writes = p.plan(&[web(vec![backend("a", 1, 1), moved])]).unwrap();
+        let fresh: Vec<&Write> = writes
+            .iter()
+            .filter(|w| !matches!(w, W::Prefilter { .. }))
+            .collect();
+        let mut value = present(9, 0, 2);
+        value.port = 9090u16.to_be_bytes();
+        let mut want = vec![
+            W::Backend {
+                id: 1,
+                value: cleared(1),
+            },
+            W::FoldTraffic {
+                backend: 1,
+                into: Some(0),
+            },
+            W::NewBackend { id: 1 },
+            W::Backend { id: 1, value },
+        ];
+        want.extend(ring(RING_SIZE, &[0, 1]));
+        want.extend(switch(service(RING_SIZE, 2, 0, 0)));
+        assert_eq!(fresh, want.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_maglev_change_writes_only_the_entries_that_differ_in_the_idle_half() {
+        const M: u32 = 13;
+        const SEED: u32 = 7;
+        let maglev_web = |backends| ServiceSpec {
+            maglev: Some((M, SEED)),
+            ..web(backends)
+        };
+        let table = |names: &[(&[u8], u32)], ids: &[u32]| -> Vec<u32> {
+            let mut t = vec![0u32; M as usize];
+            assert!(maglev::fill_table(names, SEED, &mut t));
+            t.iter().map(|&i| ids[i as usize]).collect()
+        };
+        let two = table(&[(b"a", 1), (b"b", 1)], &[0, 1]);
+        let one = table(&[(b"a", 1), (b"b", 0)], &[0, 1]);
+        let half1 = maglev::MAX_TABLE_SIZE;
+        let entries = |base: u32, t: &[u32], only_differing_from: Option<&[u32]>| -> Vec<Write> {
+            t.iter()
+                .enumerate()
+                .filter(|(i, b)| only_differing_from.is_none_or(|o| o[*i] != **b))
+                .map(|(i, &b)| W::Maglev {
+                    index: base + i as u32,
+                    backend: b,
+                })
+                .collect()
+        };
+
+        let mut p = planner();
+        let writes = p
+            .plan(&[maglev_web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let tail: Vec<Write> = writes
+            .iter()
+            .skip_while(|w| !matches!(w, W::Maglev { .. }))
+            .cloned()
+            .collect();
+        let mut want = entries(0, &two, None);
+        want.extend(switch(service(0, M, SERVICE_F_MAGLEV, SEED)));
+        want.push(W::Vip {
+            vip: VIP.octets(),
+            present: true,
+        });
+        assert_eq!(tail, want);
+
+        // b drained: the other half was never written, so all of it is.
+        let writes = p
+            .plan(&[maglev_web(vec![backend("a", 1, 1), backend("b", 2, 0)])])
+            .unwrap();
+        let mut want = vec![W::Backend {
+            id: 1,
+            value: present(2, BACKEND_F_NO_NEW_FLOWS, 1),
+        }];
+        want.extend(entries(half1, &one, None));
+        want.extend(switch(service(half1, M, SERVICE_F_MAGLEV, SEED)));
+        assert_eq!(writes, want);
+
+        // Undrained: the first half still holds `two`; nothing differs.
+        let writes = p
+            .plan(&[maglev_web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let mut want = vec![W::Backend {
+            id: 1,
+            value: present(2, 0, 1),
+        }];
+        want.extend(switch(service(0, M, SERVICE_F_MAGLEV, SEED)));
+        assert_eq!(writes, want);
+
+        // Drained again: only what differs from `one` in the second half
+        // (nothing), then the switch.
+        let writes = p
+            .plan(&[maglev_web(vec![backend("a", 1, 1), backend("b", 2, 0)])])
+            .unwrap();
+        let mut want = vec![W::Backend {
+            id: 1,
+            value: present(2, BACKEND_F_NO_NEW_FLOWS, 1),
+        }];
+        want.extend(entries(half1, &one, Some(&one)));
+        want.extend(switch(service(half1, M, SERVICE_F_MAGLEV, SEED)));
+        assert_eq!(writes, want);
+    }
+
+    #[test]
+    fn a_removed_service_goes_before_its_backends_and_its_addresses_last() {
+        let mut p = with_a_and_b();
+        let writes = p.plan(&[]).unwrap();
+        let mut want = vec![
+            W::RemoveService { key: key() },
+            W::Backend {
+                id: 0,
+                value: cleared(1),
+            },
+            W::Backend {
+                id: 1,
+                value: cleared(1),
+            },
+            W::Vip {
+                vip: VIP.octets(),
+                present: false,
+            },
+        ];
+        let mut cleared_words: Vec<Write> = prefilter(PREFILTER_VIPS, &[VIP])
+            .into_iter()
+            .chain(prefilter(
+                PREFILTER_BACKENDS,
+                &[Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 0, 1, 2)],
+            ))
+            .map(|w| match w {
+                W::Prefilter { word, .. } => W::Prefilter { word, bits: 0 },
+                w => w,
+            })
+            .collect();
+        want.append(&mut cleared_words);
+        // Backends of a removed service are cleared in no particular order.
+        let sorted = |mut w: Vec<Write>| {
+            w[1..3].sort_by_key(|w| match w {
+                W::Backend { id, .. } => *id,
+                _ => u32::MAX,
+            });
+            w
+        };
+        assert_eq!(sorted(writes), want);
+        // Its id is free again: the next service takes it, counters reset.
+        let writes = p.plan(&[web(vec![backend("a", 1, 1)])]).unwrap();
+        assert!(writes.contains(&W::NewService { id: 0 }));
+    }
+
+    #[test]
+    fn an_earlier_daemons_service_is_adopted_into_its_idle_half_and_the_rest_removed() {
+        let mut p = with_a_and_b();
+        let writes = p.plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])]);
+        assert_eq!(writes, Ok(vec![]));
+        // What those writes left in the maps, as a new daemon finds them.
+        let mut found = Found::default();
+        found.services.insert(key(), service(0, 2, 0, 0));
+        found.backends = vec![present(1, 0, 1), present(2, 0, 1), present(7, 0, 3)];
+        found.backends[2].service = 5;
+        let mut p = Planner::new(found, HZ);
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let body: Vec<&Write> = writes
+            .iter()
+            .filter(|w| !matches!(w, W::Prefilter { .. } | W::Vip { .. }))
+            .collect();
+        // Same ids, same generations (their flows keep going); the half the
+        // earlier daemon was not reading gets the ring; its third backend,
+        // which no service asks for, is cleared.
+        let mut want = vec![
+            W::Backend {
+                id: 0,
+                value: present(1, 0, 1),
+            },
+            W::Backend {
+                id: 1,
+                value: present(2, 0, 1),
+            },
+        ];
+        want.extend(ring(RING_SIZE, &[0, 1]));
+        want.extend(switch(service(RING_SIZE, 2, 0, 0)));
+        want.push(W::Backend {
+            id: 2,
+            value: cleared(3),
+        });
+        assert_eq!(body, want.iter().collect::<Vec<_>>());
+        // A new backend never gets an id an adopted one holds.
+        let writes = p
+            .plan(&[web(vec![
+                backend("a", 1, 1),
+                backend("b", 2, 1),
+                backend("c", 3, 1),
+            ])])
+            .unwrap();
+        assert!(writes.contains(&W::NewBackend { id: 2 }), "{writes:?}");
+    }
+
+    #[test]
+    fn a_udp_services_idle_timeout_is_written_in_ticks() {
+        let mut p = planner();
+        let mut s = web(vec![backend("a", 1, 1)]);
+        s.protocol = Protocol::Udp;
+        s.udp_idle = Some(Duration::from_secs(60));
+        let writes = p.plan(&[s]).unwrap();
+        let idle: Vec<u32> = writes
+            .iter()
+            .filter_map(|w| match w {
+                W::Service { value, .. } => Some(value.idle_ticks),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(idle, vec![60 * HZ as u32]);
+    }
+
+    #[test]
+    fn too_many_ring_slots_is_refused_with_the_service_named() {
+        let mut p = planner();
+        let err = p
+            .plan(&[web(vec![
+                backend("a", 1, RING_SIZE),
+                backend("b", 2, RING_SIZE - 1),
+            ])])
+            .unwrap_err();
+        assert_eq!(err.service, "web");
+        assert!(err.problem.contains("ring slots"), "{}", err.problem);
+    }
+}
