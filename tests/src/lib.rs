@@ -1,10 +1,8 @@
-//! The testbed the end-to-end suites and `cargo xtask demo` share: network
+//! The testbed the end-to-end suites, `cargo xtask demo` and the bench share: network
 //! namespaces joined by veth pairs, real nginx, the real `lb` daemon, and
 //! frame builders for BPF_PROG_TEST_RUN. Everything it creates is removed by
 //! RAII guards when they drop, also when a test panics.
 
-pub mod bench_control;
-pub mod bench_e2e;
 pub mod daemon;
 pub mod flood;
 pub mod frames;

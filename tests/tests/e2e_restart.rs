@@ -92,7 +92,9 @@ fn root_sigkilled_daemon_breaks_nothing_and_its_successor_adopts_the_flows() {
     println!("daemon SIGKILLed; down for 5 s");
     std::thread::sleep(Duration::from_secs(5));
     assert!(
-        pin_dir_for(&lb.socket).join("CONNTRACK").exists(),
+        pin_dir_for(&lb.socket)
+            .join(lb_common::maps::CONNTRACK)
+            .exists(),
         "maps stay pinned"
     );
     lb.restart(&[]);
@@ -272,7 +274,13 @@ fn root_the_connection_table_takes_the_configured_size_and_a_pinned_one_keeps_it
             .unwrap()
             .max_entries()
     };
-    assert_eq!((size("CONNTRACK"), size("REVERSE")), (4096, 4096));
+    assert_eq!(
+        (
+            size(lb_common::maps::CONNTRACK),
+            size(lb_common::maps::REVERSE)
+        ),
+        (4096, 4096)
+    );
     assert_eq!(lb.status()["conntrack"]["capacity"], 4096);
     assert!(t
         .client
@@ -296,10 +304,20 @@ fn root_the_connection_table_takes_the_configured_size_and_a_pinned_one_keeps_it
             && text.contains("--fresh"),
         "{text}"
     );
-    assert_eq!(size("CONNTRACK"), 4096, "the pinned table is untouched");
+    assert_eq!(
+        size(lb_common::maps::CONNTRACK),
+        4096,
+        "the pinned table is untouched"
+    );
     // Starting afresh takes the new size.
     lb.restart(&["--fresh"]);
-    assert_eq!((size("CONNTRACK"), size("REVERSE")), (8192, 8192));
+    assert_eq!(
+        (
+            size(lb_common::maps::CONNTRACK),
+            size(lb_common::maps::REVERSE)
+        ),
+        (8192, 8192)
+    );
     assert!(t
         .client
         .run(|| matches!(http::get(vip(), "/"), Ok((200, _)))));
@@ -395,7 +413,8 @@ fn snapshot(t: &Topology, pins: &std::path::Path) -> String {
         aya::maps::MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
     };
     let services: aya::maps::HashMap<_, lb_common::ServiceKey, lb_common::Service> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map("SERVICES"))).unwrap();
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map(lb_common::maps::SERVICES)))
+            .unwrap();
     let mut entries: Vec<String> = services
         .iter()
         .map(|r| {
@@ -405,8 +424,12 @@ fn snapshot(t: &Topology, pins: &std::path::Path) -> String {
         .collect();
     entries.sort();
     s += &format!("SERVICES {entries:?}\n");
-    for name in ["BACKENDS", "RINGS", "IFACES"] {
-        let a: aya::maps::Array<_, u32> = if name == "BACKENDS" {
+    for name in [
+        lb_common::maps::BACKENDS,
+        lb_common::maps::RINGS,
+        lb_common::maps::IFACES,
+    ] {
+        let a: aya::maps::Array<_, u32> = if name == lb_common::maps::BACKENDS {
             let b: aya::maps::Array<_, lb_common::Backend> =
                 aya::maps::Array::try_from(aya::maps::Map::Array(map(name))).unwrap();
             let v: Vec<Vec<u8>> = b.iter().map(|x| bytes(&x.unwrap())).collect();

@@ -818,14 +818,8 @@ fn root_a_closed_flows_reply_entry_does_not_capture_a_new_direct_connection() {
 }
 
 /// The number of entries in one of the data path's flow tables.
-fn table_len(h: &Harness, table: &str) -> usize {
-    let m = h.dp.maps();
-    match table {
-        "TRANSIENT" => m.transient.keys().count(),
-        "CONNTRACK" => m.conntrack.keys().count(),
-        "REVERSE" => m.reverse.keys().count(),
-        _ => panic!("no flow table {table}"),
-    }
+fn len<V: aya::Pod>(t: &aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, V>) -> usize {
+    t.keys().count()
 }
 
 /// A new flow takes its table entries only once nothing can refuse the
@@ -844,16 +838,16 @@ fn root_a_syn_the_balancer_does_not_forward_leaves_no_flow_behind() {
         assert_eq!(out, frame, "passed unchanged");
         assert_eq!(h.counter("pass_ttl_expired"), 1);
         assert_eq!(h.counter("new_flows"), 0);
-        assert_eq!(table_len(h, "TRANSIENT"), 0, "no half-open entry");
+        assert_eq!(len(&h.dp.maps().transient), 0, "no half-open entry");
 
         // A SYN that goes through: half-open, by both sides, and nothing in
         // the established tables yet.
         let (action, _) = h.send_from_client(&client_frame(47000, TCP_SYN));
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(h.counter("new_flows"), 1);
-        assert_eq!(table_len(h, "TRANSIENT"), 2);
-        assert_eq!(table_len(h, "CONNTRACK"), 0);
-        assert_eq!(table_len(h, "REVERSE"), 0);
+        assert_eq!(len(&h.dp.maps().transient), 2);
+        assert_eq!(len(&h.dp.maps().conntrack), 0);
+        assert_eq!(len(&h.dp.maps().reverse), 0);
     });
 }
 
@@ -1020,8 +1014,8 @@ fn root_flow_stages_move_between_the_tables_exactly() {
             .unwrap();
         let tables = |h: &Harness| {
             (
-                table_len(h, "CONNTRACK"),
-                table_len(h, "REVERSE"),
+                len(&h.dp.maps().conntrack),
+                len(&h.dp.maps().reverse),
                 transient_states(h),
             )
         };
@@ -1098,7 +1092,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
             h.send_from_client(&client_frame(49001, TCP_RST)).0,
             XDP_REDIRECT
         );
-        assert_eq!(table_len(h, "CONNTRACK"), 0);
+        assert_eq!(len(&h.dp.maps().conntrack), 0);
         assert_eq!((h.counter("flows_closed"), active(h, "b2")), (2, 0));
 
         // A backend refusing the handshake (RST) closes the half-open flow;
@@ -1125,7 +1119,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         dns.dst_mac = X0_MAC;
         let (_, out) = h.send_from_client(&dns);
         let first = out[30..34].to_vec();
-        let conntrack = |h: &Harness| table_len(h, "CONNTRACK");
+        let conntrack = |h: &Harness| len(&h.dp.maps().conntrack);
         assert_eq!(conntrack(h), 1);
         let (_, out) = h.send_from_client(&dns);
         assert_eq!(
@@ -1149,7 +1143,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         let reclaimed = sweep.run();
         assert_eq!(reclaimed.values().sum::<u64>(), 1);
         h.dp.reclaimed(&reclaimed).unwrap();
-        assert_eq!((conntrack(h), table_len(h, "REVERSE")), (0, 0));
+        assert_eq!((conntrack(h), len(&h.dp.maps().reverse)), (0, 0));
         assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 0);
     });
 }

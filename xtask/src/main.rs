@@ -164,6 +164,8 @@ fn build_all() -> Result<()> {
             "lb-userspace",
             "-p",
             "lb-tests",
+            "-p",
+            "lb-bench",
             "--bins",
         ],
     ))

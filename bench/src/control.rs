@@ -39,7 +39,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray
 use lb_common::{Backend, Flow, FlowKey, Traffic, BACKEND_F_PRESENT};
 use lb_userspace::control::{self, Request};
 
-use crate::{
+use lb_tests::{
     daemon::LbDaemon,
     mariadb::{MariaDb, APP_PASSWORD, APP_USER, MONITOR_PASSWORD, MONITOR_USER},
     netns::Netns,
@@ -253,7 +253,7 @@ impl Bed {
     pub fn idle(&self) -> Result<Idle, String> {
         let (rss_kib, hwm_kib) = rss(self.pid)?;
         let maps = maps_of(self.pid);
-        match maps.iter().find(|m| m.name == "CONNTRACK") {
+        match maps.iter().find(|m| m.name == lb_common::maps::CONNTRACK) {
             Some(m) if m.max_entries == TABLE_SIZE as u64 => {}
             other => {
                 return Err(format!(
@@ -459,12 +459,13 @@ impl Bed {
             .client
             .run(|| {
                 let vip = std::net::SocketAddrV4::new(VIP, WEB).into();
-                let mut c = crate::http::Conn::open(vip)?;
+                let mut c = lb_tests::http::Conn::open(vip)?;
                 c.get("/").map(|_| c)
             })
             .map_err(|e| format!("a connection through the web VIP: {e}"))?;
         let mut table: BpfHashMap<MapData, FlowKey, Flow> =
-            BpfHashMap::try_from(pinned(&pins, "CONNTRACK")?).map_err(|e| e.to_string())?;
+            BpfHashMap::try_from(pinned(&pins, lb_common::maps::CONNTRACK)?)
+                .map_err(|e| e.to_string())?;
         // A flow the data path made (one of the client's to the web VIP), as
         // the model of the copies: open, seen now.
         let model = table
@@ -801,7 +802,7 @@ impl NewFlows {
     /// The counter of the backend at `addr:port` (found in the pinned BACKENDS).
     fn open(pins: &Path, addr: Ipv4Addr, port: u16) -> Result<NewFlows, String> {
         let backends: Array<MapData, Backend> =
-            Array::try_from(pinned(pins, "BACKENDS")?).map_err(|e| e.to_string())?;
+            Array::try_from(pinned(pins, lb_common::maps::BACKENDS)?).map_err(|e| e.to_string())?;
         let id = (0..backends.len())
             .find(|i| {
                 backends.get(i, 0).is_ok_and(|b| {
@@ -811,8 +812,8 @@ impl NewFlows {
                 })
             })
             .ok_or_else(|| format!("no backend {addr}:{port} in the daemon's BACKENDS"))?;
-        let map =
-            PerCpuArray::try_from(pinned(pins, "BACKEND_TRAFFIC")?).map_err(|e| e.to_string())?;
+        let map = PerCpuArray::try_from(pinned(pins, lb_common::maps::BACKEND_TRAFFIC)?)
+            .map_err(|e| e.to_string())?;
         Ok(NewFlows { map, id })
     }
 

@@ -20,7 +20,7 @@ use std::{net::Ipv4Addr, process::Child, time::Duration};
 
 use lb_userspace::config::Hook;
 
-use crate::{
+use lb_tests::{
     daemon::LbDaemon,
     nginx::Nginx,
     topology::{backend_addr, lb_config, service_block, Offloads, Topology},

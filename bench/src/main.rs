@@ -11,12 +11,15 @@
 //! taken. Only a case whose output equals its input is also measured with
 //! repeat = 1,000,000.
 //!
-//! Then end to end (see `lb_tests::bench_e2e`) and the control plane:
-//! failover and promotion times and memory (see `lb_tests::bench_control`).
+//! Then end to end (see `crate::e2e`) and the control plane:
+//! failover and promotion times and memory (see `crate::control`).
 //!
 //! `lb-bench [--quick] [--out DIR]` writes DIR/latest.md, latest.json and
 //! latest.svg (default DIR: bench/results) and prints the tables; a full run
 //! into bench/results also writes them into README.md's Benchmark section.
+
+mod control;
+mod e2e;
 
 use std::{
     fmt::Write as _,
@@ -25,8 +28,8 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, Xdp};
+use control::{DaemonMemory, FailoverRun, Failure, PromotionRun};
 use lb_tests::{
-    bench_control::{self, DaemonMemory, FailoverRun, Failure, PromotionRun},
     frames::{Frame, TCP_ACK, TCP_SYN},
     testrun::{
         self, TestRunNet, B1, B1_MAC, B2, B2_MAC, CLIENT, CLIENT_MAC, VIP, X0_MAC, X1_MAC,
@@ -399,7 +402,7 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
         for n in [1_000u32, 100_000, 1_000_000] {
             let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
             apply(&mut dp, &[service(2, Scheduler::RoundRobin)]);
-            dp.insert_flows("web", "b0", bench_control::flow_keys(n))
+            dp.insert_flows("web", "b0", control::flow_keys(n))
                 .map_err(|e| format!("{e:#}"))?;
             let _ = testrun::run(dp.program_mut(), &client_tcp(3000, TCP_SYN), b.x0, 1)?;
             let r = b.measure(
@@ -492,10 +495,8 @@ fn veths_name(o: lb_tests::topology::Offloads) -> &'static str {
 }
 
 fn end_to_end(quick: bool) -> Result<(Vec<E2e>, Vec<Pps>), String> {
-    use lb_tests::{
-        bench_e2e::{median, Bed, Path as P},
-        topology::Offloads,
-    };
+    use crate::e2e::{median, Bed, Path as P};
+    use lb_tests::topology::Offloads;
     use lb_userspace::config::Hook;
     let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
     println!("end to end: wrk, {rounds} round(s) of {secs} s per case, interleaved");
@@ -504,7 +505,7 @@ fn end_to_end(quick: bool) -> Result<(Vec<E2e>, Vec<Pps>), String> {
     for offloads in [Offloads::Default, Offloads::NicLike] {
         println!("  veths {}", veths_name(offloads));
         let mut bed = Bed::new(&format!("be{}", std::process::id() % 10_000), offloads)?;
-        let mut all: Vec<((P, bool), Vec<lb_tests::bench_e2e::Sample>)> = Vec::new();
+        let mut all: Vec<((P, bool), Vec<crate::e2e::Sample>)> = Vec::new();
         for p in Bed::paths(offloads) {
             for new_conn in [false, true] {
                 all.push(((p, new_conn), Vec::new()));
@@ -714,11 +715,11 @@ struct Control {
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn control_plane(quick: bool) -> Result<Control, String> {
-    use bench_control::{Bed, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, FALL, FLOWS, TABLE_SIZE};
+    use control::{Bed, CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, FALL, FLOWS, TABLE_SIZE};
     let runs = if quick { 3 } else { 5 };
     println!("control plane: failovers and promotions ({runs} runs each), memory");
     let phase = std::cell::Cell::new(std::time::Instant::now());
-    let total = |maps: &[bench_control::MapMemory]| {
+    let total = |maps: &[control::MapMemory]| {
         maps.iter().map(|m| m.memlock_bytes).sum::<u64>() as f64 / MIB
     };
     let lap = |what: &str| {
@@ -816,8 +817,8 @@ fn control_plane(quick: bool) -> Result<Control, String> {
         .collect();
     let monitors = format!(
         "MySQL monitors every {} ms, timeout {} ms",
-        bench_control::MYSQL_INTERVAL_MS,
-        bench_control::MYSQL_TIMEOUT_MS
+        control::MYSQL_INTERVAL_MS,
+        control::MYSQL_TIMEOUT_MS
     );
     figures.push(Figure::new(
         "MySQL planned switchover: new primary writable to first write through the write VIP on it",
@@ -866,12 +867,15 @@ fn control_plane(quick: bool) -> Result<Control, String> {
     // (preallocated: the same at any fill).
     for (map, what) in [
         (
-            "CONNTRACK",
+            lb_common::maps::CONNTRACK,
             "connection table (client side of an established flow)",
         ),
-        ("REVERSE", "reply table (reply side of an established flow)"),
         (
-            "TRANSIENT",
+            lb_common::maps::REVERSE,
+            "reply table (reply side of an established flow)",
+        ),
+        (
+            lb_common::maps::TRANSIENT,
             "transient table (one side of a half-open or closed flow)",
         ),
     ] {
@@ -944,7 +948,7 @@ fn control_plane(quick: bool) -> Result<Control, String> {
 }
 
 fn control_markdown(c: &Control) -> String {
-    use bench_control::{
+    use control::{
         CHECK_INTERVAL_MS, CHECK_TIMEOUT_MS, FALL, MYSQL_INTERVAL_MS, MYSQL_TIMEOUT_MS, RISE,
     };
     let mut md = format!(
