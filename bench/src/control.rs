@@ -37,7 +37,10 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{Backend, Flow, FlowKey, Traffic, BACKEND_F_PRESENT};
-use lb_userspace::control::{self, Request};
+use lb_userspace::{
+    control::{self, Request},
+    error::Chain,
+};
 
 use lb_tests::{
     daemon::LbDaemon,
@@ -317,7 +320,8 @@ impl Bed {
                 let socket = self.lb.socket.clone();
                 let s = std::thread::spawn(move || {
                     let start = Instant::now();
-                    control::request(&socket, &Request::Metrics).map_err(|e| e.to_string())?;
+                    control::request(&socket, &Request::Metrics)
+                        .map_err(|e| Chain(&e).to_string())?;
                     Ok::<f64, String>(start.elapsed().as_secs_f64() * 1000.0)
                 });
                 std::thread::sleep(Duration::from_millis(20));
@@ -490,7 +494,7 @@ impl Bed {
         // The copies were written from here, not by the data path: only a
         // walk of the table (the census) sees them.
         let census = control::request(&self.lb.socket, &Request::Census)
-            .map_err(|e| format!("census: {e}"))?;
+            .map_err(|e| format!("census: {}", Chain(&e)))?;
         let present = census["entries"].as_u64().unwrap_or(0);
         println!("  wrote {FLOWS} flows into the daemon's connection table in {fill_s:.1} s; its census counts {present}");
         status_ms.push((present, full.1));
@@ -523,7 +527,7 @@ impl Bed {
             .map(|_| {
                 let start = Instant::now();
                 let answer = control::request(&self.lb.socket, &req)
-                    .unwrap_or_else(|e| panic!("{req:?}: {e}\n{}", self.lb.log_text()));
+                    .unwrap_or_else(|e| panic!("{req:?}: {}\n{}", Chain(&e), self.lb.log_text()));
                 let took = start.elapsed().as_secs_f64() * 1000.0;
                 entries = answer["conntrack"]["entries"].as_u64().unwrap_or(entries);
                 took

@@ -76,21 +76,21 @@ pub type Envelope = (Request, oneshot::Sender<Response>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot create the control socket {}: {source}", path.display())]
+    #[error("cannot create the control socket {}", path.display())]
     Bind {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reach the daemon at {} (is `lb run` running with this socket?): {source}", path.display())]
+    #[error("cannot reach the daemon at {} (is `lb run` running with this socket?)", path.display())]
     Connect {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the daemon: {0}")]
+    #[error("talking to the daemon")]
     Io(#[from] std::io::Error),
-    #[error("the daemon sent something that is not a response: {0}")]
+    #[error("the daemon sent something that is not a response")]
     Protocol(#[from] serde_json::Error),
     #[error("the daemon refused: {0}")]
     Refused(String),

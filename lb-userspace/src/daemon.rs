@@ -110,7 +110,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     ) {
         Ok(task) => Some(AbortOnDrop(task)),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the kernel's routes and neighbours: every packet's next hop is looked up in the FIB");
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot watch the kernel's routes and neighbours: every packet's next hop is looked up in the FIB");
             None
         }
     };

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod error;
 pub mod health;
 pub mod iface;
 pub mod lock;

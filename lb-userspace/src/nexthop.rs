@@ -71,10 +71,10 @@ pub enum Event {
 #[derive(Debug, thiserror::Error)]
 pub enum NexthopError {
     /// The rtnetlink request socket could not be opened.
-    #[error("opening the rtnetlink request socket: {0}")]
+    #[error("opening the rtnetlink request socket")]
     RequestSocket(#[source] std::io::Error),
     /// The notification socket could not be opened or bound to the multicast groups.
-    #[error("subscribing to rtnetlink notifications: {0}")]
+    #[error("subscribing to rtnetlink notifications")]
     Subscribe(#[source] std::io::Error),
 }
 

@@ -196,8 +196,13 @@ impl LbDaemon {
 
     /// `lb status --json`, through the control socket.
     pub fn status(&self) -> serde_json::Value {
-        control::request(&self.socket, &Request::Status)
-            .unwrap_or_else(|e| panic!("lb status: {e}\n{}", self.log_text()))
+        control::request(&self.socket, &Request::Status).unwrap_or_else(|e| {
+            panic!(
+                "lb status: {}\n{}",
+                lb_userspace::error::Chain(&e),
+                self.log_text()
+            )
+        })
     }
 
     /// One backend's traffic counters from `lb status`.

@@ -82,7 +82,7 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("the eBPF object has no program {0} (a stale build? run `cargo xtask build-ebpf`)")]
     MissingProgram(&'static str),
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -97,13 +97,13 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("XDP program: {0}")]
+    #[error("the data path's programs")]
     Program(#[source] ProgramError),
     #[error(transparent)]
     Capacity(#[from] plan::CapacityError),
     #[error("no {0} of that name has been applied")]
     Unknown(&'static str),
-    #[error("duplicating a map's descriptor: {0}")]
+    #[error("duplicating a map's descriptor")]
     Dup(#[source] std::io::Error),
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
