@@ -128,14 +128,10 @@ pub fn serve(path: &Path, to_owner: mpsc::Sender<Envelope>) -> Result<ServeGuard
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }
-    // Create it with no access for others from the start, then tighten to 0600.
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = listener.map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    // No access for others at any moment: bound inside a directory of its
+    // own (0700), made 0600 there, then renamed into place. (Not by changing
+    // the umask, which is the whole process's, other threads included.)
+    let listener = bind_private(path).map_err(bind_err)?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -153,6 +149,25 @@ pub fn serve(path: &Path, to_owner: mpsc::Sender<Envelope>) -> Result<ServeGuard
         path: path.to_owned(),
         task,
     })
+}
+
+/// Binds a socket at `path` that only this user can open.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let private = parent.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let bound = (|| {
+        let tmp = private.join("socket");
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 async fn handle(
@@ -213,5 +228,46 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlE
     match serde_json::from_str(&answer)? {
         Response::Ok(v) => Ok(v),
         Response::Error(e) => Err(ControlError::Refused(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_socket_is_the_owners_alone_and_answers() {
+        let dir = std::env::temp_dir().join(format!("lb-control-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("lb.sock");
+        let (tx, mut rx) = mpsc::channel::<Envelope>(1);
+        let guard = serve(&path, tx).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        // Nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("lb.sock")]);
+        tokio::spawn(async move {
+            let (_, back) = rx.recv().await.unwrap();
+            let _ = back.send(Response::Ok(serde_json::json!({"ok": 1})));
+        });
+        let p = path.clone();
+        let answer = tokio::task::spawn_blocking(move || request(&p, &Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer["ok"], 1);
+        // A second daemon on the same socket is refused while this one serves.
+        let (tx2, _rx2) = mpsc::channel::<Envelope>(1);
+        assert!(matches!(serve(&path, tx2), Err(ControlError::Bind { .. })));
+        drop(guard);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
