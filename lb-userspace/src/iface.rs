@@ -54,10 +54,48 @@ pub struct Choice {
     pub reason: String,
 }
 
-/// Picks the hook for `iface` given what was asked and what it is; an error
-/// says why the asked hook cannot forward correctly there, and what to change.
-pub fn choose(iface: &str, asked: Hook, f: &Facts) -> Result<Choice, String> {
+/// Why a hook asked for cannot forward correctly on an interface, and what
+/// to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "native XDP cannot forward on veth {iface}: its peer (ifindex {peer}) has TX checksum \
+         offload on (the default), so what it sends carries partial checksums that native XDP \
+         on veth loses. Use hook = \"tc\" for {iface} (what \"auto\" picks on veth), or switch \
+         the peer's offload off (`ethtool -K PEER tx off` in its namespace)"
+    )]
+    NativeXdpPeerOffload { iface: String, peer: u32 },
+    #[error(
+        "native XDP cannot forward on veth {iface}: its peer (ifindex {peer}) has GRO off, so \
+         frames redirected to it are dropped. Use hook = \"tc\" for {iface} (what \"auto\" picks \
+         on veth), or switch the peer's GRO on (`ethtool -K PEER gro on` in its namespace)"
+    )]
+    NativeXdpPeerGro { iface: String, peer: u32 },
+    #[error(
+        "native XDP on veth {iface} needs its peer's TX checksum offload off and GRO on, and its \
+         peer (ifindex {peer}) was not found to check them. Use hook = \"tc\" for {iface} (what \
+         \"auto\" picks on veth)"
+    )]
+    NativeXdpPeerUnknown { iface: String, peer: u32 },
+    #[error(
+        "generic XDP cannot forward on veth {iface}: its peer (ifindex {peer}) {}, so what it \
+         sends carries partial checksums that XDP updates wrongly. Use hook = \"tc\" for {iface} \
+         (what \"auto\" picks on veth), or switch the peer's offload off (`ethtool -K PEER tx \
+         off` in its namespace)",
+        if *.found { "has TX checksum offload on (the default)" } else { "could not be found to check its TX checksum offload" }
+    )]
+    GenericXdpPeerOffload {
+        iface: String,
+        peer: u32,
+        found: bool,
+    },
+}
+
+/// Picks the hook for `iface` given what was asked and what it is; a
+/// refusal says why the asked hook cannot forward correctly there.
+pub fn choose(iface: &str, asked: Hook, f: &Facts) -> Result<Choice, Refusal> {
     let choice = |hook, reason: String| Ok(Choice { hook, reason });
+    let iface = iface.to_owned();
     match asked {
         Hook::Auto if f.physical => choice(
             Hook::Xdp,
@@ -86,27 +124,18 @@ pub fn choose(iface: &str, asked: Hook, f: &Facts) -> Result<Choice, String> {
                     "set in the config; the veth peer's TX checksum offload is off and its GRO on"
                         .into(),
                 ),
-                (Some(true), _) => Err(format!(
-                    "native XDP cannot forward on veth {iface}: its peer (ifindex {}) has TX \
-                     checksum offload on (the default), so what it sends carries partial \
-                     checksums that native XDP on veth loses. Use hook = \"tc\" for {iface} (what \
-                     \"auto\" picks on veth), or switch the peer's offload off (`ethtool -K PEER \
-                     tx off` in its namespace)",
-                    p.ifindex
-                )),
-                (_, Some(false)) => Err(format!(
-                    "native XDP cannot forward on veth {iface}: its peer (ifindex {}) has GRO \
-                     off, so frames redirected to it are dropped. Use hook = \"tc\" for {iface} \
-                     (what \"auto\" picks on veth), or switch the peer's GRO on (`ethtool -K PEER \
-                     gro on` in its namespace)",
-                    p.ifindex
-                )),
-                _ => Err(format!(
-                    "native XDP on veth {iface} needs its peer's TX checksum offload off and GRO \
-                     on, and its peer (ifindex {}) was not found to check them. Use hook = \"tc\" \
-                     for {iface} (what \"auto\" picks on veth)",
-                    p.ifindex
-                )),
+                (Some(true), _) => Err(Refusal::NativeXdpPeerOffload {
+                    iface,
+                    peer: p.ifindex,
+                }),
+                (_, Some(false)) => Err(Refusal::NativeXdpPeerGro {
+                    iface,
+                    peer: p.ifindex,
+                }),
+                _ => Err(Refusal::NativeXdpPeerUnknown {
+                    iface,
+                    peer: p.ifindex,
+                }),
             },
         },
         // Generic XDP keeps the socket buffer but cannot see that its
@@ -115,18 +144,11 @@ pub fn choose(iface: &str, asked: Hook, f: &Facts) -> Result<Choice, String> {
         // end with offload off, a NIC). Measured here: requests through such
         // a path time out.
         Hook::XdpGeneric => match &f.veth {
-            Some(p) if p.tx_checksum != Some(false) => Err(format!(
-                "generic XDP cannot forward on veth {iface}: its peer (ifindex {}) {}, so what \
-                 it sends carries partial checksums that XDP updates wrongly. Use hook = \"tc\" \
-                 for {iface} (what \"auto\" picks on veth), or switch the peer's offload off \
-                 (`ethtool -K PEER tx off` in its namespace)",
-                p.ifindex,
-                if p.tx_checksum == Some(true) {
-                    "has TX checksum offload on (the default)"
-                } else {
-                    "could not be found to check its TX checksum offload"
-                }
-            )),
+            Some(p) if p.tx_checksum != Some(false) => Err(Refusal::GenericXdpPeerOffload {
+                iface,
+                peer: p.ifindex,
+                found: p.tx_checksum == Some(true),
+            }),
             Some(_) => choice(
                 Hook::XdpGeneric,
                 "set in the config; the veth peer's TX checksum offload is off".into(),
@@ -533,14 +555,20 @@ mod tests {
     fn native_xdp_on_veth_needs_the_peer_offload_off_and_gro_on() {
         let ok = choose("eth1", Hook::Xdp, &veth(Some(false), Some(true))).unwrap();
         assert_eq!(ok.hook, Hook::Xdp);
-        let e = choose("eth1", Hook::Xdp, &veth(Some(true), Some(true))).unwrap_err();
+        let e = choose("eth1", Hook::Xdp, &veth(Some(true), Some(true)))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("TX checksum offload on") && e.contains("hook = \"tc\""),
             "{e}"
         );
-        let e = choose("eth1", Hook::Xdp, &veth(Some(false), Some(false))).unwrap_err();
+        let e = choose("eth1", Hook::Xdp, &veth(Some(false), Some(false)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("GRO off"), "{e}");
-        let e = choose("eth1", Hook::Xdp, &veth(None, None)).unwrap_err();
+        let e = choose("eth1", Hook::Xdp, &veth(None, None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("was not found"), "{e}");
     }
 
@@ -552,7 +580,9 @@ mod tests {
                 .hook,
             Hook::Tc
         );
-        let e = choose("eth1", Hook::XdpGeneric, &veth(Some(true), None)).unwrap_err();
+        let e = choose("eth1", Hook::XdpGeneric, &veth(Some(true), None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("generic XDP cannot forward on veth eth1"), "{e}");
         let ok = choose("eth1", Hook::XdpGeneric, &veth(Some(false), Some(false))).unwrap();
         assert_eq!(

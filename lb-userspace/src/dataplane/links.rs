@@ -63,7 +63,7 @@ impl Dataplane {
         };
         let facts = iface::facts(iface, asked)
             .map_err(|e| hook_err(format!("cannot read what the interface is: {e}")))?;
-        let mut choice = iface::choose(iface, asked, &facts).map_err(hook_err)?;
+        let mut choice = iface::choose(iface, asked, &facts)?;
         // Before any link: the first packet already knows how to leave.
         self.set_iface_flags(iface, &facts)?;
         let pin = self

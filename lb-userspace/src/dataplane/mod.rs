@@ -90,6 +90,8 @@ pub enum DataplaneError {
     },
     #[error("{iface}: {problem}")]
     Hook { iface: String, problem: String },
+    #[error(transparent)]
+    Refused(#[from] crate::iface::Refusal),
     #[error("cannot attach to {iface} at {mode}")]
     Attach {
         iface: String,
