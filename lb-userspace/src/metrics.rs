@@ -5,6 +5,7 @@
 //! daemon restarts that adopt the maps. Names follow Prometheus conventions:
 //! `_total` for counters, base units (`_bytes`, `_seconds`).
 
+use lb_common::counter::Kind;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -240,38 +241,16 @@ impl Metrics {
         }
         for (name, v) in status["counters"].as_object().into_iter().flatten() {
             let v = v.as_u64().unwrap_or(0);
-            let (action, reason) = match name.as_str() {
-                "forwarded" => ("forward", "to_backend"),
-                "replies" => ("forward", "to_client"),
-                "icmp_to_backend" => ("forward", "icmp_to_backend"),
-                "icmp_to_client" => ("forward", "icmp_to_client"),
-                "icmp_echo_replied" => ("reply", "icmp_echo"),
-                "new_flows" => {
-                    flows.with_label_values(&["scheduled"]).inc_by(v);
-                    continue;
-                }
-                "flows_recovered" => {
-                    flows.with_label_values(&["recovered"]).inc_by(v);
-                    continue;
-                }
-                "flows_established" => {
-                    flows.with_label_values(&["established"]).inc_by(v);
-                    continue;
-                }
-                "flows_closed" => {
-                    flows.with_label_values(&["closed"]).inc_by(v);
-                    continue;
-                }
-                "next_hop_lookups" => {
-                    hop_lookups.with_label_values::<&str>(&[]).inc_by(v);
-                    continue;
-                }
-                other => match other.split_once('_') {
-                    Some((a, r)) => (a, r),
-                    None => continue,
-                },
+            let Some(d) = lb_common::counter::by_name(name) else {
+                continue;
             };
-            packets.with_label_values(&[action, reason]).inc_by(v);
+            match d.kind {
+                Kind::Outcome { action, reason } => packets
+                    .with_label_values(&[action.name(), reason])
+                    .inc_by(v),
+                Kind::Flows(kind) => flows.with_label_values(&[kind]).inc_by(v),
+                Kind::NextHopLookups => hop_lookups.with_label_values::<&str>(&[]).inc_by(v),
+            }
         }
         let table = &status["conntrack"];
         ct.with_label_values::<&str>(&[])

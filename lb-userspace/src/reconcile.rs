@@ -373,12 +373,14 @@ impl Balancer {
         let mut actions: BTreeMap<&str, u64> = BTreeMap::new();
         if let Ok(c) = self.dp.counters() {
             for (name, v) in c {
-                let action = match name {
-                    "forwarded" | "replies" | "icmp_to_backend" | "icmp_to_client" => "forward",
-                    n if n.starts_with("pass_") => "pass",
-                    n if n.starts_with("drop_") => "drop",
-                    n if n.starts_with("reset_") || n == "icmp_echo_replied" => "answer",
-                    _ => continue,
+                use lb_common::counter::{by_name, Action, Kind};
+                let Some(Kind::Outcome { action, .. }) = by_name(name).map(|d| d.kind) else {
+                    continue;
+                };
+                // The page groups what the data path answered itself.
+                let action = match action {
+                    Action::Reset | Action::Reply => "answer",
+                    a => a.name(),
                 };
                 *actions.entry(action).or_default() += v;
             }
