@@ -55,6 +55,42 @@ pub fn read_small_file(path: &Path, max: u64) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text ({e})"))
 }
 
+/// Why a backend's weight cannot be used (the file's, or one set at run time).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("weights need scheduler = \"weighted-round-robin\"")]
+    NeedsWeightedScheduler,
+    #[error("weight {weight} is above {}", lb_common::RING_SIZE)]
+    AboveRing { weight: u32 },
+    #[error(
+        "the weights need {slots} ring slots (sum of weights over their common divisor), \
+         at most {} fit",
+        lb_common::RING_SIZE
+    )]
+    RingOverflow { slots: u64 },
+}
+
+/// The weight of a backend of a `scheduler` service that asks for `asked`
+/// (none: 1), or why it cannot have it. The one check of a backend's weight.
+pub fn check_weight(scheduler: Scheduler, asked: Option<u32>) -> Result<u32, WeightError> {
+    match (scheduler, asked) {
+        (Scheduler::RoundRobin, Some(_)) => Err(WeightError::NeedsWeightedScheduler),
+        (_, Some(weight)) if weight > lb_common::RING_SIZE => {
+            Err(WeightError::AboveRing { weight })
+        }
+        (_, w) => Ok(w.unwrap_or(1)),
+    }
+}
+
+/// Whether a service's weights fit its ring (a Maglev table takes any weights).
+pub fn check_ring(scheduler: Scheduler, weights: &[u32]) -> Result<(), WeightError> {
+    let slots = lb_common::ring::ring_len(weights);
+    if scheduler != Scheduler::Maglev && slots > lb_common::RING_SIZE as u64 {
+        return Err(WeightError::RingOverflow { slots });
+    }
+    Ok(())
+}
+
 /// What is wrong with a backend address of a service at `vip`, if anything.
 pub fn backend_address_problem(a: Ipv4Addr, vip: Option<Ipv4Addr>) -> Option<String> {
     if a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback() {
@@ -892,22 +928,13 @@ impl Config {
                 if port == 0 {
                     bad(format!("{bkey}.port"), "port 0 is not a valid port".into());
                 }
-                let weight = match (s.scheduler, b.weight) {
-                    (Scheduler::RoundRobin, Some(_)) => {
-                        bad(
-                            format!("{bkey}.weight"),
-                            "weights need scheduler = \"weighted-round-robin\"".into(),
-                        );
-                        1
+                let weight = check_weight(s.scheduler, b.weight).unwrap_or_else(|e| {
+                    bad(format!("{bkey}.weight"), e.to_string());
+                    match e {
+                        WeightError::AboveRing { weight } => weight,
+                        _ => 1,
                     }
-                    (_, w) => w.unwrap_or(1),
-                };
-                if weight > lb_common::RING_SIZE {
-                    bad(
-                        format!("{bkey}.weight"),
-                        format!("weight {weight} is above {}", lb_common::RING_SIZE),
-                    );
-                }
+                });
                 let health = match &b.health {
                     None => svc_health.clone(),
                     Some(own) => validate_health(
@@ -1039,18 +1066,8 @@ impl Config {
                     "every backend has weight 0: the service could take no flow".into(),
                 );
             }
-            if s.scheduler != Scheduler::Maglev
-                && lb_common::ring::ring_len(&weights) > lb_common::RING_SIZE as u64
-            {
-                bad(
-                    format!("{key}.backend"),
-                    format!(
-                        "the weights need {} ring slots (sum of weights over their common \
-                         divisor), at most {} fit",
-                        lb_common::ring::ring_len(&weights),
-                        lb_common::RING_SIZE
-                    ),
-                );
+            if let Err(e) = check_ring(s.scheduler, &weights) {
+                bad(format!("{key}.backend"), e.to_string());
             }
             total_backends += s.backends.len();
             let allow = cidrs(
