@@ -1,28 +1,43 @@
 //! The reconciler: the one owner of the data path. Config (file and reloads),
 //! operators (the control socket) and health checkers report what they want
-//! or see; the reconciler keeps that desired state and turns it into map
-//! writes through [`Dataplane::apply`], which writes only what changed.
+//! or see; the reconciler keeps those observations, works out what the maps
+//! should hold with the pure planner ([`desired`]), and has it written
+//! through [`Dataplane::apply`] only when that changed.
+
+mod desired;
+mod status;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, VecDeque},
     net::Ipv4Addr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
 use serde_json::json;
 use tokio::{sync::mpsc, task::JoinHandle};
 
+pub use self::{
+    desired::{
+        backends, desired, desired_service, eligibility, ring_weight, service_spec, weight, Admin,
+        BackendObservations, Ineligible, Observations, ServiceObservations,
+    },
+    status::{
+        Attachment, BackendMysql, BackendState, BackendStatus, Event, FlowTable, HealthStatus,
+        History, MysqlRole, PinnedState, Pressure, Sample, ServiceMysql, ServiceStatus, Status,
+        HISTORY_SPAN, PRESSURE_PERCENT, SAMPLE_EVERY,
+    },
+};
 use crate::{
     config::{
-        BackendConfig, Config, DownPolicy, HealthCheck, MysqlMonitor, OnDemotion, Scheduler,
-        ServiceConfig, Steering,
+        check_ring, check_weight, BackendConfig, Cidr, Config, ConfigError, HealthCheck,
+        MysqlMonitor, WeightError,
     },
     control::{Request, Response},
-    dataplane::{BackendSpec, Census, Dataplane, FlowCensus, ServiceSpec, TrafficStatus},
-    health::{self, Health, Report},
-    mysql::{self, Observation, Roles},
+    dataplane::{Census, Dataplane, DataplaneError, FlowCensus, ServiceSpec},
+    health::{self, Report},
+    mysql::{self, Observation},
     nexthop,
 };
 
@@ -30,183 +45,66 @@ use crate::{
 pub const TCP_ACTIVE_IDLE: Duration = Duration::from_secs(300);
 pub const UDP_ACTIVE_IDLE: Duration = Duration::from_secs(60);
 
-/// What an operator said about a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Admin {
-    /// Takes new flows when healthy.
-    Enabled,
-    /// Takes no new flows; its established flows continue until they end.
-    Draining,
-    /// Out of service: no new flows (established ones are not cut).
-    Disabled,
-}
-
-#[derive(Debug)]
-struct BackendState {
-    config: BackendConfig,
-    admin: Admin,
-    health: Health,
-    /// Added through the control socket, not from the file.
-    runtime: bool,
-    /// The latest MySQL observation (steered services).
-    mysql: Option<Observation>,
-    /// It was this service's primary and lost the role: its connections are
-    /// reset (under `on_demotion = "reset"`) until it is primary again.
-    demoted: bool,
-    /// The last health checks, oldest first (for the status page).
-    history: std::collections::VecDeque<health::CheckResult>,
-}
-
 /// Health checks kept per backend for `lb status` and the status page.
 const HISTORY: usize = 30;
 
-impl BackendState {
-    fn new(config: BackendConfig, runtime: bool) -> Self {
-        BackendState {
-            config,
-            admin: Admin::Enabled,
-            health: Health::default(),
-            runtime,
-            mysql: None,
-            demoted: false,
-            history: std::collections::VecDeque::with_capacity(HISTORY),
-        }
-    }
-
-    fn takes_new_flows(&self) -> bool {
-        self.admin == Admin::Enabled && self.health.up && self.config.weight > 0
-    }
-
-    /// up, down, draining or disabled: what `lb status` shows.
-    fn state(&self) -> &'static str {
-        match (self.admin, self.health.up) {
-            (Admin::Disabled, _) => "disabled",
-            (Admin::Draining, _) => "draining",
-            (Admin::Enabled, false) => "down",
-            (Admin::Enabled, true) => "up",
-        }
-    }
+/// Why the reconciler refused a request or could not apply a change.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("no service {service:?}")]
+    UnknownService { service: String },
+    #[error("service {service:?} has no backend {backend:?}")]
+    UnknownBackend { service: String, backend: String },
+    #[error("service {service:?} already has a backend named {backend:?}")]
+    DuplicateBackend { service: String, backend: String },
+    #[error("backend name {name:?}: {problem}")]
+    BadName { name: String, problem: String },
+    #[error("{problem}")]
+    BadAddress { problem: String },
+    #[error("{address} is on the firewall's deny list ({cidr}): its replies would be dropped")]
+    DeniedAddress { address: Ipv4Addr, cidr: Cidr },
+    #[error("port 0 is not a valid port")]
+    PortZero,
+    #[error("{service}/{backend}")]
+    InvalidWeight {
+        service: String,
+        backend: String,
+        #[source]
+        source: WeightError,
+    },
+    #[error("at most {max} backends are supported")]
+    Capacity { max: u32 },
+    #[error(
+        "{}: [daemon] changed (interfaces, hooks, control_socket, manage_neighbours): \
+         restart lb to apply that; nothing was changed",
+        file.display()
+    )]
+    DaemonChanged { file: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("stop is handled by the daemon")]
+    StopElsewhere,
+    #[error("data path")]
+    Dataplane(#[from] DataplaneError),
 }
 
-#[derive(Debug)]
-struct ServiceState {
-    config: ServiceConfig,
-    /// In config order (the ring order).
-    backends: Vec<BackendState>,
-    /// MySQL roles (steered services).
-    roles: Roles,
-}
+type Result<T, E = ReconcileError> = std::result::Result<T, E>;
 
-impl ServiceState {
-    fn backend_mut(&mut self, name: &str) -> Option<&mut BackendState> {
-        self.backends.iter_mut().find(|b| b.config.name == name)
+/// An error and its causes as one line, for the control socket's answer:
+/// each cause is added once (one whose text the line already holds, because
+/// its parent's message repeats it, is not added again).
+pub fn message(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
     }
-
-    /// Re-decides MySQL roles from the latest observations; returns true if
-    /// the primary changed. Logs every change of primary and of alarm.
-    fn steer(&mut self) -> bool {
-        if self.config.steering == Steering::None {
-            return false;
-        }
-        let observed: Vec<(&str, Option<&Observation>)> = self
-            .backends
-            .iter()
-            .map(|b| (b.config.name.as_str(), b.mysql.as_ref()))
-            .collect();
-        let next = mysql::decide(&self.roles, &observed);
-        let svc = self.config.name.clone();
-        if next.alarm != self.roles.alarm {
-            match &next.alarm {
-                Some(a) => tracing::error!(service = %svc, alarm = %a, "MySQL alarm"),
-                None => tracing::info!(service = %svc, "MySQL alarm cleared"),
-            }
-        }
-        let changed = next.primary != self.roles.primary;
-        if changed {
-            tracing::warn!(service = %svc, from = ?self.roles.primary, to = ?next.primary, "primary changed");
-            if let Some(old) = self.roles.primary.clone() {
-                if let Some(b) = self.backend_mut(&old) {
-                    b.demoted = true;
-                }
-            }
-            if let Some(new) = next.primary.clone() {
-                if let Some(b) = self.backend_mut(&new) {
-                    b.demoted = false;
-                }
-            }
-        }
-        self.roles = next;
-        changed
-    }
-
-    /// Whether backend `b` may take new flows of this service right now.
-    fn eligible(&self, b: &BackendState) -> bool {
-        if !b.takes_new_flows() {
-            return false;
-        }
-        match self.config.steering {
-            Steering::None => true,
-            Steering::MysqlPrimary => self.roles.primary.as_deref() == Some(&b.config.name),
-            Steering::MysqlReplica => {
-                let max = self
-                    .config
-                    .mysql
-                    .as_ref()
-                    .map_or(0, |m| m.max_replica_lag_s);
-                let fit = |x: &BackendState| {
-                    x.takes_new_flows()
-                        && x.mysql.as_ref().is_some_and(|o| mysql::fit_replica(o, max))
-                };
-                if self.backends.iter().any(fit) {
-                    fit(b)
-                } else {
-                    // No replica fit for reads: they fall back to the primary.
-                    self.roles.primary.as_deref() == Some(&b.config.name)
-                }
-            }
-        }
-    }
-
-    fn spec(&self, maglev_seed: u32) -> ServiceSpec {
-        let c = &self.config;
-        let reset_demoted = c
-            .mysql
-            .as_ref()
-            .is_some_and(|m| m.on_demotion == OnDemotion::Reset)
-            && c.steering == Steering::MysqlPrimary;
-        ServiceSpec {
-            name: c.name.clone(),
-            vip: c.vip,
-            port: c.port,
-            protocol: c.protocol,
-            maglev: (c.scheduler == Scheduler::Maglev)
-                .then_some((c.maglev_table_size, maglev_seed)),
-            // Steered services refuse what they cannot place: a write with no
-            // primary fails fast instead of hanging.
-            reset_if_empty: c.steering != Steering::None,
-            udp_idle: (c.protocol == crate::config::Protocol::Udp).then_some(c.udp_idle_timeout),
-            rules: c.firewall.clone(),
-            backends: self
-                .backends
-                .iter()
-                .map(|b| BackendSpec {
-                    name: b.config.name.clone(),
-                    address: b.config.address,
-                    port: b.config.port,
-                    ring_weight: match (self.eligible(b), c.scheduler) {
-                        (false, _) => 0,
-                        (true, Scheduler::RoundRobin) => 1,
-                        (true, Scheduler::WeightedRoundRobin | Scheduler::Maglev) => {
-                            b.config.weight
-                        }
-                    },
-                    drop_flows: !b.health.up && c.on_backend_down == DownPolicy::DropFlows,
-                    reset_flows: reset_demoted && b.demoted,
-                })
-                .collect(),
-        }
-    }
+    line
 }
 
 struct Checker<W> {
@@ -232,8 +130,13 @@ pub type FirstLook = HashMap<(String, String), Observation>;
 
 /// The desired state and the data path it is written to.
 pub struct Balancer {
+    /// The file as loaded: never changed in place (run-time changes are
+    /// observations).
     file: Config,
-    services: Vec<ServiceState>,
+    obs: Observations,
+    /// What the maps were last given, None when unknown (not yet written, a
+    /// write failed, or the config changed): the next write is then whole.
+    applied: Option<Vec<ServiceSpec>>,
     dp: Dataplane,
     reports: mpsc::Sender<Report>,
     mysql_reports: mpsc::Sender<mysql::Report>,
@@ -249,13 +152,11 @@ pub struct Balancer {
     pressure_logged: Option<Instant>,
     /// The last 15 minutes, sampled every `SAMPLE_EVERY` (the status page's
     /// graphs), and the changes of state within them.
-    samples: std::collections::VecDeque<serde_json::Value>,
-    events: std::collections::VecDeque<serde_json::Value>,
+    samples: VecDeque<Sample>,
+    events: VecDeque<Event>,
     /// Every backend's (id, address), for the next-hop watcher.
     hop_targets: tokio::sync::watch::Sender<Vec<(u32, Ipv4Addr)>>,
 }
-
-type Result<T> = std::result::Result<T, String>;
 
 impl Balancer {
     /// Takes over a loaded data path and writes `cfg` into it. Health reports
@@ -266,33 +167,21 @@ impl Balancer {
         reports: mpsc::Sender<Report>,
         mysql_reports: mpsc::Sender<mysql::Report>,
         first_look: FirstLook,
-    ) -> anyhow::Result<Balancer> {
-        let services = cfg
-            .services
-            .iter()
-            .map(|s| {
-                let mut st = ServiceState {
-                    config: s.clone(),
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            let mut st = BackendState::new(b.clone(), false);
-                            st.mysql = first_look.get(&(s.name.clone(), b.name.clone())).cloned();
-                            st
-                        })
-                        .collect(),
-                    roles: Roles::default(),
-                };
-                st.steer();
-                st
-            })
-            .collect();
+    ) -> Result<Balancer> {
+        let mut obs = Observations::default();
+        for s in &cfg.services {
+            let so = obs.services.entry(s.name.clone()).or_default();
+            for b in &s.backends {
+                so.backends.entry(b.name.clone()).or_default().mysql =
+                    first_look.get(&(s.name.clone(), b.name.clone())).cloned();
+            }
+        }
         let mut dp = dp;
         dp.set_stateless_replies(cfg.daemon.stateless_reverse_nat);
         let mut b = Balancer {
             file: cfg,
-            services,
+            obs,
+            applied: None,
             dp,
             reports,
             mysql_reports,
@@ -305,10 +194,11 @@ impl Balancer {
             pressured: false,
             pressure_events: 0,
             pressure_logged: None,
-            samples: Default::default(),
-            events: Default::default(),
+            samples: VecDeque::new(),
+            events: VecDeque::new(),
         };
-        b.sync().map_err(anyhow::Error::msg)?;
+        b.steer_all();
+        b.sync()?;
         Ok(b)
     }
 
@@ -320,83 +210,101 @@ impl Balancer {
         &self.file
     }
 
-    /// Writes the desired state to the maps and makes the checkers match it.
+    /// After a change of config: the daemon-wide settings, every service,
+    /// and the checkers.
     fn sync(&mut self) -> Result<()> {
-        let seed = self.file.daemon.maglev_seed;
-        let specs: Vec<ServiceSpec> = self.services.iter().map(|s| s.spec(seed)).collect();
-        self.dp
-            .set_firewall(&self.file.firewall)
-            .map_err(|e| format!("{e:#}"))?;
-        self.dp
-            .set_linger(self.file.daemon.closed_linger)
-            .map_err(|e| format!("{e:#}"))?;
-        self.dp.apply(&specs).map_err(|e| format!("{e:#}"))?;
+        self.dp.set_firewall(&self.file.firewall)?;
+        self.dp.set_linger(self.file.daemon.closed_linger)?;
+        self.applied = None;
+        self.write()?;
+        self.sync_checkers();
+        Ok(())
+    }
+
+    /// Writes what the planner wants, if it is not what the maps hold.
+    fn write(&mut self) -> Result<()> {
+        let specs = desired(&self.file, &self.obs);
+        self.write_specs(specs)
+    }
+
+    /// After an observation about one service: only its spec is worked out
+    /// again, and nothing is written when it did not change.
+    fn write_service(&mut self, service: &str) -> Result<()> {
+        let Some(i) = self.file.services.iter().position(|s| s.name == service) else {
+            return Ok(());
+        };
+        let spec = service_spec(
+            &self.file.services[i],
+            self.obs.service(service),
+            self.file.daemon.maglev_seed,
+        );
+        let specs = match &self.applied {
+            Some(a) if a.len() == self.file.services.len() && a[i].name == service => {
+                if a[i] == spec {
+                    return Ok(());
+                }
+                let mut specs = a.clone();
+                specs[i] = spec;
+                specs
+            }
+            _ => desired(&self.file, &self.obs),
+        };
+        self.write_specs(specs)
+    }
+
+    fn write_specs(&mut self, specs: Vec<ServiceSpec>) -> Result<()> {
+        if self.applied.as_ref() == Some(&specs) {
+            return Ok(());
+        }
+        // Until it succeeds, what the maps hold is unknown.
+        self.applied = None;
+        self.dp.apply(&specs)?;
+        self.applied = Some(specs);
         let targets = self.dp.hop_targets();
         self.hop_targets.send_if_modified(|t| {
             let changed = *t != targets;
             *t = targets;
             changed
         });
-        self.sync_checkers();
         Ok(())
     }
 
-    /// Takes one sample of the counters the status page graphs: per backend
-    /// its new flows and packets, and packets by action (cumulative; the page
-    /// draws the rates between samples). O(backends).
-    pub fn sample(&mut self) {
-        // Per backend while they are few, else per service: 15 minutes of
-        // samples stay a small answer whatever the size of the config.
-        let total: usize = self.services.iter().map(|s| s.backends.len()).sum();
-        let mut backends = Vec::new();
-        for s in &self.services {
-            if total > GRAPHED_BACKENDS {
-                if let Ok(t) = self.dp.service_traffic(&s.config.name) {
-                    backends.push(json!([
-                        s.config.name,
-                        t.new_flows,
-                        t.packets + t.reply_packets
-                    ]));
-                }
-                continue;
-            }
-            for b in &s.backends {
-                if let Ok(t) = self.dp.backend_traffic(&s.config.name, &b.config.name) {
-                    backends.push(json!([
-                        format!("{}/{}", s.config.name, b.config.name),
-                        t.new_flows,
-                        t.packets + t.reply_packets
-                    ]));
-                }
+    /// Re-decides every steered service's MySQL roles.
+    fn steer_all(&mut self) {
+        let names: Vec<String> = self.file.services.iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            self.steer(&name);
+        }
+    }
+
+    /// Re-decides a steered service's MySQL roles from its latest
+    /// observations. Logs every change of primary and of alarm, and marks a
+    /// primary that lost the role as demoted.
+    fn steer(&mut self, service: &str) {
+        let Some(s) = self.file.services.iter().find(|s| s.name == service) else {
+            return;
+        };
+        if s.steering == crate::config::Steering::None {
+            return;
+        }
+        let o = self.obs.services.entry(service.to_owned()).or_default();
+        let next = desired::roles(s, o);
+        if next.alarm != o.roles.alarm {
+            match &next.alarm {
+                Some(a) => tracing::error!(service, alarm = %a, "MySQL alarm"),
+                None => tracing::info!(service, "MySQL alarm cleared"),
             }
         }
-        let mut actions: BTreeMap<&str, u64> = BTreeMap::new();
-        if let Ok(c) = self.dp.counters() {
-            for (name, v) in c {
-                use lb_common::counter::{by_name, Action, Kind};
-                let Some(Kind::Outcome { action, .. }) = by_name(name).map(|d| d.kind) else {
-                    continue;
-                };
-                // The page groups what the data path answered itself.
-                let action = match action {
-                    Action::Reset | Action::Reply => "answer",
-                    a => a.name(),
-                };
-                *actions.entry(action).or_default() += v;
+        if next.primary != o.roles.primary {
+            tracing::warn!(service, from = ?o.roles.primary, to = ?next.primary, "primary changed");
+            if let Some(b) = o.roles.primary.as_ref().and_then(|p| o.backends.get_mut(p)) {
+                b.demoted = true;
+            }
+            if let Some(b) = next.primary.as_ref().and_then(|p| o.backends.get_mut(p)) {
+                b.demoted = false;
             }
         }
-        push_bounded(
-            &mut self.samples,
-            json!({ "t": unix_ms(), "backends": backends, "actions": actions }),
-        );
-        let horizon = unix_ms().saturating_sub(HISTORY_SPAN.as_millis() as u64);
-        while self
-            .events
-            .front()
-            .is_some_and(|e| e["t"].as_u64().unwrap_or(0) < horizon)
-        {
-            self.events.pop_front();
-        }
+        o.roles = next;
     }
 
     /// A sweep of idle UDP flows to run off the loop, if any service is UDP.
@@ -439,19 +347,20 @@ impl Balancer {
     }
 
     /// Makes the health checkers and MySQL monitors match the backends: stops
-    /// those whose target changed or went, starts the missing ones.
+    /// those whose target changed or went, starts the missing ones. Only the
+    /// backend list and the config decide targets, so only their changes call it.
     fn sync_checkers(&mut self) {
         let mut checks = HashMap::new();
         let mut watch = HashMap::new();
-        for s in &self.services {
-            for b in &s.backends {
-                let key = (s.config.name.clone(), b.config.name.clone());
-                if let Some(h) = &b.config.health {
-                    let port = h.port.unwrap_or(b.config.port);
-                    checks.insert(key.clone(), (b.config.address, port, h.clone()));
+        for s in &self.file.services {
+            for b in backends(s, self.obs.service(&s.name)) {
+                let key = (s.name.clone(), b.name.clone());
+                if let Some(h) = &b.health {
+                    let port = h.port.unwrap_or(b.port);
+                    checks.insert(key.clone(), (b.address, port, h.clone()));
                 }
-                if let Some(m) = &s.config.mysql {
-                    watch.insert(key, (b.config.address, b.config.port, m.clone()));
+                if let Some(m) = &s.mysql {
+                    watch.insert(key, (b.address, b.port, m.clone()));
                 }
             }
         }
@@ -491,19 +400,28 @@ impl Balancer {
         );
     }
 
-    /// Counts a health-check result and applies a change of state.
+    /// Counts a health-check result and applies a change of state (and
+    /// writes nothing when the backend's state did not change).
     pub fn on_report(&mut self, r: Report) {
-        let Some((s, i)) = report_target(
-            &self.checkers,
-            &mut self.services,
-            &r.service,
-            &r.backend,
-            r.checker,
-        ) else {
+        if !is_current(&self.checkers, &r.service, &r.backend, r.checker) {
+            return;
+        }
+        let Some(check) = self
+            .file
+            .services
+            .iter()
+            .find(|s| s.name == r.service)
+            .and_then(|s| backends(s, self.obs.service(&s.name)).find(|b| b.name == r.backend))
+            .and_then(|b| b.health.clone())
+        else {
             return;
         };
-        let b = &mut s.backends[i];
-        let Some(check) = b.config.health.clone() else {
+        let Some(b) = self
+            .obs
+            .services
+            .get_mut(&r.service)
+            .and_then(|s| s.backends.get_mut(&r.backend))
+        else {
             return;
         };
         let detail = r.result.detail.clone();
@@ -513,105 +431,104 @@ impl Balancer {
             b.history.pop_front();
         }
         b.history.push_back(r.result.clone());
-        if b.health.record(r.result, check.rise, check.fall) {
-            let state = if b.health.up { "up" } else { "down" };
-            let what = format!("{}/{} {state}", r.service, r.backend);
-            push_bounded(&mut self.events, json!({ "t": unix_ms(), "what": what }));
-            if b.health.up {
-                tracing::info!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
-            } else {
-                tracing::warn!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
-            }
-            if let Err(e) = self.sync() {
-                tracing::error!(error = %e, "applying a health change failed");
-            }
+        if !b.health.record(r.result, check.rise, check.fall) {
+            return;
+        }
+        let up = b.health.up;
+        let state = if up { "up" } else { "down" };
+        let what = format!("{}/{} {state}", r.service, r.backend);
+        status::push_bounded(
+            &mut self.events,
+            Event {
+                t: status::unix_ms(),
+                what,
+            },
+        );
+        if up {
+            tracing::info!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
+        } else {
+            tracing::warn!(service = %r.service, backend = %r.backend, state, check = %detail, "backend state changed");
+        }
+        if let Err(e) = self.write_service(&r.service) {
+            tracing::error!(error = %message(&e), "applying a health change failed");
         }
     }
 
     /// Takes a MySQL observation: re-decides the service's roles and applies
-    /// what changed (a new primary, a replica in or out of the read set).
+    /// what changed (a new primary, a replica in or out of the read set);
+    /// nothing is written when the service's spec stays the same.
     pub fn on_mysql_report(&mut self, r: mysql::Report) {
-        let Some((s, i)) = report_target(
-            &self.monitors,
-            &mut self.services,
-            &r.service,
-            &r.backend,
-            r.monitor,
-        ) else {
+        if !is_current(&self.monitors, &r.service, &r.backend, r.monitor) {
+            return;
+        }
+        let Some(b) = self
+            .obs
+            .services
+            .get_mut(&r.service)
+            .and_then(|s| s.backends.get_mut(&r.backend))
+        else {
             return;
         };
-        let b = &mut s.backends[i];
         let was_reachable = b.mysql.as_ref().map(|o| o.reachable);
         if was_reachable.is_some_and(|w| w != r.observation.reachable) {
             tracing::warn!(service = %r.service, backend = %r.backend, reachable = r.observation.reachable,
                 error = ?r.observation.error, "MySQL server reachability changed");
         }
         b.mysql = Some(r.observation);
-        s.steer();
-        if let Err(e) = self.sync() {
-            tracing::error!(error = %e, "applying a MySQL change failed");
+        self.steer(&r.service);
+        if let Err(e) = self.write_service(&r.service) {
+            tracing::error!(error = %message(&e), "applying a MySQL change failed");
         }
     }
 
     /// Makes `new` (a validated file) the configuration, applying only the
     /// difference. Operators' drain and disable marks on backends that remain
     /// are kept, and so is their health; backends added at run time that the
-    /// file does not list are removed. `[daemon]` changes need a restart.
+    /// file does not list are removed, and weights set at run time go back
+    /// to the file's. `[daemon]` changes need a restart.
     pub fn reload(&mut self, new: Config) -> Result<String> {
         if new.daemon != self.file.daemon {
-            return Err(format!(
-                "{}: [daemon] changed (interfaces, hooks, control_socket, manage_neighbours): \
-                 restart lb to apply that; nothing was changed",
-                new.file.display()
-            ));
+            return Err(ReconcileError::DaemonChanged {
+                file: new.file.clone(),
+            });
         }
-        let mut old: HashMap<(String, String), BackendState> = HashMap::new();
-        let mut old_roles: HashMap<String, Roles> = HashMap::new();
-        for s in self.services.drain(..) {
-            old_roles.insert(s.config.name.clone(), s.roles);
-            for b in s.backends {
-                old.insert((s.config.name.clone(), b.config.name.clone()), b);
+        let mut obs = Observations::default();
+        for s in &new.services {
+            let so = obs.services.entry(s.name.clone()).or_default();
+            let old_service = self.file.services.iter().find(|o| o.name == s.name);
+            let old = self.obs.services.get(&s.name);
+            if let Some(old) = old {
+                so.roles = old.roles.clone();
+            }
+            for b in &s.backends {
+                let bo = so.backends.entry(b.name.clone()).or_default();
+                // What ran under this name (from the file or added at run time).
+                let prev = old_service.zip(old).and_then(|(os, o)| {
+                    backends(os, o)
+                        .find(|x| x.name == b.name)
+                        .map(|x| (x, o.backend(&b.name)))
+                });
+                if let Some((was, seen)) = prev {
+                    bo.admin = seen.admin;
+                    bo.mysql = seen.mysql.clone();
+                    bo.demoted = seen.demoted;
+                    if (was.address, was.port, &was.health) == (b.address, b.port, &b.health) {
+                        bo.health = seen.health.clone();
+                    }
+                }
             }
         }
-        self.services = new
-            .services
-            .iter()
-            .map(|s| ServiceState {
-                config: s.clone(),
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let mut st = BackendState::new(b.clone(), false);
-                        if let Some(prev) = old.remove(&(s.name.clone(), b.name.clone())) {
-                            st.admin = prev.admin;
-                            st.mysql = prev.mysql;
-                            st.demoted = prev.demoted;
-                            let same_target =
-                                (prev.config.address, prev.config.port, &prev.config.health)
-                                    == (b.address, b.port, &b.health);
-                            if same_target {
-                                st.health = prev.health;
-                            }
-                        }
-                        st
-                    })
-                    .collect(),
-                roles: old_roles.remove(&s.name).unwrap_or_default(),
-            })
-            .collect();
-        for s in &mut self.services {
-            s.steer();
-        }
+        self.obs = obs;
         self.file = new;
+        self.steer_all();
         self.sync()?;
-        let backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        let backends: usize = self.file.services.iter().map(|s| s.backends.len()).sum();
         let msg = format!(
             "{}: applied ({} services, {backends} backends)",
             self.file.file.display(),
-            self.services.len()
+            self.file.services.len()
         );
-        tracing::info!(file = %self.file.file.display(), services = self.services.len(), backends, "config applied");
+        tracing::info!(file = %self.file.file.display(), services = self.file.services.len(), backends, "config applied");
         Ok(msg)
     }
 
@@ -620,12 +537,17 @@ impl Balancer {
         let r = match req {
             // O(backends): the data path counts flows per backend.
             Request::Status => {
-                return self.status().map_or_else(Response::Error, Response::Ok);
+                return match self.status() {
+                    Ok(status) => Response::Ok(status.to_json()),
+                    Err(e) => Response::Error(message(&e)),
+                };
             }
             Request::Metrics => {
                 return match self.status() {
-                    Ok(status) => Response::Ok(json!({ "text": self.metrics.render(&status) })),
-                    Err(e) => Response::Error(e),
+                    Ok(status) => {
+                        Response::Ok(json!({ "text": self.metrics.render(&status.to_json()) }))
+                    }
+                    Err(e) => Response::Error(message(&e)),
                 };
             }
             // The daemon's loop takes this off the loop (`flow_query`); here
@@ -633,15 +555,15 @@ impl Balancer {
             Request::Census => {
                 return match self.flow_query() {
                     Ok(q) => q.answer(),
-                    Err(e) => Response::Error(e),
+                    Err(e) => Response::Error(message(&e)),
                 };
             }
             // The daemon's loop handles it: it owns the process's lifetime.
-            Request::Stop { .. } => Err("stop is handled by the daemon".into()),
+            Request::Stop { .. } => Err(ReconcileError::StopElsewhere),
             Request::Reload => Config::load(&self.file.file.clone())
                 .map_err(|e| {
                     tracing::error!(error = %e, "config rejected");
-                    e.to_string()
+                    ReconcileError::from(e)
                 })
                 .and_then(|c| self.reload(c)),
             Request::BackendAdd {
@@ -669,15 +591,48 @@ impl Balancer {
         };
         match r {
             Ok(msg) => Response::Ok(json!({ "message": msg })),
-            Err(e) => Response::Error(e),
+            Err(e) => Response::Error(message(&e)),
         }
     }
 
-    fn service_mut(&mut self, service: &str) -> Result<&mut ServiceState> {
-        self.services
-            .iter_mut()
-            .find(|s| s.config.name == service)
-            .ok_or_else(|| format!("no service {service:?}"))
+    /// The config of a service and what was seen of it.
+    fn service(
+        &self,
+        service: &str,
+    ) -> Result<(&crate::config::ServiceConfig, &ServiceObservations)> {
+        let s = self
+            .file
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| ReconcileError::UnknownService {
+                service: service.to_owned(),
+            })?;
+        Ok((s, self.obs.service(service)))
+    }
+
+    /// The backend `name` of `service` as it runs.
+    fn backend(&self, service: &str, name: &str) -> Result<&BackendConfig> {
+        let (s, o) = self.service(service)?;
+        backends(s, o)
+            .find(|b| b.name == name)
+            .ok_or_else(|| ReconcileError::UnknownBackend {
+                service: service.to_owned(),
+                backend: name.to_owned(),
+            })
+    }
+
+    /// What was seen of a backend that runs, to be changed.
+    fn observed_mut(&mut self, service: &str, name: &str) -> Result<&mut BackendObservations> {
+        self.backend(service, name)?;
+        Ok(self
+            .obs
+            .services
+            .entry(service.to_owned())
+            .or_default()
+            .backends
+            .entry(name.to_owned())
+            .or_default())
     }
 
     fn add_backend(
@@ -688,92 +643,116 @@ impl Balancer {
         port: Option<u16>,
         weight: Option<u32>,
     ) -> Result<String> {
-        let total: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        let total: usize = self
+            .file
+            .services
+            .iter()
+            .map(|s| backends(s, self.obs.service(&s.name)).count())
+            .sum();
         if total >= lb_common::MAX_BACKENDS as usize {
-            return Err(format!(
-                "at most {} backends are supported",
-                lb_common::MAX_BACKENDS
-            ));
+            return Err(ReconcileError::Capacity {
+                max: lb_common::MAX_BACKENDS,
+            });
         }
-        if let Some(p) = crate::config::name_problem(name) {
-            return Err(format!("backend name {name:?}: {p}"));
+        if let Some(problem) = crate::config::name_problem(name) {
+            return Err(ReconcileError::BadName {
+                name: name.to_owned(),
+                problem,
+            });
         }
         // Its replies must not be dropped by the firewall.
         if let Some(c) = self.file.firewall.deny.iter().find(|c| c.contains(address)) {
-            return Err(format!(
-                "{address} is on the firewall's deny list ({c}): its replies would be dropped"
-            ));
+            return Err(ReconcileError::DeniedAddress { address, cidr: *c });
         }
-        let s = self.service_mut(service)?;
-        if s.backends.iter().any(|b| b.config.name == name) {
-            return Err(format!(
-                "service {service:?} already has a backend named {name:?}"
-            ));
+        let (s, o) = self.service(service)?;
+        if backends(s, o).any(|b| b.name == name) {
+            return Err(ReconcileError::DuplicateBackend {
+                service: service.to_owned(),
+                backend: name.to_owned(),
+            });
         }
-        if let Some(p) = crate::config::backend_address_problem(address, Some(s.config.vip)) {
-            return Err(p);
+        if let Some(problem) = crate::config::backend_address_problem(address, Some(s.vip)) {
+            return Err(ReconcileError::BadAddress { problem });
         }
-        let port = port.unwrap_or(s.config.port);
+        let port = port.unwrap_or(s.port);
         if port == 0 {
-            return Err("port 0 is not a valid port".into());
+            return Err(ReconcileError::PortZero);
         }
-        if weight.is_some() && s.config.scheduler == Scheduler::RoundRobin {
-            return Err("weights need scheduler = \"weighted-round-robin\"".into());
-        }
-        let weight = weight.unwrap_or(1);
-        check_ring(s, |w| w.push(weight))?;
+        let invalid = |source| ReconcileError::InvalidWeight {
+            service: service.to_owned(),
+            backend: name.to_owned(),
+            source,
+        };
+        let weight = check_weight(s.scheduler, weight).map_err(invalid)?;
+        let mut weights: Vec<u32> = backends(s, o)
+            .map(|b| self::weight(b, o.backend(&b.name)))
+            .collect();
+        weights.push(weight);
+        check_ring(s.scheduler, &weights).map_err(invalid)?;
         let config = BackendConfig {
             name: name.to_owned(),
             address,
             port,
             weight,
-            health: s.config.health.clone(),
+            health: s.health.clone(),
         };
-        s.backends.push(BackendState::new(config, true));
-        self.sync()?;
+        let so = self.obs.services.entry(service.to_owned()).or_default();
+        so.added.push(config);
+        so.backends
+            .insert(name.to_owned(), BackendObservations::default());
+        self.write()?;
+        self.sync_checkers();
         tracing::info!(service, backend = name, %address, port, "backend added");
         Ok(format!("{service}/{name} added: {address}:{port}"))
     }
 
     fn remove_backend(&mut self, service: &str, name: &str) -> Result<String> {
-        let s = self.service_mut(service)?;
-        let before = s.backends.len();
-        s.backends.retain(|b| b.config.name != name);
-        if s.backends.len() == before {
-            return Err(format!("service {service:?} has no backend {name:?}"));
+        self.backend(service, name)?;
+        let so = self.obs.services.entry(service.to_owned()).or_default();
+        let before = so.added.len();
+        so.added.retain(|b| b.name != name);
+        if so.added.len() == before {
+            so.removed.insert(name.to_owned());
         }
-        self.sync()?;
+        so.backends.remove(name);
+        self.write()?;
+        self.sync_checkers();
         tracing::info!(service, backend = name, "backend removed");
         Ok(format!("{service}/{name} removed"))
     }
 
     fn set_admin(&mut self, service: &str, name: &str, admin: Admin) -> Result<String> {
-        let s = self.service_mut(service)?;
-        let b = s
-            .backend_mut(name)
-            .ok_or_else(|| format!("service {service:?} has no backend {name:?}"))?;
+        let b = self.observed_mut(service, name)?;
         b.admin = admin;
-        let state = b.state();
-        self.sync()?;
-        tracing::info!(service, backend = name, state, "backend state changed");
-        Ok(format!("{service}/{name} is {state}"))
+        let state = BackendState::of(b);
+        self.write_service(service)?;
+        tracing::info!(
+            service,
+            backend = name,
+            state = state.name(),
+            "backend state changed"
+        );
+        Ok(format!("{service}/{name} is {}", state.name()))
     }
 
     fn set_weight(&mut self, service: &str, name: &str, weight: u32) -> Result<String> {
-        let s = self.service_mut(service)?;
-        if s.config.scheduler == Scheduler::RoundRobin {
-            return Err(format!(
-                "service {service:?} uses round-robin: weights need scheduler = \"weighted-round-robin\""
-            ));
-        }
-        let i = s
-            .backends
-            .iter()
-            .position(|b| b.config.name == name)
-            .ok_or_else(|| format!("service {service:?} has no backend {name:?}"))?;
-        check_ring(s, |w| w[i] = weight)?;
-        s.backends[i].config.weight = weight;
-        self.sync()?;
+        let (s, o) = self.service(service)?;
+        let invalid = |source| ReconcileError::InvalidWeight {
+            service: service.to_owned(),
+            backend: name.to_owned(),
+            source,
+        };
+        check_weight(s.scheduler, Some(weight)).map_err(invalid)?;
+        self.backend(service, name)?;
+        let weights: Vec<u32> = backends(s, o)
+            .map(|b| match b.name == name {
+                true => weight,
+                false => self::weight(b, o.backend(&b.name)),
+            })
+            .collect();
+        check_ring(s.scheduler, &weights).map_err(invalid)?;
+        self.observed_mut(service, name)?.weight = Some(weight);
+        self.write_service(service)?;
         tracing::info!(service, backend = name, weight, "backend weight changed");
         Ok(format!("{service}/{name} weight {weight}"))
     }
@@ -784,157 +763,11 @@ impl Balancer {
     /// use the data path's own counts.
     pub fn flow_query(&self) -> Result<FlowQuery> {
         Ok(FlowQuery {
-            census: self.dp.census().map_err(|e| format!("{e:#}"))?,
+            census: self.dp.census()?,
             censuses: self.censuses.clone(),
         })
     }
-
-    /// Takes note of the flow table's fill: crossing [`PRESSURE`] of its
-    /// capacity is counted and logged (at most once a minute), before
-    /// established flows are evicted at 100%.
-    fn pressure(&mut self, established: u64, capacity: u64) -> &'static str {
-        let high = established * 100 >= capacity * PRESSURE_PERCENT;
-        if high && !self.pressured {
-            self.pressure_events += 1;
-            let quiet = self
-                .pressure_logged
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-            if quiet {
-                self.pressure_logged = Some(Instant::now());
-                tracing::warn!(
-                    established,
-                    capacity,
-                    "the connection table is {}% full: at 100% established flows are evicted \
-                     (raise [daemon] conntrack_size)",
-                    established * 100 / capacity.max(1)
-                );
-            }
-        }
-        self.pressured = high;
-        if established >= capacity {
-            "full"
-        } else if high {
-            "high"
-        } else {
-            "ok"
-        }
-    }
-
-    /// Everything `lb status` shows, as JSON. O(backends): the flow counts
-    /// are the data path's (flows entering and leaving the connection table).
-    pub fn status(&mut self) -> Result<serde_json::Value> {
-        let e = |e: crate::dataplane::DataplaneError| format!("{e:#}");
-        let active = self.dp.active_flows().map_err(e)?;
-        let established: u64 = active.values().sum();
-        let capacity = self.file.daemon.conntrack_size as u64;
-        let pressure = self.pressure(established, capacity);
-        let mut services = Vec::new();
-        for s in &self.services {
-            let c = &s.config;
-            let mut backends = Vec::new();
-            for b in &s.backends {
-                let traffic: TrafficStatus = self
-                    .dp
-                    .backend_traffic(&c.name, &b.config.name)
-                    .map_err(e)?
-                    .into();
-                let key = (c.name.clone(), b.config.name.clone());
-                backends.push(json!({
-                    "name": b.config.name,
-                    "active_flows": active.get(&key).copied().unwrap_or(0),
-                    "address": b.config.address,
-                    "port": b.config.port,
-                    "weight": b.config.weight,
-                    "state": b.state(),
-                    "admin": b.admin,
-                    "health": b.config.health.as_ref().map(|h| json!({
-                        "kind": h.kind,
-                        "up": b.health.up,
-                        "streak": b.health.streak,
-                        "rise": h.rise,
-                        "fall": h.fall,
-                        "last": b.health.last,
-                        "history": b.history,
-                    })),
-                    "mysql": b.mysql.as_ref().map(|o| json!({
-                        "role": mysql_role(&s.roles, &b.config.name, o),
-                        "observation": o,
-                    })),
-                    "traffic": traffic,
-                    "added_at_runtime": b.runtime,
-                }));
-            }
-            let traffic: TrafficStatus = self.dp.service_traffic(&c.name).map_err(e)?.into();
-            services.push(json!({
-                "name": c.name,
-                "vip": c.vip,
-                "port": c.port,
-                "protocol": c.protocol,
-                "scheduler": c.scheduler,
-                "on_backend_down": c.on_backend_down,
-                "steering": c.steering,
-                "mysql": (c.steering != Steering::None).then(|| json!({
-                    "primary": s.roles.primary,
-                    "alarm": s.roles.alarm,
-                })),
-                "traffic": traffic,
-                "backends": backends,
-            }));
-        }
-        let counters: BTreeMap<String, u64> = self
-            .dp
-            .counters()
-            .map_err(e)?
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        Ok(json!({
-            "config_file": self.file.file,
-            "state": crate::dataplane::persistence(&self.file.daemon.pin_dir),
-            "attachments": self.dp.attachments(),
-            "services": services,
-            "counters": counters,
-            "history": {
-                "every_s": SAMPLE_EVERY.as_secs(),
-                "samples": self.samples,
-                "events": self.events,
-            },
-            "conntrack": {
-                "entries": established,
-                "capacity": capacity,
-                "pressure": pressure,
-                "pressure_events": self.pressure_events,
-            },
-        }))
-    }
 }
-
-/// How often the status page's graphs are sampled, and how far back they go.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
-pub const HISTORY_SPAN: Duration = Duration::from_secs(15 * 60);
-/// Up to this many backends the graphs have a line per backend, beyond it
-/// one per service.
-const GRAPHED_BACKENDS: usize = 32;
-
-/// Appends to a history, keeping 15 minutes' worth of samples.
-fn push_bounded(q: &mut std::collections::VecDeque<serde_json::Value>, v: serde_json::Value) {
-    let keep = (HISTORY_SPAN.as_secs() / SAMPLE_EVERY.as_secs() + 1) as usize;
-    while q.len() >= keep {
-        q.pop_front();
-    }
-    q.push_back(v);
-}
-
-/// Wall-clock milliseconds (the page shows times of day).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The share of the connection table (percent) from which its fill is a
-/// pressure: counted, logged, shown.
-pub const PRESSURE_PERCENT: u64 = 90;
 
 /// A census waiting to be taken (see [`Balancer::flow_query`]).
 pub struct FlowQuery {
@@ -985,23 +818,17 @@ impl FlowQuery {
     }
 }
 
-/// The service, and the index of the backend, that a report is about, if it
-/// comes from the task running for that backend now (a report of a task that
-/// was since replaced is stale and ignored).
-fn report_target<'a, W>(
+/// Whether a report comes from the task running for its backend now (a
+/// report of a task that was since replaced is stale and ignored).
+fn is_current<W>(
     tasks: &HashMap<(String, String), Checker<W>>,
-    services: &'a mut [ServiceState],
     service: &str,
     backend: &str,
     id: u64,
-) -> Option<(&'a mut ServiceState, usize)> {
-    let key = (service.to_owned(), backend.to_owned());
-    if tasks.get(&key).is_none_or(|c| c.id != id) {
-        return None;
-    }
-    let s = services.iter_mut().find(|s| s.config.name == service)?;
-    let i = s.backends.iter().position(|b| b.config.name == backend)?;
-    Some((s, i))
+) -> bool {
+    tasks
+        .get(&(service.to_owned(), backend.to_owned()))
+        .is_some_and(|c| c.id == id)
 }
 
 /// Makes `running` match `wanted`: a task whose target changed or went is
@@ -1029,36 +856,4 @@ fn sync_tasks<W: PartialEq>(
             },
         );
     }
-}
-
-/// A server's role as `lb status` names it.
-fn mysql_role(roles: &Roles, name: &str, o: &Observation) -> &'static str {
-    if roles.primary.as_deref() == Some(name) {
-        "primary"
-    } else if !o.reachable {
-        "unreachable"
-    } else if o.replicating {
-        "replica"
-    } else if !o.read_only {
-        "writable"
-    } else {
-        "read-only"
-    }
-}
-
-/// Refuses a weight change that would not fit the service's ring.
-fn check_ring(s: &ServiceState, change: impl FnOnce(&mut Vec<u32>)) -> Result<()> {
-    let mut w: Vec<u32> = s.backends.iter().map(|b| b.config.weight).collect();
-    change(&mut w);
-    if w.iter().any(|&x| x > lb_common::RING_SIZE) {
-        return Err(format!("a weight is above {}", lb_common::RING_SIZE));
-    }
-    let len = lb_common::ring::ring_len(&w);
-    if len > lb_common::RING_SIZE as u64 {
-        return Err(format!(
-            "the weights would need {len} ring slots, at most {} fit",
-            lb_common::RING_SIZE
-        ));
-    }
-    Ok(())
 }
