@@ -544,9 +544,7 @@ impl Balancer {
             }
             Request::Metrics => {
                 return match self.status() {
-                    Ok(status) => {
-                        Response::Ok(json!({ "text": self.metrics.render(&status.to_json()) }))
-                    }
+                    Ok(status) => Response::Ok(json!({ "text": self.metrics.render(&status) })),
                     Err(e) => Response::Error(message(&e)),
                 };
             }
