@@ -39,6 +39,7 @@ use lb_tests::{
 use lb_userspace::{
     config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig, Steering},
     dataplane::{Dataplane, ServiceSpec},
+    reconcile::desired_service,
 };
 
 #[derive(serde::Serialize)]
@@ -163,10 +164,7 @@ fn udp_service() -> ServiceConfig {
 }
 
 fn apply(dp: &mut Dataplane, services: &[ServiceConfig]) {
-    let specs: Vec<ServiceSpec> = services
-        .iter()
-        .map(|s| ServiceSpec::from_config(s, 7))
-        .collect();
+    let specs: Vec<ServiceSpec> = services.iter().map(|s| desired_service(s, 7)).collect();
     dp.apply(&specs).expect("writing the maps");
     // Next hops as the daemon keeps them: resolved from the namespace's
     // route and neighbour tables through rtnetlink.

@@ -388,41 +388,257 @@ pub mod counter {
     /// Size of the counter array.
     pub const COUNT: u32 = 32;
 
-    /// Names for userspace, indexed like the constants above.
-    pub const NAMES: [&str; 32] = [
-        "pass_not_ipv4",
-        "pass_fragment",
-        "pass_other_proto",
-        "pass_no_service",
-        "pass_no_neigh",
-        "pass_ttl_expired",
-        "drop_malformed",
-        "drop_no_backend",
-        "drop_tcp_no_flow",
-        "drop_no_route",
-        "drop_table_full",
-        "forwarded",
-        "replies",
-        "new_flows",
-        "drop_backend_gone",
-        "drop_backend_down",
-        "flows_recovered",
-        "reset_no_backend",
-        "reset_flow",
-        "drop_denied_global",
-        "drop_denied_service",
-        "drop_closed_port",
-        "drop_source_rate",
-        "drop_global_rate",
-        "icmp_echo_replied",
-        "icmp_to_backend",
-        "icmp_to_client",
-        "drop_icmp",
-        "pass_too_big",
-        "next_hop_lookups",
-        "flows_established",
-        "flows_closed",
+    /// What a counter counts: a packet's outcome, a kind of flow event, or
+    /// next-hop lookups. Metrics and the status page label counters by it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kind {
+        /// Packets the data path dealt with this way (`action`), for this
+        /// `reason`: every packet counts in exactly one of these.
+        Outcome {
+            action: Action,
+            reason: &'static str,
+        },
+        /// Flow events of this kind (`scheduled`, `recovered`, `established`,
+        /// `closed`), counted beside the packet's outcome.
+        Flows(&'static str),
+        /// Next-hop lookups in the FIB, counted beside the packet's outcome.
+        NextHopLookups,
+    }
+
+    /// What the data path did with a packet.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Action {
+        /// Left to the kernel (`XDP_PASS`).
+        Pass,
+        Drop,
+        /// Rewritten and sent on.
+        Forward,
+        /// Answered with a TCP reset.
+        Reset,
+        /// Answered (an ICMP echo reply).
+        Reply,
+    }
+
+    impl Action {
+        /// The label metrics give it.
+        pub const fn name(self) -> &'static str {
+            match self {
+                Action::Pass => "pass",
+                Action::Drop => "drop",
+                Action::Forward => "forward",
+                Action::Reset => "reset",
+                Action::Reply => "reply",
+            }
+        }
+    }
+
+    /// One counter: its slot, its name (in `lb status`, the status JSON and
+    /// the tests) and what it counts.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Description {
+        pub index: u32,
+        pub name: &'static str,
+        pub kind: Kind,
+    }
+
+    const fn outcome(
+        index: u32,
+        name: &'static str,
+        action: Action,
+        reason: &'static str,
+    ) -> Description {
+        Description {
+            index,
+            name,
+            kind: Kind::Outcome { action, reason },
+        }
+    }
+
+    const fn flows(index: u32, name: &'static str, kind: &'static str) -> Description {
+        Description {
+            index,
+            name,
+            kind: Kind::Flows(kind),
+        }
+    }
+
+    /// Every counter, in slot order: the one description of the counters.
+    pub const TABLE: [Description; COUNT as usize] = [
+        outcome(PASS_NOT_IPV4, "pass_not_ipv4", Action::Pass, "not_ipv4"),
+        outcome(PASS_FRAGMENT, "pass_fragment", Action::Pass, "fragment"),
+        outcome(
+            PASS_OTHER_PROTO,
+            "pass_other_proto",
+            Action::Pass,
+            "other_proto",
+        ),
+        outcome(
+            PASS_NO_SERVICE,
+            "pass_no_service",
+            Action::Pass,
+            "no_service",
+        ),
+        outcome(PASS_NO_NEIGH, "pass_no_neigh", Action::Pass, "no_neigh"),
+        outcome(
+            PASS_TTL_EXPIRED,
+            "pass_ttl_expired",
+            Action::Pass,
+            "ttl_expired",
+        ),
+        outcome(DROP_MALFORMED, "drop_malformed", Action::Drop, "malformed"),
+        outcome(
+            DROP_NO_BACKEND,
+            "drop_no_backend",
+            Action::Drop,
+            "no_backend",
+        ),
+        outcome(
+            DROP_TCP_NO_FLOW,
+            "drop_tcp_no_flow",
+            Action::Drop,
+            "tcp_no_flow",
+        ),
+        outcome(DROP_NO_ROUTE, "drop_no_route", Action::Drop, "no_route"),
+        outcome(
+            DROP_TABLE_FULL,
+            "drop_table_full",
+            Action::Drop,
+            "table_full",
+        ),
+        outcome(FORWARDED, "forwarded", Action::Forward, "to_backend"),
+        outcome(REPLIES, "replies", Action::Forward, "to_client"),
+        flows(NEW_FLOWS, "new_flows", "scheduled"),
+        outcome(
+            DROP_BACKEND_GONE,
+            "drop_backend_gone",
+            Action::Drop,
+            "backend_gone",
+        ),
+        outcome(
+            DROP_BACKEND_DOWN,
+            "drop_backend_down",
+            Action::Drop,
+            "backend_down",
+        ),
+        flows(FLOWS_RECOVERED, "flows_recovered", "recovered"),
+        outcome(
+            RESET_NO_BACKEND,
+            "reset_no_backend",
+            Action::Reset,
+            "no_backend",
+        ),
+        outcome(RESET_FLOW, "reset_flow", Action::Reset, "flow"),
+        outcome(
+            DROP_DENIED_GLOBAL,
+            "drop_denied_global",
+            Action::Drop,
+            "denied_global",
+        ),
+        outcome(
+            DROP_DENIED_SERVICE,
+            "drop_denied_service",
+            Action::Drop,
+            "denied_service",
+        ),
+        outcome(
+            DROP_CLOSED_PORT,
+            "drop_closed_port",
+            Action::Drop,
+            "closed_port",
+        ),
+        outcome(
+            DROP_SOURCE_RATE,
+            "drop_source_rate",
+            Action::Drop,
+            "source_rate",
+        ),
+        outcome(
+            DROP_GLOBAL_RATE,
+            "drop_global_rate",
+            Action::Drop,
+            "global_rate",
+        ),
+        outcome(
+            ICMP_ECHO_REPLIED,
+            "icmp_echo_replied",
+            Action::Reply,
+            "icmp_echo",
+        ),
+        outcome(
+            ICMP_TO_BACKEND,
+            "icmp_to_backend",
+            Action::Forward,
+            "icmp_to_backend",
+        ),
+        outcome(
+            ICMP_TO_CLIENT,
+            "icmp_to_client",
+            Action::Forward,
+            "icmp_to_client",
+        ),
+        outcome(DROP_ICMP, "drop_icmp", Action::Drop, "icmp"),
+        outcome(PASS_TOO_BIG, "pass_too_big", Action::Pass, "too_big"),
+        Description {
+            index: NEXT_HOP_LOOKUPS,
+            name: "next_hop_lookups",
+            kind: Kind::NextHopLookups,
+        },
+        flows(FLOWS_ESTABLISHED, "flows_established", "established"),
+        flows(FLOWS_CLOSED, "flows_closed", "closed"),
     ];
+
+    /// Counter names, indexed like the constants above (from `TABLE`).
+    pub const NAMES: [&str; COUNT as usize] = {
+        let mut names = [""; COUNT as usize];
+        let mut i = 0;
+        while i < TABLE.len() {
+            names[i] = TABLE[i].name;
+            i += 1;
+        }
+        names
+    };
+
+    // The table is indexed by slot: a row out of place is a build error.
+    const _: () = {
+        let mut i = 0;
+        while i < TABLE.len() {
+            assert!(TABLE[i].index == i as u32);
+            i += 1;
+        }
+    };
+
+    /// The counter of this name.
+    pub fn by_name(name: &str) -> Option<&'static Description> {
+        TABLE.iter().find(|d| d.name == name)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_table_is_in_slot_order_with_unique_names() {
+            for (i, d) in TABLE.iter().enumerate() {
+                assert_eq!(d.index, i as u32, "{} is out of place", d.name);
+                assert_eq!(NAMES[i], d.name);
+                for other in &TABLE[..i] {
+                    assert_ne!(other.name, d.name, "two counters named {}", d.name);
+                }
+                assert_eq!(by_name(d.name), Some(d));
+            }
+        }
+
+        #[test]
+        fn outcome_reasons_are_unique_per_action() {
+            for (i, d) in TABLE.iter().enumerate() {
+                for other in &TABLE[..i] {
+                    if let (Kind::Outcome { .. }, true) = (d.kind, d.kind == other.kind) {
+                        panic!("{} and {} have the same labels", other.name, d.name);
+                    }
+                }
+            }
+        }
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);

@@ -32,27 +32,80 @@ const MAX_NAME_LEN: usize = 64;
 /// The most checks in a row `rise` and `fall` may ask for.
 const MAX_RISE_FALL: u32 = 1000;
 
+/// Why a small file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("{size} bytes, at most {max} are read")]
+    TooBig { size: u64, max: u64 },
+    /// It grew past `max` while it was read.
+    #[error("more than {max} bytes")]
+    Grew { max: u64 },
+    #[error("not UTF-8 text ({0})")]
+    NotUtf8(std::string::FromUtf8Error),
+}
+
 /// Reads a regular file of at most `max` bytes as UTF-8. Anything else (a
 /// directory, a FIFO that would block, a device that never ends) is refused
 /// before a byte is read.
-pub fn read_small_file(path: &Path, max: u64) -> Result<String, String> {
+pub fn read_small_file(path: &Path, max: u64) -> Result<String, ReadError> {
     use std::io::Read;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(ReadError::NotAFile);
     }
     if meta.len() > max {
-        return Err(format!("{} bytes, at most {max} are read", meta.len()));
+        return Err(ReadError::TooBig {
+            size: meta.len(),
+            max,
+        });
     }
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
-    f.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
+    f.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
-        return Err(format!("more than {max} bytes"));
+        return Err(ReadError::Grew { max });
     }
-    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text ({e})"))
+    String::from_utf8(bytes).map_err(ReadError::NotUtf8)
+}
+
+/// Why a backend's weight cannot be used (the file's, or one set at run time).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("weights need scheduler = \"weighted-round-robin\"")]
+    NeedsWeightedScheduler,
+    #[error("weight {weight} is above {}", lb_common::RING_SIZE)]
+    AboveRing { weight: u32 },
+    #[error(
+        "the weights need {slots} ring slots (sum of weights over their common divisor), \
+         at most {} fit",
+        lb_common::RING_SIZE
+    )]
+    RingOverflow { slots: u64 },
+}
+
+/// The weight of a backend of a `scheduler` service that asks for `asked`
+/// (none: 1), or why it cannot have it. The one check of a backend's weight.
+pub fn check_weight(scheduler: Scheduler, asked: Option<u32>) -> Result<u32, WeightError> {
+    match (scheduler, asked) {
+        (Scheduler::RoundRobin, Some(_)) => Err(WeightError::NeedsWeightedScheduler),
+        (_, Some(weight)) if weight > lb_common::RING_SIZE => {
+            Err(WeightError::AboveRing { weight })
+        }
+        (_, w) => Ok(w.unwrap_or(1)),
+    }
+}
+
+/// Whether a service's weights fit its ring (a Maglev table takes any weights).
+pub fn check_ring(scheduler: Scheduler, weights: &[u32]) -> Result<(), WeightError> {
+    let slots = lb_common::ring::ring_len(weights);
+    if scheduler != Scheduler::Maglev && slots > lb_common::RING_SIZE as u64 {
+        return Err(WeightError::RingOverflow { slots });
+    }
+    Ok(())
 }
 
 /// What is wrong with a backend address of a service at `vip`, if anything.
@@ -99,7 +152,7 @@ pub struct Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read the config file: {error}", file.display())]
-    Read { file: PathBuf, error: String },
+    Read { file: PathBuf, error: ReadError },
     /// TOML syntax, an unknown key, or a value of the wrong type; toml's message
     /// names the key and shows the line.
     #[error("{}: {message}", file.display())]
@@ -336,6 +389,17 @@ pub enum ClosedPorts {
     Pass,
 }
 
+/// Why a text is not a CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{text:?} is not an IPv4 address or CIDR (a.b.c.d/len)")]
+    NotAnAddress { text: String },
+    #[error("{text:?}: the prefix length must be 0 to 32")]
+    BadPrefix { text: String },
+    #[error("{text:?} has host bits set (the network is {network})")]
+    HostBits { text: String, network: Cidr },
+}
+
 /// An IPv4 network: an address with its host bits zero and a prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
@@ -345,14 +409,14 @@ pub struct Cidr {
 
 impl Cidr {
     /// Parses `a.b.c.d/len` or a bare address (a /32).
-    pub fn parse(text: &str) -> Result<Cidr, String> {
+    pub fn parse(text: &str) -> Result<Cidr, CidrError> {
         let (addr, len) = match text.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (text, None),
         };
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 address or CIDR (a.b.c.d/len)"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| CidrError::NotAnAddress {
+            text: text.to_owned(),
+        })?;
         let len = match len {
             None => 32,
             // Digits only, no leading zero: "/+24" and "/024" are typos.
@@ -364,15 +428,20 @@ impl Cidr {
                 {
                     n
                 }
-                _ => return Err(format!("{text:?}: the prefix length must be 0 to 32")),
+                _ => {
+                    return Err(CidrError::BadPrefix {
+                        text: text.to_owned(),
+                    })
+                }
             },
         };
         let net = Cidr { addr, len };
         let masked = Ipv4Addr::from(u32::from(addr) & net.mask());
         if masked != addr {
-            return Err(format!(
-                "{text:?} has host bits set (the network is {masked}/{len})"
-            ));
+            return Err(CidrError::HostBits {
+                text: text.to_owned(),
+                network: Cidr { addr: masked, len },
+            });
         }
         Ok(net)
     }
@@ -892,22 +961,13 @@ impl Config {
                 if port == 0 {
                     bad(format!("{bkey}.port"), "port 0 is not a valid port".into());
                 }
-                let weight = match (s.scheduler, b.weight) {
-                    (Scheduler::RoundRobin, Some(_)) => {
-                        bad(
-                            format!("{bkey}.weight"),
-                            "weights need scheduler = \"weighted-round-robin\"".into(),
-                        );
-                        1
+                let weight = check_weight(s.scheduler, b.weight).unwrap_or_else(|e| {
+                    bad(format!("{bkey}.weight"), e.to_string());
+                    match e {
+                        WeightError::AboveRing { weight } => weight,
+                        _ => 1,
                     }
-                    (_, w) => w.unwrap_or(1),
-                };
-                if weight > lb_common::RING_SIZE {
-                    bad(
-                        format!("{bkey}.weight"),
-                        format!("weight {weight} is above {}", lb_common::RING_SIZE),
-                    );
-                }
+                });
                 let health = match &b.health {
                     None => svc_health.clone(),
                     Some(own) => validate_health(
@@ -1039,18 +1099,8 @@ impl Config {
                     "every backend has weight 0: the service could take no flow".into(),
                 );
             }
-            if s.scheduler != Scheduler::Maglev
-                && lb_common::ring::ring_len(&weights) > lb_common::RING_SIZE as u64
-            {
-                bad(
-                    format!("{key}.backend"),
-                    format!(
-                        "the weights need {} ring slots (sum of weights over their common \
-                         divisor), at most {} fit",
-                        lb_common::ring::ring_len(&weights),
-                        lb_common::RING_SIZE
-                    ),
-                );
+            if let Err(e) = check_ring(s.scheduler, &weights) {
+                bad(format!("{key}.backend"), e.to_string());
             }
             total_backends += s.backends.len();
             let allow = cidrs(
@@ -1270,7 +1320,7 @@ fn cidrs(list: &[String], key: &str, bad: &mut dyn FnMut(String, String)) -> Vec
         match Cidr::parse(text) {
             Ok(c) if !seen.insert(c) => bad(format!("{key}[{i}]"), format!("{c} is listed twice")),
             Ok(c) => out.push((i, c)),
-            Err(e) => bad(format!("{key}[{i}]"), e),
+            Err(e) => bad(format!("{key}[{i}]"), e.to_string()),
         }
     }
     out
@@ -1861,21 +1911,26 @@ address = "10.0.2.12"
             (Path::new("/dev/zero"), "not a regular file"),
             (dir.as_path(), "not a regular file"),
         ] {
-            let e = read_small_file(path, 100).unwrap_err();
+            let e = read_small_file(path, 100).unwrap_err().to_string();
             assert!(e.contains(what), "{}: {e}", path.display());
         }
         let big = dir.join("big");
         std::fs::write(&big, vec![b'a'; 101]).unwrap();
-        assert!(read_small_file(&big, 100)
-            .unwrap_err()
-            .contains("at most 100"));
+        assert!(matches!(
+            read_small_file(&big, 100),
+            Err(ReadError::TooBig {
+                size: 101,
+                max: 100
+            })
+        ));
         let fifo = dir.join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid C string; mkfifo only creates the node.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(read_small_file(&fifo, 100)
-            .unwrap_err()
-            .contains("not a regular file"));
+        assert!(matches!(
+            read_small_file(&fifo, 100),
+            Err(ReadError::NotAFile)
+        ));
         let e = Config::load(&dir.join("nonexistent.toml"))
             .unwrap_err()
             .to_string();

@@ -176,7 +176,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
                             });
                         }
                         Err(e) => {
-                            let _ = reply.send(Response::Error(e));
+                            let _ = reply.send(Response::Error(reconcile::message(&e)));
                         }
                     }
                     continue;

@@ -7,13 +7,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::config::{HealthCheck, HealthKind};
 
 /// The outcome of one check.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckResult {
     pub ok: bool,
     /// Time to the answer (or to the failure, or the timeout).
@@ -146,7 +146,7 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// A backend's health as rise/fall counting makes it (HAProxy's meaning).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Health {
     pub up: bool,
     /// Successes in a row (while down) or failures in a row (while up).
@@ -155,17 +155,19 @@ pub struct Health {
 }
 
 impl Default for Health {
-    /// A backend is taken to be up until its checks say otherwise.
     fn default() -> Self {
-        Health {
-            up: true,
-            streak: 0,
-            last: None,
-        }
+        Health::UNCHECKED
     }
 }
 
 impl Health {
+    /// A backend is taken to be up until its checks say otherwise.
+    pub const UNCHECKED: Health = Health {
+        up: true,
+        streak: 0,
+        last: None,
+    };
+
     /// Counts a result; returns true if the backend changed state.
     pub fn record(&mut self, result: CheckResult, rise: u32, fall: u32) -> bool {
         let ok = result.ok;

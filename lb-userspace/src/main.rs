@@ -8,6 +8,7 @@ use lb_userspace::{
     config::{Config, DEFAULT_CONTROL_SOCKET},
     control::{self, Request},
     daemon,
+    reconcile::Status,
 };
 
 #[derive(Parser)]
@@ -199,7 +200,10 @@ fn run(command: Command) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                print!("{}", render_status(&v));
+                let status: Status = serde_json::from_value(v).context(
+                    "the daemon's status is not what this `lb` reads (another version?)",
+                )?;
+                print!("{}", render_status(&status));
             }
             Ok(())
         }
@@ -296,67 +300,68 @@ fn manpage(out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// The human form of `lb status`.
-fn render_status(v: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    // JSON strings without their quotes, numbers as they are.
-    let t = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let mut out = String::new();
-    let state = &v["state"];
-    if state["survives_restart"] == true {
-        let _ = writeln!(out, "state: survives a restart ({})", t(&state["why"]));
-    } else if state["survives_restart"] == false {
-        let _ = writeln!(
-            out,
-            "state: DOES NOT survive a restart of the daemon: {}",
-            t(&state["why"])
-        );
-    } else if state.is_object() {
-        let _ = writeln!(
-            out,
-            "state: whether it survives a restart is unknown ({})",
-            t(&state["why"])
-        );
+/// A value's name as the status JSON spells it (`weighted-round-robin`).
+fn json_name<T: serde::Serialize>(x: &T) -> String {
+    match serde_json::to_value(x) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "-".into(),
     }
-    let ct = &v["conntrack"];
+}
+
+/// The human form of `lb status`.
+fn render_status(v: &Status) -> String {
+    use std::fmt::Write;
+    let opt = |x: Option<String>| x.unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    let state = &v.state;
+    match state.survives_restart {
+        Some(true) => {
+            let _ = writeln!(out, "state: survives a restart ({})", state.why);
+        }
+        Some(false) => {
+            let _ = writeln!(
+                out,
+                "state: DOES NOT survive a restart of the daemon: {}",
+                state.why
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "state: whether it survives a restart is unknown ({})",
+                state.why
+            );
+        }
+    }
+    let ct = &v.conntrack;
     let _ = writeln!(
         out,
         "flows: {} established of {} ({}{})",
-        t(&ct["entries"]),
-        t(&ct["capacity"]),
-        t(&ct["pressure"]),
-        match ct["pressure_events"].as_u64() {
-            Some(n) if n > 0 => format!(", past 90% {n} times"),
-            _ => String::new(),
+        ct.entries,
+        ct.capacity,
+        ct.pressure.name(),
+        match ct.pressure_events {
+            0 => String::new(),
+            n => format!(", past 90% {n} times"),
         }
     );
-    for a in v["attachments"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "interface {} ({}): {}",
-            t(&a["interface"]),
-            t(&a["hook"]),
-            t(&a["reason"])
-        );
+    for a in &v.attachments {
+        let _ = writeln!(out, "interface {} ({}): {}", a.interface, a.hook, a.reason);
     }
-    for s in v["services"].as_array().into_iter().flatten() {
-        let tr = &s["traffic"];
+    for s in &v.services {
+        let tr = &s.traffic;
         let _ = writeln!(
             out,
             "\nservice {} {}:{}/{} {}: {} flows, {} packets, {} bytes in; {} packets out",
-            t(&s["name"]),
-            t(&s["vip"]),
-            t(&s["port"]),
-            t(&s["protocol"]),
-            t(&s["scheduler"]),
-            t(&tr["new_flows"]),
-            t(&tr["packets"]),
-            t(&tr["bytes"]),
-            t(&tr["reply_packets"]),
+            s.name,
+            s.vip,
+            s.port,
+            json_name(&s.protocol),
+            json_name(&s.scheduler),
+            tr.new_flows,
+            tr.packets,
+            tr.bytes,
+            tr.reply_packets,
         );
         let _ = writeln!(
             out,
@@ -371,64 +376,63 @@ fn render_status(v: &serde_json::Value) -> String {
             "BYTES",
             "REPLIES"
         );
-        for b in s["backends"].as_array().into_iter().flatten() {
-            let tr = &b["traffic"];
-            let last = &b["health"]["last"];
-            let check = if b["health"].is_null() {
-                "not checked".to_owned()
-            } else if last.is_null() {
-                "pending".to_owned()
-            } else {
-                format!(
-                    "{} {} in {:.1} ms",
-                    if last["ok"] == true { "ok" } else { "FAILED" },
-                    t(&last["detail"]),
-                    last["latency_us"].as_u64().unwrap_or(0) as f64 / 1000.0
-                )
+        for b in &s.backends {
+            let tr = &b.traffic;
+            let check = match &b.health {
+                None => "not checked".to_owned(),
+                Some(h) => match &h.last {
+                    None => "pending".to_owned(),
+                    Some(last) => format!(
+                        "{} {} in {:.1} ms",
+                        if last.ok { "ok" } else { "FAILED" },
+                        last.detail,
+                        last.latency_us as f64 / 1000.0
+                    ),
+                },
             };
             let _ = writeln!(
                 out,
                 "  {:<12} {:<21} {:<9} {:>6} {:>7} {:>8} {:>10} {:>12} {:>10}  {check}",
-                t(&b["name"]),
-                format!("{}:{}", t(&b["address"]), t(&b["port"])),
-                t(&b["state"]),
-                t(&b["weight"]),
-                t(&b["active_flows"]),
-                t(&tr["new_flows"]),
-                t(&tr["packets"]),
-                t(&tr["bytes"]),
-                t(&tr["reply_packets"]),
+                b.name,
+                format!("{}:{}", b.address, b.port),
+                b.state.name(),
+                b.weight,
+                b.active_flows,
+                tr.new_flows,
+                tr.packets,
+                tr.bytes,
+                tr.reply_packets,
             );
         }
     }
-    for s in v["services"].as_array().into_iter().flatten() {
-        if s["mysql"].is_null() {
+    for s in &v.services {
+        let Some(m) = &s.mysql else {
             continue;
-        }
+        };
         let _ = writeln!(
             out,
             "\nmysql {} ({}): primary {}{}",
-            t(&s["name"]),
-            t(&s["steering"]),
-            t(&s["mysql"]["primary"]),
-            match s["mysql"]["alarm"].as_str() {
+            s.name,
+            json_name(&s.steering),
+            opt(m.primary.clone()),
+            match &m.alarm {
                 Some(a) => format!("  ALARM: {a}"),
                 None => String::new(),
             }
         );
-        for b in s["backends"].as_array().into_iter().flatten() {
-            let m = &b["mysql"];
-            let o = &m["observation"];
+        for b in &s.backends {
+            let m = b.mysql.as_ref();
+            let o = m.map(|m| &m.observation);
             let _ = writeln!(
                 out,
                 "  {:<12} role {:<11} read_only {:<5} io {:<10} sql {:<5} lag {:<4} {}",
-                t(&b["name"]),
-                t(&m["role"]),
-                t(&o["read_only"]),
-                t(&o["io_running"]),
-                t(&o["sql_running"]),
-                t(&o["lag_s"]),
-                o["error"].as_str().unwrap_or_default(),
+                b.name,
+                opt(m.map(|m| m.role.name().to_owned())),
+                opt(o.map(|o| o.read_only.to_string())),
+                opt(o.and_then(|o| o.io_running.clone())),
+                opt(o.and_then(|o| o.sql_running.clone())),
+                opt(o.and_then(|o| o.lag_s).map(|l| l.to_string())),
+                o.and_then(|o| o.error.as_deref()).unwrap_or_default(),
             );
         }
     }
@@ -438,8 +442,9 @@ fn render_status(v: &serde_json::Value) -> String {
         .map(|n| n.len())
         .max()
         .unwrap_or(0);
-    for name in lb_common::counter::NAMES {
-        let _ = writeln!(out, "  {name:<width$} {}", t(&v["counters"][name]));
+    for counter in lb_common::counter::NAMES {
+        let n = opt(v.counters.get(counter).map(|n| n.to_string()));
+        let _ = writeln!(out, "  {counter:<width$} {n}");
     }
     out
 }

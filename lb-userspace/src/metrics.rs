@@ -5,10 +5,11 @@
 //! daemon restarts that adopt the maps. Names follow Prometheus conventions:
 //! `_total` for counters, base units (`_bytes`, `_seconds`).
 
+use crate::reconcile::{BackendState, MysqlRole, Status};
+use lb_common::counter::Kind;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use serde_json::Value;
 
 /// What outlives one scrape: the health-check latency histograms.
 #[derive(Clone)]
@@ -46,8 +47,8 @@ impl Metrics {
     }
 
     /// The text exposition of everything, from `status` (what `lb status
-    /// --json` shows) and `table` (connection-table entries and capacity).
-    pub fn render(&self, status: &Value) -> String {
+    /// --json` shows).
+    pub fn render(&self, status: &Status) -> String {
         let r = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
@@ -168,128 +169,90 @@ impl Metrics {
             &["interface", "hook", "mode", "reason"],
         );
 
-        let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-        let n = |v: &Value| v.as_u64().unwrap_or(0);
-        for svc in status["services"].as_array().into_iter().flatten() {
-            let name = s(&svc["name"]);
-            let t = &svc["traffic"];
+        for svc in &status.services {
+            let name = svc.name.as_str();
+            let t = &svc.traffic;
             svc_packets
-                .with_label_values(&[&name, "to_backend"])
-                .inc_by(n(&t["packets"]));
+                .with_label_values(&[name, "to_backend"])
+                .inc_by(t.packets);
             svc_packets
-                .with_label_values(&[&name, "to_client"])
-                .inc_by(n(&t["reply_packets"]));
+                .with_label_values(&[name, "to_client"])
+                .inc_by(t.reply_packets);
             svc_bytes
-                .with_label_values(&[&name, "to_backend"])
-                .inc_by(n(&t["bytes"]));
+                .with_label_values(&[name, "to_backend"])
+                .inc_by(t.bytes);
             svc_bytes
-                .with_label_values(&[&name, "to_client"])
-                .inc_by(n(&t["reply_bytes"]));
-            svc_flows
-                .with_label_values(&[&name])
-                .inc_by(n(&t["new_flows"]));
-            if !svc["mysql"].is_null() {
-                let alarm = svc["mysql"]["alarm"].is_string();
-                mysql_alarm.with_label_values(&[&name]).set(alarm as i64);
+                .with_label_values(&[name, "to_client"])
+                .inc_by(t.reply_bytes);
+            svc_flows.with_label_values(&[name]).inc_by(t.new_flows);
+            if let Some(m) = &svc.mysql {
+                mysql_alarm
+                    .with_label_values(&[name])
+                    .set(m.alarm.is_some() as i64);
             }
-            for b in svc["backends"].as_array().into_iter().flatten() {
-                let be = s(&b["name"]);
-                let l = [name.as_str(), be.as_str()];
-                let t = &b["traffic"];
+            for b in &svc.backends {
+                let l = [name, b.name.as_str()];
+                let t = &b.traffic;
                 be_packets
                     .with_label_values(&[l[0], l[1], "to_backend"])
-                    .inc_by(n(&t["packets"]));
+                    .inc_by(t.packets);
                 be_packets
                     .with_label_values(&[l[0], l[1], "to_client"])
-                    .inc_by(n(&t["reply_packets"]));
+                    .inc_by(t.reply_packets);
                 be_bytes
                     .with_label_values(&[l[0], l[1], "to_backend"])
-                    .inc_by(n(&t["bytes"]));
+                    .inc_by(t.bytes);
                 be_bytes
                     .with_label_values(&[l[0], l[1], "to_client"])
-                    .inc_by(n(&t["reply_bytes"]));
-                be_flows.with_label_values(&l).inc_by(n(&t["new_flows"]));
-                be_active
-                    .with_label_values(&l)
-                    .set(n(&b["active_flows"]) as i64);
-                be_weight.with_label_values(&l).set(n(&b["weight"]) as i64);
-                let state = s(&b["state"]);
-                for st in ["up", "down", "draining", "disabled"] {
+                    .inc_by(t.reply_bytes);
+                be_flows.with_label_values(&l).inc_by(t.new_flows);
+                be_active.with_label_values(&l).set(b.active_flows as i64);
+                be_weight.with_label_values(&l).set(b.weight as i64);
+                for st in BackendState::ALL {
                     be_state
-                        .with_label_values(&[l[0], l[1], st])
-                        .set((st == state) as i64);
+                        .with_label_values(&[l[0], l[1], st.name()])
+                        .set((st == b.state) as i64);
                 }
-                let up = b["health"].is_null() || b["health"]["up"] == true;
+                let up = b.health.as_ref().is_none_or(|h| h.up);
                 be_up.with_label_values(&l).set(up as i64);
-                if !b["mysql"].is_null() {
-                    let role = s(&b["mysql"]["role"]);
-                    for r in ["primary", "replica", "writable", "read-only", "unreachable"] {
+                if let Some(m) = &b.mysql {
+                    for r in MysqlRole::ALL {
                         mysql_role
-                            .with_label_values(&[l[0], l[1], r])
-                            .set((r == role) as i64);
+                            .with_label_values(&[l[0], l[1], r.name()])
+                            .set((r == m.role) as i64);
                     }
-                    let o = &b["mysql"]["observation"];
                     mysql_ro
                         .with_label_values(&l)
-                        .set((o["read_only"] == true) as i64);
-                    if let Some(lag) = o["lag_s"].as_u64() {
+                        .set(m.observation.read_only as i64);
+                    if let Some(lag) = m.observation.lag_s {
                         mysql_lag.with_label_values(&l).set(lag as i64);
                     }
                 }
             }
         }
-        for (name, v) in status["counters"].as_object().into_iter().flatten() {
-            let v = v.as_u64().unwrap_or(0);
-            let (action, reason) = match name.as_str() {
-                "forwarded" => ("forward", "to_backend"),
-                "replies" => ("forward", "to_client"),
-                "icmp_to_backend" => ("forward", "icmp_to_backend"),
-                "icmp_to_client" => ("forward", "icmp_to_client"),
-                "icmp_echo_replied" => ("reply", "icmp_echo"),
-                "new_flows" => {
-                    flows.with_label_values(&["scheduled"]).inc_by(v);
-                    continue;
-                }
-                "flows_recovered" => {
-                    flows.with_label_values(&["recovered"]).inc_by(v);
-                    continue;
-                }
-                "flows_established" => {
-                    flows.with_label_values(&["established"]).inc_by(v);
-                    continue;
-                }
-                "flows_closed" => {
-                    flows.with_label_values(&["closed"]).inc_by(v);
-                    continue;
-                }
-                "next_hop_lookups" => {
-                    hop_lookups.with_label_values::<&str>(&[]).inc_by(v);
-                    continue;
-                }
-                other => match other.split_once('_') {
-                    Some((a, r)) => (a, r),
-                    None => continue,
-                },
+        for (name, &v) in &status.counters {
+            let Some(d) = lb_common::counter::by_name(name) else {
+                continue;
             };
-            packets.with_label_values(&[action, reason]).inc_by(v);
+            match d.kind {
+                Kind::Outcome { action, reason } => packets
+                    .with_label_values(&[action.name(), reason])
+                    .inc_by(v),
+                Kind::Flows(kind) => flows.with_label_values(&[kind]).inc_by(v),
+                Kind::NextHopLookups => hop_lookups.with_label_values::<&str>(&[]).inc_by(v),
+            }
         }
-        let table = &status["conntrack"];
-        ct.with_label_values::<&str>(&[])
-            .set(table["entries"].as_u64().unwrap_or(0) as i64);
+        let table = &status.conntrack;
+        ct.with_label_values::<&str>(&[]).set(table.entries as i64);
         ct_cap
             .with_label_values::<&str>(&[])
-            .set(table["capacity"].as_u64().unwrap_or(0) as i64);
+            .set(table.capacity as i64);
         pressure
             .with_label_values::<&str>(&[])
-            .inc_by(table["pressure_events"].as_u64().unwrap_or(0));
-        for a in status["attachments"].as_array().into_iter().flatten() {
-            xdp.with_label_values(&[
-                &s(&a["interface"]),
-                &s(&a["hook"]),
-                &s(&a["mode"]),
-                &s(&a["reason"]),
-            ])
-            .set(1);
+            .inc_by(table.pressure_events);
+        for a in &status.attachments {
+            xdp.with_label_values(&[&a.interface, &a.hook, &a.mode, &a.reason])
+                .set(1);
         }
 
         let mut out = Vec::new();

@@ -9,13 +9,13 @@ use std::{
 };
 
 use mysql_async::{prelude::Queryable, Conn, OptsBuilder, Row};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::config::MysqlMonitor;
 
 /// What one look at a server saw.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Observation {
     pub reachable: bool,
     /// `@@global.read_only` (or `super_read_only` where it exists) is on.

@@ -36,15 +36,30 @@ pub async fn serve(
     }))
 }
 
-async fn ask(to_owner: &mpsc::Sender<Envelope>, req: Request) -> Result<serde_json::Value, String> {
+/// Why the daemon gave no answer.
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error("the daemon is stopping")]
+    Stopping,
+    #[error("no answer")]
+    NoAnswer,
+    /// The daemon's own message.
+    #[error("{0}")]
+    Refused(String),
+}
+
+async fn ask(
+    to_owner: &mpsc::Sender<Envelope>,
+    req: Request,
+) -> Result<serde_json::Value, AskError> {
     let (tx, rx) = oneshot::channel();
     to_owner
         .send((req, tx))
         .await
-        .map_err(|_| "the daemon is stopping".to_owned())?;
-    match rx.await.map_err(|_| "no answer".to_owned())? {
+        .map_err(|_| AskError::Stopping)?;
+    match rx.await.map_err(|_| AskError::NoAnswer)? {
         Response::Ok(v) => Ok(v),
-        Response::Error(e) => Err(e),
+        Response::Error(e) => Err(AskError::Refused(e)),
     }
 }
 
@@ -58,7 +73,7 @@ async fn metrics(State(to_owner): State<mpsc::Sender<Envelope>>) -> HttpResponse
             v["text"].as_str().unwrap_or_default().to_owned(),
         )
             .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
@@ -72,6 +87,6 @@ async fn status(State(to_owner): State<mpsc::Sender<Envelope>>) -> HttpResponse 
             v.to_string(),
         )
             .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }

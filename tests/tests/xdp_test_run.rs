@@ -22,6 +22,7 @@ use lb_tests::{
 use lb_userspace::{
     config::{BackendConfig, DownPolicy, Protocol, Scheduler, ServiceConfig, Steering},
     dataplane::{Dataplane, ServiceSpec},
+    reconcile::desired_service,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -51,10 +52,8 @@ impl Env {
         self.x.run(move || {
             for hook in [Hook::Xdp, Hook::Tc] {
                 let mut dp = Dataplane::load().expect("loading the programs (verifier)");
-                let specs: Vec<ServiceSpec> = services()
-                    .iter()
-                    .map(|s| ServiceSpec::from_config(s, 0))
-                    .collect();
+                let specs: Vec<ServiceSpec> =
+                    services().iter().map(|s| desired_service(s, 0)).collect();
                 dp.apply(&specs).expect("writing the maps");
                 let mut h = Harness {
                     dp,
@@ -299,10 +298,7 @@ fn root_backend_reply_is_rewritten_back_to_the_vip() {
         // With stateless replies on, it is rewritten: B2:8080 serves one VIP
         // only, so its address says which.
         h.dp.set_stateless_replies(true);
-        let specs: Vec<ServiceSpec> = services()
-            .iter()
-            .map(|s| ServiceSpec::from_config(s, 0))
-            .collect();
+        let specs: Vec<ServiceSpec> = services().iter().map(|s| desired_service(s, 0)).collect();
         h.dp.apply(&specs).unwrap();
         let (action, out) = h.send_from_backend(&other);
         assert_eq!(action, XDP_REDIRECT);
@@ -571,10 +567,10 @@ fn root_established_flows_follow_their_backends_state() {
     let env = Env::new();
     env.with_dataplane(|h| {
         let web = |b1: Option<(&str, bool)>| -> Vec<ServiceSpec> {
-            let mut s = ServiceSpec::from_config(&services()[0], 0);
+            let mut s = desired_service(&services()[0], 0);
             s.backends.retain(|b| b.name != "b1");
             if let Some((name, drop_flows)) = b1 {
-                let mut b = ServiceSpec::from_config(&services()[0], 0).backends[0].clone();
+                let mut b = desired_service(&services()[0], 0).backends[0].clone();
                 b.name = name.into();
                 b.drop_flows = drop_flows;
                 b.ring_weight = 0;
@@ -659,7 +655,7 @@ fn root_a_syn_on_ports_whose_connection_was_refused_or_whose_backend_left_is_a_n
         // stay where they are.
         let (_, out) = h.send_from_client(&client_frame(47001, TCP_SYN));
         assert_eq!(&out[14 + 16..14 + 20], &B1.octets());
-        let mut web = ServiceSpec::from_config(&services()[0], 0);
+        let mut web = desired_service(&services()[0], 0);
         web.backends[0].ring_weight = 0;
         h.dp.apply(&[web]).unwrap();
         let ack = client_frame(47001, TCP_ACK);
@@ -678,7 +674,7 @@ fn root_maglev_places_new_and_unknown_mid_flow_packets_where_the_table_says() {
     let env = Env::new();
     env.with_dataplane(|h| {
         const SEED: u32 = 7;
-        let mut web = ServiceSpec::from_config(&services()[0], SEED);
+        let mut web = desired_service(&services()[0], SEED);
         web.maglev = Some((lb_common::maglev::DEFAULT_TABLE_SIZE, SEED));
         h.dp.apply(&[web]).unwrap();
         // The same table, built independently here.
@@ -734,7 +730,7 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
     let env = Env::new();
     env.with_dataplane(|h| {
         let spec = |weights: u32, reset_flows: bool| {
-            let mut s = ServiceSpec::from_config(&services()[0], 0);
+            let mut s = desired_service(&services()[0], 0);
             s.reset_if_empty = true;
             for b in &mut s.backends {
                 b.ring_weight = weights;
@@ -1108,10 +1104,7 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         // UDP: established at once, and over after its idle timeout (here
         // one tick): the next packet is scheduled afresh, the old entry's
         // count goes.
-        let mut spec: Vec<ServiceSpec> = services()
-            .iter()
-            .map(|s| ServiceSpec::from_config(s, 0))
-            .collect();
+        let mut spec: Vec<ServiceSpec> = services().iter().map(|s| desired_service(s, 0)).collect();
         spec[1].udp_idle = Some(std::time::Duration::from_millis(1));
         h.dp.apply(&spec).unwrap();
         let mut dns = Frame::udp((CLIENT, 6000), (VIP, 53));
