@@ -92,13 +92,12 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
         .context("writing the service maps")?;
     for iface in &interfaces {
         let a = lb
-            .dataplane_mut()
             .attach(iface, daemon_cfg.hook_for(iface))
             .with_context(|| format!("attaching to {iface}"))?;
         tracing::info!(iface = %iface, hook = a.hook, reason = %a.reason, adopted = a.adopted, "attached");
     }
-    lb.dataplane_mut().drop_stale_links(&interfaces);
-    let _logger = start_program_logs(lb.dataplane_mut());
+    lb.drop_stale_links(&interfaces);
+    let _logger = start_program_logs(&mut lb);
     // Backends' next hops, kept current from the kernel's tables: until the
     // first answer (and whenever it fails) the data path asks the FIB itself.
     let (hop_tx, mut hop_events) = mpsc::unbounded_channel();
@@ -212,7 +211,7 @@ pub async fn run(cfg: Config, fresh: bool) -> Result<()> {
     } else {
         tracing::info!("stopping: detaching the data path and removing the pins");
     }
-    lb.dataplane_mut().shutdown(keep);
+    lb.shutdown(keep);
     // Let the connection task of an `lb stop` finish writing its answer
     // before the runtime (and with it that task) goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -259,8 +258,8 @@ async fn first_mysql_look(cfg: &Config) -> reconcile::FirstLook {
 
 /// Forwards the program's aya-log lines to tracing, if it was built with them
 /// (the `verbose-logs` feature of lb-ebpf); otherwise there is nothing to read.
-fn start_program_logs(dp: &mut Dataplane) -> Option<tokio::task::JoinHandle<()>> {
-    let logger = match dp.logger() {
+fn start_program_logs(lb: &mut Balancer) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match lb.program_logger() {
         Ok(l) => l,
         Err(e) => {
             tracing::debug!(error = %e, "the XDP program logs nothing (built without verbose-logs)");

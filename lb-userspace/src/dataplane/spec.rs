@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::{Protocol, Scheduler, ServiceConfig, SourceRules};
+use crate::config::{Protocol, SourceRules};
 
 /// What the maps should say about one service: its address and its backends,
 /// each with the ring weight it gets (0: no new flows) and whether its
@@ -35,36 +35,4 @@ pub struct BackendSpec {
     pub drop_flows: bool,
     /// Answer its established TCP flows' packets with resets.
     pub reset_flows: bool,
-}
-
-impl ServiceSpec {
-    /// Every backend taking new flows as configured (no health or admin state).
-    pub fn from_config(s: &ServiceConfig, maglev_seed: u32) -> ServiceSpec {
-        ServiceSpec {
-            name: s.name.clone(),
-            vip: s.vip,
-            port: s.port,
-            protocol: s.protocol,
-            maglev: (s.scheduler == Scheduler::Maglev)
-                .then_some((s.maglev_table_size, maglev_seed)),
-            reset_if_empty: false,
-            rules: s.firewall.clone(),
-            backends: s
-                .backends
-                .iter()
-                .map(|b| BackendSpec {
-                    name: b.name.clone(),
-                    address: b.address,
-                    port: b.port,
-                    ring_weight: match s.scheduler {
-                        Scheduler::RoundRobin => 1,
-                        Scheduler::WeightedRoundRobin | Scheduler::Maglev => b.weight,
-                    },
-                    drop_flows: false,
-                    reset_flows: false,
-                })
-                .collect(),
-            udp_idle: (s.protocol == Protocol::Udp).then_some(s.udp_idle_timeout),
-        }
-    }
 }

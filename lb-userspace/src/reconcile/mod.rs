@@ -90,21 +90,9 @@ pub enum ReconcileError {
 
 type Result<T, E = ReconcileError> = std::result::Result<T, E>;
 
-/// An error and its causes as one line, for the control socket's answer:
-/// each cause is added once (one whose text the line already holds, because
-/// its parent's message repeats it, is not added again).
-pub fn message(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
-    line
+/// An error and its causes as one line, for the control socket's answer.
+pub fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::Chain(e).to_string()
 }
 
 struct Checker<W> {
@@ -202,8 +190,32 @@ impl Balancer {
         Ok(b)
     }
 
-    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
-        &mut self.dp
+    /// Runs the data path on `iface` (see `Dataplane::attach`). The data
+    /// path's links are the one thing the daemon asks for directly; its maps
+    /// are written only by `sync`.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        hook: crate::config::Hook,
+    ) -> Result<crate::dataplane::Attachment> {
+        Ok(self.dp.attach(iface, hook)?)
+    }
+
+    /// Detaches pinned links of interfaces that are not in `keep`.
+    pub fn drop_stale_links(&mut self, keep: &[String]) {
+        self.dp.drop_stale_links(keep);
+    }
+
+    /// The program's log reader (a build with verbose logs only).
+    pub fn program_logger(
+        &mut self,
+    ) -> std::result::Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        self.dp.logger()
+    }
+
+    /// Ends the daemon's hold on the data path (see `Dataplane::shutdown`).
+    pub fn shutdown(&mut self, keep: bool) {
+        self.dp.shutdown(keep);
     }
 
     pub fn config_file(&self) -> &Config {
