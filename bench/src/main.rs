@@ -136,9 +136,7 @@ fn service(n_backends: usize, scheduler: Scheduler) -> ServiceConfig {
         protocol: Protocol::Tcp,
         scheduler,
         on_backend_down: DownPolicy::KeepFlows,
-        maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
         steering: Steering::None,
-        mysql: None,
         health: None,
         firewall: Default::default(),
         // Every backend resolves: two addresses, many ports.
@@ -421,7 +419,12 @@ fn run_all(quick: bool) -> Result<Vec<Row>, String> {
         for (name, sched) in [
             ("round-robin", Scheduler::RoundRobin),
             ("weighted-round-robin", Scheduler::WeightedRoundRobin),
-            ("maglev", Scheduler::Maglev),
+            (
+                "maglev",
+                Scheduler::Maglev {
+                    table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+                },
+            ),
         ] {
             let mut dp = Dataplane::load_with_conntrack(1 << 21).map_err(|e| format!("{e:#}"))?;
             apply(&mut dp, &[service(16, sched)]);

@@ -89,9 +89,9 @@ pub enum WeightError {
 
 /// The weight of a backend of a `scheduler` service that asks for `asked`
 /// (none: 1), or why it cannot have it. The one check of a backend's weight.
-pub fn check_weight(scheduler: Scheduler, asked: Option<u32>) -> Result<u32, WeightError> {
+pub fn check_weight(scheduler: SchedulerKind, asked: Option<u32>) -> Result<u32, WeightError> {
     match (scheduler, asked) {
-        (Scheduler::RoundRobin, Some(_)) => Err(WeightError::NeedsWeightedScheduler),
+        (SchedulerKind::RoundRobin, Some(_)) => Err(WeightError::NeedsWeightedScheduler),
         (_, Some(weight)) if weight > lb_common::RING_SIZE => {
             Err(WeightError::AboveRing { weight })
         }
@@ -100,9 +100,9 @@ pub fn check_weight(scheduler: Scheduler, asked: Option<u32>) -> Result<u32, Wei
 }
 
 /// Whether a service's weights fit its ring (a Maglev table takes any weights).
-pub fn check_ring(scheduler: Scheduler, weights: &[u32]) -> Result<(), WeightError> {
+pub fn check_ring(scheduler: SchedulerKind, weights: &[u32]) -> Result<(), WeightError> {
     let slots = lb_common::ring::ring_len(weights);
-    if scheduler != Scheduler::Maglev && slots > lb_common::RING_SIZE as u64 {
+    if scheduler != SchedulerKind::Maglev && slots > lb_common::RING_SIZE as u64 {
         return Err(WeightError::RingOverflow { slots });
     }
     Ok(())
@@ -247,17 +247,37 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// A scheduler's name, as the config file and the status write it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
+pub enum SchedulerKind {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    Maglev,
+}
+
+/// How a service picks the backend of a new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduler {
     /// Each backend in turn, one new flow each.
-    #[default]
     RoundRobin,
     /// Each backend in turn, `weight` new flows each, interleaved.
     WeightedRoundRobin,
-    /// Maglev consistent hashing of the flow's 5-tuple, weights honoured: every
-    /// balancer with the same config sends a flow to the same backend.
-    Maglev,
+    /// Maglev consistent hashing of the flow's 5-tuple into a lookup table
+    /// of `table_size` entries (a prime), weights honoured: every balancer
+    /// with the same config sends a flow to the same backend.
+    Maglev { table_size: u32 },
+}
+
+impl Scheduler {
+    pub fn kind(self) -> SchedulerKind {
+        match self {
+            Scheduler::RoundRobin => SchedulerKind::RoundRobin,
+            Scheduler::WeightedRoundRobin => SchedulerKind::WeightedRoundRobin,
+            Scheduler::Maglev { .. } => SchedulerKind::Maglev,
+        }
+    }
 }
 
 /// The file as written (before validation).
@@ -306,12 +326,12 @@ struct RawService {
     port: u16,
     protocol: Protocol,
     #[serde(default)]
-    scheduler: Scheduler,
+    scheduler: SchedulerKind,
     #[serde(default)]
     on_backend_down: DownPolicy,
     maglev_table_size: Option<u32>,
     #[serde(default)]
-    steering: Steering,
+    steering: SteeringKind,
     mysql: Option<RawMysql>,
     health: Option<RawHealth>,
     #[serde(default)]
@@ -536,17 +556,44 @@ fn default_max_lag() -> u64 {
     5
 }
 
-/// Where a service's new connections go, beyond health.
+/// A steering mode's name, as the config file and the status write it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum Steering {
-    /// Any healthy backend, by the scheduler.
+pub enum SteeringKind {
     #[default]
     None,
-    /// A write VIP: every new connection to the one current MySQL primary.
     MysqlPrimary,
-    /// A read VIP: healthy replicas within the lag limit; the primary if none.
     MysqlReplica,
+}
+
+/// Where a service's new connections go, beyond health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Steering {
+    /// Any healthy backend, by the scheduler.
+    None,
+    /// A write VIP: every new connection to the one current MySQL primary,
+    /// as the monitor finds it.
+    MysqlPrimary(MysqlMonitor),
+    /// A read VIP: healthy replicas within the lag limit; the primary if none.
+    MysqlReplica(MysqlMonitor),
+}
+
+impl Steering {
+    pub fn kind(&self) -> SteeringKind {
+        match self {
+            Steering::None => SteeringKind::None,
+            Steering::MysqlPrimary(_) => SteeringKind::MysqlPrimary,
+            Steering::MysqlReplica(_) => SteeringKind::MysqlReplica,
+        }
+    }
+
+    /// The MySQL monitor of a steered service.
+    pub fn mysql(&self) -> Option<&MysqlMonitor> {
+        match self {
+            Steering::None => None,
+            Steering::MysqlPrimary(m) | Steering::MysqlReplica(m) => Some(m),
+        }
+    }
 }
 
 /// What happens to the connections of a primary that stops being one.
@@ -739,11 +786,7 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub scheduler: Scheduler,
     pub on_backend_down: DownPolicy,
-    /// Maglev only: the lookup table's size (prime).
-    pub maglev_table_size: u32,
     pub steering: Steering,
-    /// Set exactly when `steering` is a MySQL mode.
-    pub mysql: Option<MysqlMonitor>,
     /// The service's `[service.health]`: what backends added at run time get.
     pub health: Option<HealthCheck>,
     /// `[service.firewall]`.
@@ -788,53 +831,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |key: String, problem: String| problems.push(Problem { key, problem });
 
-        if raw.daemon.interfaces.is_empty() {
-            bad(
-                "daemon.interfaces".into(),
-                "needs at least one interface to attach to".into(),
-            );
-        }
-        let mut seen_if = HashSet::new();
-        for (i, name) in raw.daemon.interfaces.iter().enumerate() {
-            if !seen_if.insert(name) {
-                bad(
-                    format!("daemon.interfaces[{i}]"),
-                    format!("interface {name:?} is listed twice"),
-                );
-            } else if !iface_ok(name) {
-                bad(
-                    format!("daemon.interfaces[{i}]"),
-                    format!("unknown interface {name:?} (no such network interface here)"),
-                );
-            }
-        }
-
-        if raw.daemon.hook.is_some() && raw.daemon.xdp_mode.is_some() {
-            bad(
-                "daemon.xdp_mode".into(),
-                "is the older name of daemon.hook: set one of them".into(),
-            );
-        }
-        if let Some(ns) = &raw.daemon.netns {
-            if !netns_name_ok(ns) {
-                bad(
-                    "daemon.netns".into(),
-                    format!(
-                        "{ns:?} is not a namespace name (as `ip netns add` makes them under \
-                         /run/netns: 1 to 64 characters, no '/', not . or ..)"
-                    ),
-                );
-            }
-        }
-        for name in raw.daemon.hooks.keys() {
-            if !raw.daemon.interfaces.contains(name) {
-                bad(
-                    format!("daemon.hooks.{name}"),
-                    format!("{name:?} is not one of daemon.interfaces"),
-                );
-            }
-        }
-
+        check_interfaces(&raw.daemon, iface_ok, &mut bad);
         if raw.services.len() > lb_common::MAX_SERVICES as usize {
             bad(
                 "service".into(),
@@ -853,411 +850,41 @@ impl Config {
             .iter()
             .filter_map(|t| Cidr::parse(t).ok())
             .collect();
-        let mut names = HashMap::new();
-        let mut endpoints = HashMap::new();
-        let mut services = Vec::new();
-        let mut total_backends = 0;
-        let mut total_rules = 0;
-        let mut maglev_services = 0;
-        for (si, s) in raw.services.iter().enumerate() {
-            let key = format!("service[{si}]");
-            if let Some(n) = s.udp_idle_timeout_s {
-                if s.protocol != Protocol::Udp {
-                    bad(
-                        format!("{key}.udp_idle_timeout_s"),
-                        "only a UDP service has an idle timeout (a TCP flow ends with FIN or RST)"
-                            .into(),
-                    );
-                } else if !(1..=86_400).contains(&n) {
-                    bad(
-                        format!("{key}.udp_idle_timeout_s"),
-                        format!("{n} is outside 1..=86400 (seconds)"),
-                    );
-                }
-            }
-            if let Some(p) = name_problem(&s.name) {
-                bad(format!("{key}.name"), p);
-            } else if let Some(prev) = names.insert(&s.name, si) {
-                bad(
-                    format!("{key}.name"),
-                    format!("duplicate service name {:?} (also service[{prev}])", s.name),
-                );
-            }
-            let vip = match s.vip.parse::<Ipv4Addr>() {
-                Ok(v)
-                    if v.is_unspecified()
-                        || v.is_multicast()
-                        || v.is_broadcast()
-                        || v.is_loopback() =>
-                {
-                    bad(
-                        format!("{key}.vip"),
-                        format!("{v} cannot be a service address"),
-                    );
-                    None
-                }
-                Ok(v) => Some(v),
-                Err(_) => {
-                    bad(
-                        format!("{key}.vip"),
-                        format!("invalid IPv4 address {:?}", s.vip),
-                    );
-                    None
-                }
-            };
-            if s.port == 0 {
-                bad(format!("{key}.port"), "port 0 is not a valid port".into());
-            }
-            if let Some(vip) = vip {
-                if let Some(prev) = endpoints.insert((vip, s.port, s.protocol), si) {
-                    bad(
-                        format!("{key}.vip"),
-                        format!(
-                            "duplicate VIP:port {vip}:{}/{} (also service[{prev}])",
-                            s.port, s.protocol
-                        ),
-                    );
-                }
-            }
-            if s.backends.is_empty() {
-                bad(
-                    format!("{key}.backend"),
-                    format!("service {:?} has no backends", s.name),
-                );
-            }
-            let svc_health = s
-                .health
-                .as_ref()
-                .and_then(|h| validate_health(h, s.protocol, &format!("{key}.health"), &mut bad));
-            let mut bnames = HashSet::new();
-            let mut backends = Vec::new();
-            for (bi, b) in s.backends.iter().enumerate() {
-                let bkey = format!("{key}.backend[{bi}]");
-                if let Some(p) = name_problem(&b.name) {
-                    bad(format!("{bkey}.name"), p);
-                } else if !bnames.insert(&b.name) {
-                    bad(
-                        format!("{bkey}.name"),
-                        format!("duplicate backend name {:?} in this service", b.name),
-                    );
-                }
-                let address = match b.address.parse::<Ipv4Addr>() {
-                    Ok(a) => match backend_address_problem(a, vip) {
-                        Some(p) => {
-                            bad(format!("{bkey}.address"), p);
-                            None
-                        }
-                        None => Some(a),
-                    },
-                    Err(_) => {
-                        bad(
-                            format!("{bkey}.address"),
-                            format!("invalid IPv4 address {:?}", b.address),
-                        );
-                        None
-                    }
-                };
-                let port = b.port.unwrap_or(s.port);
-                if port == 0 {
-                    bad(format!("{bkey}.port"), "port 0 is not a valid port".into());
-                }
-                let weight = check_weight(s.scheduler, b.weight).unwrap_or_else(|e| {
-                    bad(format!("{bkey}.weight"), e.to_string());
-                    match e {
-                        WeightError::AboveRing { weight } => weight,
-                        _ => 1,
-                    }
-                });
-                let health = match &b.health {
-                    None => svc_health.clone(),
-                    Some(own) => validate_health(
-                        &own.over(&s.health.clone().unwrap_or_default()),
-                        s.protocol,
-                        &format!("{bkey}.health"),
-                        &mut bad,
-                    ),
-                };
-                if let Some(address) = address {
-                    backends.push(BackendConfig {
-                        name: b.name.clone(),
-                        address,
-                        port,
-                        weight,
-                        health,
-                    });
-                }
-            }
-            let maglev_table_size = s
-                .maglev_table_size
-                .unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE);
-            if s.maglev_table_size.is_some() && s.scheduler != Scheduler::Maglev {
-                bad(
-                    format!("{key}.maglev_table_size"),
-                    "needs scheduler = \"maglev\"".into(),
-                );
-            }
-            if !lb_common::maglev::is_prime(maglev_table_size)
-                || maglev_table_size > lb_common::maglev::MAX_TABLE_SIZE
-            {
-                bad(
-                    format!("{key}.maglev_table_size"),
-                    format!(
-                        "{maglev_table_size} must be a prime no larger than {}",
-                        lb_common::maglev::MAX_TABLE_SIZE
-                    ),
-                );
-            } else if s.scheduler == Scheduler::Maglev
-                && (maglev_table_size as usize) < 100 * s.backends.len()
-            {
-                bad(
-                    format!("{key}.maglev_table_size"),
-                    format!(
-                        "{maglev_table_size} is too small for {} backends: Maglev needs at least \
-                         100 slots per backend to spread evenly",
-                        s.backends.len()
-                    ),
-                );
-            }
-            if s.scheduler == Scheduler::Maglev {
-                maglev_services += 1;
-            }
-            let mysql = match (&s.mysql, s.steering) {
-                (None, Steering::None) => None,
-                (Some(_), Steering::None) => {
-                    bad(
-                        format!("{key}.mysql"),
-                        "needs steering = \"mysql-primary\" or \"mysql-replica\"".into(),
-                    );
-                    None
-                }
-                (None, _) => {
-                    bad(
-                        format!("{key}.mysql"),
-                        "MySQL steering needs a [service.mysql] section (user, password_file)"
-                            .into(),
-                    );
-                    None
-                }
-                (Some(m), _) => {
-                    if m.user.is_empty() || m.user.chars().any(|c| c.is_control()) {
-                        bad(
-                            format!("{key}.mysql.user"),
-                            "must be a non-empty name without control characters".into(),
-                        );
-                    }
-                    if s.protocol != Protocol::Tcp {
-                        bad(
-                            format!("{key}.steering"),
-                            "MySQL steering needs protocol = \"tcp\"".into(),
-                        );
-                    }
-                    if !(10..=60_000).contains(&m.interval_ms) {
-                        bad(
-                            format!("{key}.mysql.interval_ms"),
-                            format!("{} is outside 10..=60000", m.interval_ms),
-                        );
-                    }
-                    if m.timeout_ms == 0 || m.timeout_ms > m.interval_ms {
-                        bad(
-                            format!("{key}.mysql.timeout_ms"),
-                            format!(
-                                "{} must be at least 1 and at most interval_ms ({})",
-                                m.timeout_ms, m.interval_ms
-                            ),
-                        );
-                    }
-                    // A relative path is the config file's neighbour.
-                    let password_file = file
-                        .parent()
-                        .map(|d| d.join(&m.password_file))
-                        .unwrap_or_else(|| m.password_file.clone());
-                    match read_small_file(&password_file, MAX_PASSWORD_BYTES) {
-                        Ok(p) => Some(MysqlMonitor {
-                            user: m.user.clone(),
-                            password_file: password_file.clone(),
-                            // A trailing newline is the file's, not the password's.
-                            password: Secret(p.trim_end_matches(['\n', '\r']).to_owned()),
-                            interval_ms: m.interval_ms,
-                            timeout_ms: m.timeout_ms,
-                            max_replica_lag_s: m.max_replica_lag_s,
-                            on_demotion: m.on_demotion,
-                        }),
-                        Err(e) => {
-                            bad(
-                                format!("{key}.mysql.password_file"),
-                                format!("cannot read {}: {e}", password_file.display()),
-                            );
-                            None
-                        }
-                    }
-                }
-            };
-            let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
-            if !backends.is_empty() && lb_common::ring::ring_len(&weights) == 0 {
-                bad(
-                    format!("{key}.backend"),
-                    "every backend has weight 0: the service could take no flow".into(),
-                );
-            }
-            if let Err(e) = check_ring(s.scheduler, &weights) {
-                bad(format!("{key}.backend"), e.to_string());
-            }
-            total_backends += s.backends.len();
-            let allow = cidrs(
-                &s.firewall.allow,
-                &format!("{key}.firewall.allow"),
-                &mut bad,
-            );
-            let deny = cidrs(&s.firewall.deny, &format!("{key}.firewall.deny"), &mut bad);
-            let allowed: HashSet<&Cidr> = allow.iter().map(|(_, c)| c).collect();
-            for (i, c) in &deny {
-                if allowed.contains(c) {
-                    bad(
-                        format!("{key}.firewall.deny[{i}]"),
-                        format!("{c} is also allowed: a CIDR is either allowed or denied"),
-                    );
-                }
-            }
-            for (i, c) in &allow {
-                if let Some(d) = covered_by(c, &global_deny) {
-                    bad(
-                        format!("{key}.firewall.allow[{i}]"),
-                        format!("{c} is inside {d} of [firewall] deny: none of it could reach the service"),
-                    );
-                }
-            }
-            let firewall = SourceRules {
-                allow: allow.into_iter().map(|(_, c)| c).collect(),
-                deny: deny.into_iter().map(|(_, c)| c).collect(),
-            };
-            total_rules += firewall.allow.len() + firewall.deny.len();
-            if let Some(vip) = vip {
-                services.push(ServiceConfig {
-                    name: s.name.clone(),
-                    vip,
-                    port: s.port,
-                    protocol: s.protocol,
-                    scheduler: s.scheduler,
-                    on_backend_down: s.on_backend_down,
-                    maglev_table_size,
-                    steering: s.steering,
-                    mysql,
-                    health: svc_health,
-                    firewall,
-                    backends,
-                    udp_idle_timeout: Duration::from_secs(
-                        s.udp_idle_timeout_s.unwrap_or(DEFAULT_UDP_IDLE_S) as u64,
-                    ),
-                });
-            }
-        }
-        if maglev_services > lb_common::MAX_MAGLEV_SERVICES {
+        let mut seen = Seen::default();
+        let services: Vec<ServiceConfig> = raw
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(si, s)| validate_service(si, s, file, &global_deny, &mut seen, &mut bad))
+            .collect();
+        if seen.maglev_services > lb_common::MAX_MAGLEV_SERVICES {
             bad(
                 "service".into(),
                 format!(
-                    "{maglev_services} Maglev services, at most {} are supported",
+                    "{} Maglev services, at most {} are supported",
+                    seen.maglev_services,
                     lb_common::MAX_MAGLEV_SERVICES
                 ),
             );
         }
-        if let Some(p) = &raw.daemon.pin_dir {
-            let plain = p.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
-                )
-            });
-            if !plain || !p.starts_with("/sys/fs/bpf/") || p == Path::new("/sys/fs/bpf") {
-                bad(
-                    "daemon.pin_dir".into(),
-                    format!(
-                        "{} is not a directory of its own under /sys/fs/bpf/ (bpffs), written \
-                         without . or ..",
-                        p.display()
-                    ),
-                );
-            }
-        }
-        if let Some(n) = raw.daemon.transient_size {
-            if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
-                bad(
-                    "daemon.transient_size".into(),
-                    format!("{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE}"),
-                );
-            }
-        }
-        if let Some(n) = raw.daemon.closed_linger_s {
-            if !(1..=300).contains(&n) {
-                bad(
-                    "daemon.closed_linger_s".into(),
-                    format!("{n} is outside 1..=300 (seconds)"),
-                );
-            }
-        }
-        if let Some(n) = raw.daemon.conntrack_size {
-            if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
-                bad(
-                    "daemon.conntrack_size".into(),
-                    format!(
-                        "{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE} \
-                         (each flow takes about 200 bytes of kernel memory, in two tables)"
-                    ),
-                );
-            }
-        }
-        if let Some(p) = &raw.daemon.control_socket {
-            // The daemon replaces a stale socket there: the path must be
-            // an absolute file name of its own.
-            let plain = p.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
-                )
-            });
-            if !p.is_absolute()
-                || !plain
-                || p.file_name().is_none()
-                || p.parent() == Some(Path::new("/"))
-            {
-                bad(
-                    "daemon.control_socket".into(),
-                    format!(
-                        "{:?} must be an absolute path to a file in a directory (like {DEFAULT_CONTROL_SOCKET}), \
-                         without . or ..",
-                        p.display().to_string()
-                    ),
-                );
-            }
-        }
-        let metrics_listen = match raw.daemon.metrics_listen.as_deref() {
-            None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
-            Some("off") => None,
-            Some(a) => match a.parse::<std::net::SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    bad(
-                        "daemon.metrics_listen".into(),
-                        format!("{a:?} is not an address:port (or \"off\")"),
-                    );
-                    None
-                }
-            },
-        };
-        if total_rules > lb_common::firewall::MAX_SERVICE_RULES as usize {
+        let daemon = validate_daemon(raw.daemon, &mut bad);
+        if seen.rules > lb_common::firewall::MAX_SERVICE_RULES as usize {
             bad(
                 "service".into(),
                 format!(
-                    "{total_rules} firewall rules in all services, at most {} are supported",
+                    "{} firewall rules in all services, at most {} are supported",
+                    seen.rules,
                     lb_common::firewall::MAX_SERVICE_RULES
                 ),
             );
         }
         let firewall = validate_firewall(&raw.firewall, &services, &mut bad);
-        if total_backends > lb_common::MAX_BACKENDS as usize {
+        if seen.backends > lb_common::MAX_BACKENDS as usize {
             bad(
                 "service".into(),
                 format!(
-                    "{total_backends} backends in all, at most {} are supported",
+                    "{} backends in all, at most {} are supported",
+                    seen.backends,
                     lb_common::MAX_BACKENDS
                 ),
             );
@@ -1270,44 +897,518 @@ impl Config {
         }
         Ok(Config {
             file: file.to_owned(),
-            daemon: DaemonConfig {
-                interfaces: raw.daemon.interfaces,
-                hook: raw
-                    .daemon
-                    .hook
-                    .or(raw.daemon.xdp_mode.map(XdpMode::hook))
-                    .unwrap_or_default(),
-                hooks: raw.daemon.hooks,
-                netns: raw.daemon.netns,
-                control_socket: raw
-                    .daemon
-                    .control_socket
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
-                manage_neighbours: raw.daemon.manage_neighbours,
-                pin_dir: raw
-                    .daemon
-                    .pin_dir
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
-                maglev_seed: raw.daemon.maglev_seed,
-                metrics_listen,
-                stateless_reverse_nat: raw.daemon.stateless_reverse_nat,
-                conntrack_size: raw
-                    .daemon
-                    .conntrack_size
-                    .unwrap_or(lb_common::CONNTRACK_SIZE),
-                transient_size: raw
-                    .daemon
-                    .transient_size
-                    .unwrap_or(lb_common::TRANSIENT_SIZE),
-                closed_linger: Duration::from_secs(
-                    raw.daemon
-                        .closed_linger_s
-                        .unwrap_or(DEFAULT_CLOSED_LINGER_S) as u64,
-                ),
-            },
+            daemon,
             firewall,
             services,
         })
+    }
+}
+
+/// What the services validated so far have taken, for the checks across
+/// services (names, addresses, capacities).
+#[derive(Default)]
+struct Seen<'a> {
+    names: HashMap<&'a str, usize>,
+    endpoints: HashMap<(Ipv4Addr, u16, Protocol), usize>,
+    backends: usize,
+    rules: usize,
+    maglev_services: u32,
+}
+
+/// `[daemon] interfaces` and the per-interface hooks.
+fn check_interfaces(
+    d: &RawDaemon,
+    iface_ok: &dyn Fn(&str) -> bool,
+    bad: &mut dyn FnMut(String, String),
+) {
+    if d.interfaces.is_empty() {
+        bad(
+            "daemon.interfaces".into(),
+            "needs at least one interface to attach to".into(),
+        );
+    }
+    let mut seen_if = HashSet::new();
+    for (i, name) in d.interfaces.iter().enumerate() {
+        if !seen_if.insert(name) {
+            bad(
+                format!("daemon.interfaces[{i}]"),
+                format!("interface {name:?} is listed twice"),
+            );
+        } else if !iface_ok(name) {
+            bad(
+                format!("daemon.interfaces[{i}]"),
+                format!("unknown interface {name:?} (no such network interface here)"),
+            );
+        }
+    }
+    if d.hook.is_some() && d.xdp_mode.is_some() {
+        bad(
+            "daemon.xdp_mode".into(),
+            "is the older name of daemon.hook: set one of them".into(),
+        );
+    }
+    if let Some(ns) = &d.netns {
+        if !netns_name_ok(ns) {
+            bad(
+                "daemon.netns".into(),
+                format!(
+                    "{ns:?} is not a namespace name (as `ip netns add` makes them under \
+                     /run/netns: 1 to 64 characters, no '/', not . or ..)"
+                ),
+            );
+        }
+    }
+    for name in d.hooks.keys() {
+        if !d.interfaces.contains(name) {
+            bad(
+                format!("daemon.hooks.{name}"),
+                format!("{name:?} is not one of daemon.interfaces"),
+            );
+        }
+    }
+}
+
+/// One `[[service]]`: None when it cannot be built (its problems reported).
+fn validate_service<'a>(
+    si: usize,
+    s: &'a RawService,
+    file: &Path,
+    global_deny: &HashSet<Cidr>,
+    seen: &mut Seen<'a>,
+    bad: &mut dyn FnMut(String, String),
+) -> Option<ServiceConfig> {
+    let key = format!("service[{si}]");
+    if let Some(n) = s.udp_idle_timeout_s {
+        if s.protocol != Protocol::Udp {
+            bad(
+                format!("{key}.udp_idle_timeout_s"),
+                "only a UDP service has an idle timeout (a TCP flow ends with FIN or RST)".into(),
+            );
+        } else if !(1..=86_400).contains(&n) {
+            bad(
+                format!("{key}.udp_idle_timeout_s"),
+                format!("{n} is outside 1..=86400 (seconds)"),
+            );
+        }
+    }
+    if let Some(p) = name_problem(&s.name) {
+        bad(format!("{key}.name"), p);
+    } else if let Some(prev) = seen.names.insert(&s.name, si) {
+        bad(
+            format!("{key}.name"),
+            format!("duplicate service name {:?} (also service[{prev}])", s.name),
+        );
+    }
+    let vip = match s.vip.parse::<Ipv4Addr>() {
+        Ok(v) if v.is_unspecified() || v.is_multicast() || v.is_broadcast() || v.is_loopback() => {
+            bad(
+                format!("{key}.vip"),
+                format!("{v} cannot be a service address"),
+            );
+            None
+        }
+        Ok(v) => Some(v),
+        Err(_) => {
+            bad(
+                format!("{key}.vip"),
+                format!("invalid IPv4 address {:?}", s.vip),
+            );
+            None
+        }
+    };
+    if s.port == 0 {
+        bad(format!("{key}.port"), "port 0 is not a valid port".into());
+    }
+    if let Some(vip) = vip {
+        if let Some(prev) = seen.endpoints.insert((vip, s.port, s.protocol), si) {
+            bad(
+                format!("{key}.vip"),
+                format!(
+                    "duplicate VIP:port {vip}:{}/{} (also service[{prev}])",
+                    s.port, s.protocol
+                ),
+            );
+        }
+    }
+    if s.backends.is_empty() {
+        bad(
+            format!("{key}.backend"),
+            format!("service {:?} has no backends", s.name),
+        );
+    }
+    let svc_health = s
+        .health
+        .as_ref()
+        .and_then(|h| validate_health(h, s.protocol, &format!("{key}.health"), bad));
+    let mut names = HashSet::new();
+    let backends: Vec<BackendConfig> = s
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(bi, b)| {
+            validate_backend(
+                &format!("{key}.backend[{bi}]"),
+                b,
+                s,
+                vip,
+                &svc_health,
+                &mut names,
+                bad,
+            )
+        })
+        .collect();
+    let scheduler = validate_scheduler(&key, s, bad);
+    if scheduler.kind() == SchedulerKind::Maglev {
+        seen.maglev_services += 1;
+    }
+    let steering = validate_steering(&key, s, file, bad);
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    if !backends.is_empty() && lb_common::ring::ring_len(&weights) == 0 {
+        bad(
+            format!("{key}.backend"),
+            "every backend has weight 0: the service could take no flow".into(),
+        );
+    }
+    if let Err(e) = check_ring(s.scheduler, &weights) {
+        bad(format!("{key}.backend"), e.to_string());
+    }
+    seen.backends += s.backends.len();
+    let firewall = validate_source_rules(&key, &s.firewall, global_deny, bad);
+    seen.rules += firewall.allow.len() + firewall.deny.len();
+    Some(ServiceConfig {
+        name: s.name.clone(),
+        vip: vip?,
+        port: s.port,
+        protocol: s.protocol,
+        scheduler,
+        on_backend_down: s.on_backend_down,
+        steering,
+        health: svc_health,
+        firewall,
+        backends,
+        udp_idle_timeout: Duration::from_secs(
+            s.udp_idle_timeout_s.unwrap_or(DEFAULT_UDP_IDLE_S) as u64
+        ),
+    })
+}
+
+/// One `[[service.backend]]` of `s`: None without a usable address.
+fn validate_backend<'a>(
+    bkey: &str,
+    b: &'a RawBackend,
+    s: &RawService,
+    vip: Option<Ipv4Addr>,
+    svc_health: &Option<HealthCheck>,
+    names: &mut HashSet<&'a str>,
+    bad: &mut dyn FnMut(String, String),
+) -> Option<BackendConfig> {
+    if let Some(p) = name_problem(&b.name) {
+        bad(format!("{bkey}.name"), p);
+    } else if !names.insert(&b.name) {
+        bad(
+            format!("{bkey}.name"),
+            format!("duplicate backend name {:?} in this service", b.name),
+        );
+    }
+    let address = match b.address.parse::<Ipv4Addr>() {
+        Ok(a) => match backend_address_problem(a, vip) {
+            Some(p) => {
+                bad(format!("{bkey}.address"), p);
+                None
+            }
+            None => Some(a),
+        },
+        Err(_) => {
+            bad(
+                format!("{bkey}.address"),
+                format!("invalid IPv4 address {:?}", b.address),
+            );
+            None
+        }
+    };
+    let port = b.port.unwrap_or(s.port);
+    if port == 0 {
+        bad(format!("{bkey}.port"), "port 0 is not a valid port".into());
+    }
+    let weight = check_weight(s.scheduler, b.weight).unwrap_or_else(|e| {
+        bad(format!("{bkey}.weight"), e.to_string());
+        match e {
+            WeightError::AboveRing { weight } => weight,
+            _ => 1,
+        }
+    });
+    let health = match &b.health {
+        None => svc_health.clone(),
+        Some(own) => validate_health(
+            &own.over(&s.health.clone().unwrap_or_default()),
+            s.protocol,
+            &format!("{bkey}.health"),
+            bad,
+        ),
+    };
+    Some(BackendConfig {
+        name: b.name.clone(),
+        address: address?,
+        port,
+        weight,
+        health,
+    })
+}
+
+/// `scheduler` and, for Maglev, `maglev_table_size`.
+fn validate_scheduler(key: &str, s: &RawService, bad: &mut dyn FnMut(String, String)) -> Scheduler {
+    let table_size = s
+        .maglev_table_size
+        .unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE);
+    if s.maglev_table_size.is_some() && s.scheduler != SchedulerKind::Maglev {
+        bad(
+            format!("{key}.maglev_table_size"),
+            "needs scheduler = \"maglev\"".into(),
+        );
+    }
+    if !lb_common::maglev::is_prime(table_size) || table_size > lb_common::maglev::MAX_TABLE_SIZE {
+        bad(
+            format!("{key}.maglev_table_size"),
+            format!(
+                "{table_size} must be a prime no larger than {}",
+                lb_common::maglev::MAX_TABLE_SIZE
+            ),
+        );
+    } else if s.scheduler == SchedulerKind::Maglev && (table_size as usize) < 100 * s.backends.len()
+    {
+        bad(
+            format!("{key}.maglev_table_size"),
+            format!(
+                "{table_size} is too small for {} backends: Maglev needs at least 100 slots per \
+                 backend to spread evenly",
+                s.backends.len()
+            ),
+        );
+    }
+    match s.scheduler {
+        SchedulerKind::RoundRobin => Scheduler::RoundRobin,
+        SchedulerKind::WeightedRoundRobin => Scheduler::WeightedRoundRobin,
+        SchedulerKind::Maglev => Scheduler::Maglev { table_size },
+    }
+}
+
+/// `steering` and its `[service.mysql]` (the password read from its file).
+fn validate_steering(
+    key: &str,
+    s: &RawService,
+    file: &Path,
+    bad: &mut dyn FnMut(String, String),
+) -> Steering {
+    let m = match (&s.mysql, s.steering) {
+        (None, SteeringKind::None) => return Steering::None,
+        (Some(_), SteeringKind::None) => {
+            bad(
+                format!("{key}.mysql"),
+                "needs steering = \"mysql-primary\" or \"mysql-replica\"".into(),
+            );
+            return Steering::None;
+        }
+        (None, _) => {
+            bad(
+                format!("{key}.mysql"),
+                "MySQL steering needs a [service.mysql] section (user, password_file)".into(),
+            );
+            return Steering::None;
+        }
+        (Some(m), _) => m,
+    };
+    if m.user.is_empty() || m.user.chars().any(|c| c.is_control()) {
+        bad(
+            format!("{key}.mysql.user"),
+            "must be a non-empty name without control characters".into(),
+        );
+    }
+    if s.protocol != Protocol::Tcp {
+        bad(
+            format!("{key}.steering"),
+            "MySQL steering needs protocol = \"tcp\"".into(),
+        );
+    }
+    if !(10..=60_000).contains(&m.interval_ms) {
+        bad(
+            format!("{key}.mysql.interval_ms"),
+            format!("{} is outside 10..=60000", m.interval_ms),
+        );
+    }
+    if m.timeout_ms == 0 || m.timeout_ms > m.interval_ms {
+        bad(
+            format!("{key}.mysql.timeout_ms"),
+            format!(
+                "{} must be at least 1 and at most interval_ms ({})",
+                m.timeout_ms, m.interval_ms
+            ),
+        );
+    }
+    // A relative path is the config file's neighbour.
+    let password_file = file
+        .parent()
+        .map(|d| d.join(&m.password_file))
+        .unwrap_or_else(|| m.password_file.clone());
+    let password = match read_small_file(&password_file, MAX_PASSWORD_BYTES) {
+        // A trailing newline is the file's, not the password's.
+        Ok(p) => Secret(p.trim_end_matches(['\n', '\r']).to_owned()),
+        Err(e) => {
+            bad(
+                format!("{key}.mysql.password_file"),
+                format!("cannot read {}: {e}", password_file.display()),
+            );
+            return Steering::None;
+        }
+    };
+    let monitor = MysqlMonitor {
+        user: m.user.clone(),
+        password_file,
+        password,
+        interval_ms: m.interval_ms,
+        timeout_ms: m.timeout_ms,
+        max_replica_lag_s: m.max_replica_lag_s,
+        on_demotion: m.on_demotion,
+    };
+    match s.steering {
+        SteeringKind::MysqlReplica => Steering::MysqlReplica(monitor),
+        _ => Steering::MysqlPrimary(monitor),
+    }
+}
+
+/// `[service.firewall]`: its CIDRs, none both allowed and denied, no allow
+/// rule inside the global deny list.
+fn validate_source_rules(
+    key: &str,
+    f: &RawSourceRules,
+    global_deny: &HashSet<Cidr>,
+    bad: &mut dyn FnMut(String, String),
+) -> SourceRules {
+    let allow = cidrs(&f.allow, &format!("{key}.firewall.allow"), bad);
+    let deny = cidrs(&f.deny, &format!("{key}.firewall.deny"), bad);
+    let allowed: HashSet<&Cidr> = allow.iter().map(|(_, c)| c).collect();
+    for (i, c) in &deny {
+        if allowed.contains(c) {
+            bad(
+                format!("{key}.firewall.deny[{i}]"),
+                format!("{c} is also allowed: a CIDR is either allowed or denied"),
+            );
+        }
+    }
+    for (i, c) in &allow {
+        if let Some(d) = covered_by(c, global_deny) {
+            bad(
+                format!("{key}.firewall.allow[{i}]"),
+                format!("{c} is inside {d} of [firewall] deny: none of it could reach the service"),
+            );
+        }
+    }
+    SourceRules {
+        allow: allow.into_iter().map(|(_, c)| c).collect(),
+        deny: deny.into_iter().map(|(_, c)| c).collect(),
+    }
+}
+
+/// `[daemon]` beyond its interfaces: paths, table sizes, the metrics
+/// listener, with their defaults.
+fn validate_daemon(d: RawDaemon, bad: &mut dyn FnMut(String, String)) -> DaemonConfig {
+    // A path the daemon creates or replaces things in: absolute, no . or ..
+    let plain = |p: &Path| {
+        p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        })
+    };
+    if let Some(p) = &d.pin_dir {
+        if !plain(p) || !p.starts_with("/sys/fs/bpf/") || p == Path::new("/sys/fs/bpf") {
+            bad(
+                "daemon.pin_dir".into(),
+                format!(
+                    "{} is not a directory of its own under /sys/fs/bpf/ (bpffs), written \
+                     without . or ..",
+                    p.display()
+                ),
+            );
+        }
+    }
+    if let Some(n) = d.transient_size {
+        if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
+            bad(
+                "daemon.transient_size".into(),
+                format!("{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE}"),
+            );
+        }
+    }
+    if let Some(n) = d.closed_linger_s {
+        if !(1..=300).contains(&n) {
+            bad(
+                "daemon.closed_linger_s".into(),
+                format!("{n} is outside 1..=300 (seconds)"),
+            );
+        }
+    }
+    if let Some(n) = d.conntrack_size {
+        if !(MIN_CONNTRACK_SIZE..=MAX_CONNTRACK_SIZE).contains(&n) {
+            bad(
+                "daemon.conntrack_size".into(),
+                format!(
+                    "{n} is outside {MIN_CONNTRACK_SIZE}..={MAX_CONNTRACK_SIZE} \
+                     (each flow takes about 200 bytes of kernel memory, in two tables)"
+                ),
+            );
+        }
+    }
+    if let Some(p) = &d.control_socket {
+        // The daemon replaces a stale socket there: the path must be an
+        // absolute file name of its own.
+        if !p.is_absolute()
+            || !plain(p)
+            || p.file_name().is_none()
+            || p.parent() == Some(Path::new("/"))
+        {
+            bad(
+                "daemon.control_socket".into(),
+                format!(
+                    "{:?} must be an absolute path to a file in a directory (like {DEFAULT_CONTROL_SOCKET}), \
+                     without . or ..",
+                    p.display().to_string()
+                ),
+            );
+        }
+    }
+    let metrics_listen = match d.metrics_listen.as_deref() {
+        None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        Some("off") => None,
+        Some(a) => match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                bad(
+                    "daemon.metrics_listen".into(),
+                    format!("{a:?} is not an address:port (or \"off\")"),
+                );
+                None
+            }
+        },
+    };
+    DaemonConfig {
+        interfaces: d.interfaces,
+        hook: d.hook.or(d.xdp_mode.map(XdpMode::hook)).unwrap_or_default(),
+        hooks: d.hooks,
+        netns: d.netns,
+        control_socket: d
+            .control_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        manage_neighbours: d.manage_neighbours,
+        pin_dir: d.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        maglev_seed: d.maglev_seed,
+        metrics_listen,
+        stateless_reverse_nat: d.stateless_reverse_nat,
+        conntrack_size: d.conntrack_size.unwrap_or(lb_common::CONNTRACK_SIZE),
+        transient_size: d.transient_size.unwrap_or(lb_common::TRANSIENT_SIZE),
+        closed_linger: Duration::from_secs(
+            d.closed_linger_s.unwrap_or(DEFAULT_CLOSED_LINGER_S) as u64
+        ),
     }
 }
 

@@ -236,7 +236,9 @@ impl Drop for AbortOnDrop {
 async fn first_mysql_look(cfg: &Config) -> reconcile::FirstLook {
     let mut set = tokio::task::JoinSet::new();
     for s in &cfg.services {
-        let Some(m) = &s.mysql else { continue };
+        let Some(m) = s.steering.mysql() else {
+            continue;
+        };
         for b in &s.backends {
             let (key, addr, port, m) = (
                 (s.name.clone(), b.name.clone()),

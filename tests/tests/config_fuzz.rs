@@ -12,7 +12,7 @@ use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf};
 
 use lb_tests::TempDir;
 use lb_userspace::config::{
-    Cidr, ClosedPorts, Config, Steering, DEFAULT_NEW_FLOWS_PER_SEC,
+    Cidr, ClosedPorts, Config, Protocol, Scheduler, DEFAULT_NEW_FLOWS_PER_SEC,
     DEFAULT_SOURCE_NEW_FLOWS_PER_SEC,
 };
 use proptest::{
@@ -190,7 +190,19 @@ fn holds_its_promises(cfg: &Config) -> Result<(), TestCaseError> {
         );
         prop_assert!(s.port != 0 && usable(s.vip), "{s:?}");
         prop_assert!(!s.backends.is_empty(), "no backends: {s:?}");
-        prop_assert_eq!(s.mysql.is_some(), s.steering != Steering::None, "{:?}", s);
+        if let Some(m) = s.steering.mysql() {
+            prop_assert!(
+                s.protocol == Protocol::Tcp && m.timeout_ms >= 1 && m.timeout_ms <= m.interval_ms,
+                "{s:?}"
+            );
+        }
+        if let Scheduler::Maglev { table_size } = s.scheduler {
+            prop_assert!(
+                lb_common::maglev::is_prime(table_size)
+                    && table_size <= lb_common::maglev::MAX_TABLE_SIZE,
+                "{s:?}"
+            );
+        }
         let mut backend_names = HashSet::new();
         for b in &s.backends {
             prop_assert!(!b.name.is_empty() && backend_names.insert(&b.name), "{s:?}");

@@ -124,7 +124,7 @@ pub fn weight(b: &BackendConfig, o: &BackendObservations) -> u32 {
 pub fn ring_weight(scheduler: Scheduler, weight: u32) -> u32 {
     match scheduler {
         Scheduler::RoundRobin => 1,
-        Scheduler::WeightedRoundRobin | Scheduler::Maglev => weight,
+        Scheduler::WeightedRoundRobin | Scheduler::Maglev { .. } => weight,
     }
 }
 
@@ -163,12 +163,12 @@ pub fn eligibility(
 ) -> Result<(), Ineligible> {
     serves(b, o.backend(&b.name))?;
     let primary = o.roles.primary.as_deref() == Some(b.name.as_str());
-    match s.steering {
+    match &s.steering {
         Steering::None => Ok(()),
-        Steering::MysqlPrimary if primary => Ok(()),
-        Steering::MysqlPrimary => Err(Ineligible::NotPrimary),
-        Steering::MysqlReplica => {
-            let max = s.mysql.as_ref().map_or(0, |m| m.max_replica_lag_s);
+        Steering::MysqlPrimary(_) if primary => Ok(()),
+        Steering::MysqlPrimary(_) => Err(Ineligible::NotPrimary),
+        Steering::MysqlReplica(m) => {
+            let max = m.max_replica_lag_s;
             let fit = |x: &BackendConfig| {
                 let xo = o.backend(&x.name);
                 serves(x, xo).is_ok()
@@ -225,16 +225,19 @@ pub fn desired_service(s: &ServiceConfig, maglev_seed: u32) -> ServiceSpec {
 
 /// What the maps should say about service `s`.
 pub fn service_spec(s: &ServiceConfig, o: &ServiceObservations, maglev_seed: u32) -> ServiceSpec {
-    let reset_demoted = s.steering == Steering::MysqlPrimary
-        && s.mysql
-            .as_ref()
-            .is_some_and(|m| m.on_demotion == OnDemotion::Reset);
+    let reset_demoted = matches!(
+        &s.steering,
+        Steering::MysqlPrimary(m) if m.on_demotion == OnDemotion::Reset
+    );
     ServiceSpec {
         name: s.name.clone(),
         vip: s.vip,
         port: s.port,
         protocol: s.protocol,
-        maglev: (s.scheduler == Scheduler::Maglev).then_some((s.maglev_table_size, maglev_seed)),
+        maglev: match s.scheduler {
+            Scheduler::Maglev { table_size } => Some((table_size, maglev_seed)),
+            Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => None,
+        },
         // Steered services refuse what they cannot place: a write with no
         // primary fails fast instead of hanging.
         reset_if_empty: s.steering != Steering::None,
@@ -283,18 +286,16 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             scheduler,
-            maglev_table_size: 65537,
             on_backend_down: DownPolicy::default(),
             health: None,
             steering: Steering::None,
-            mysql: None,
             udp_idle_timeout: Duration::from_secs(30),
             firewall: SourceRules::default(),
             backends,
         }
     }
 
-    fn steered(steering: Steering, on_demotion: OnDemotion) -> ServiceConfig {
+    fn steered(steering: fn(MysqlMonitor) -> Steering, on_demotion: OnDemotion) -> ServiceConfig {
         let mut s = service(
             Scheduler::RoundRobin,
             vec![
@@ -303,8 +304,7 @@ mod tests {
                 backend("db3", 3, 1),
             ],
         );
-        s.steering = steering;
-        s.mysql = Some(MysqlMonitor {
+        s.steering = steering(MysqlMonitor {
             user: "lb".into(),
             password_file: PathBuf::from("/dev/null"),
             password: Secret(String::new()),
@@ -401,7 +401,7 @@ mod tests {
             desired_service(&wrr, 0).backends,
             [spec("web1", 1, 1), spec("web2", 2, 3)]
         );
-        let maglev = service(Scheduler::Maglev, backends);
+        let maglev = service(Scheduler::Maglev { table_size: 65537 }, backends);
         let m = desired_service(&maglev, 42);
         assert_eq!(m.maglev, Some((65537, 42)));
         assert_eq!(m.backends, [spec("web1", 1, 1), spec("web2", 2, 3)]);

@@ -371,7 +371,7 @@ impl Balancer {
                     let port = h.port.unwrap_or(b.port);
                     checks.insert(key.clone(), (b.address, port, h.clone()));
                 }
-                if let Some(m) = &s.mysql {
+                if let Some(m) = s.steering.mysql() {
                     watch.insert(key, (b.address, b.port, m.clone()));
                 }
             }
@@ -693,12 +693,12 @@ impl Balancer {
             backend: name.to_owned(),
             source,
         };
-        let weight = check_weight(s.scheduler, weight).map_err(invalid)?;
+        let weight = check_weight(s.scheduler.kind(), weight).map_err(invalid)?;
         let mut weights: Vec<u32> = backends(s, o)
             .map(|b| self::weight(b, o.backend(&b.name)))
             .collect();
         weights.push(weight);
-        check_ring(s.scheduler, &weights).map_err(invalid)?;
+        check_ring(s.scheduler.kind(), &weights).map_err(invalid)?;
         let config = BackendConfig {
             name: name.to_owned(),
             address,
@@ -752,7 +752,7 @@ impl Balancer {
             backend: name.to_owned(),
             source,
         };
-        check_weight(s.scheduler, Some(weight)).map_err(invalid)?;
+        check_weight(s.scheduler.kind(), Some(weight)).map_err(invalid)?;
         self.backend(service, name)?;
         let weights: Vec<u32> = backends(s, o)
             .map(|b| match b.name == name {
@@ -760,7 +760,7 @@ impl Balancer {
                 false => self::weight(b, o.backend(&b.name)),
             })
             .collect();
-        check_ring(s.scheduler, &weights).map_err(invalid)?;
+        check_ring(s.scheduler.kind(), &weights).map_err(invalid)?;
         self.observed_mut(service, name)?.weight = Some(weight);
         self.write_service(service)?;
         tracing::info!(service, backend = name, weight, "backend weight changed");

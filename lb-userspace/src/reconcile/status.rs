@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{backends, weight, Admin, BackendObservations, Balancer, Result};
 use crate::{
-    config::{DownPolicy, HealthKind, Protocol, Scheduler, Steering},
+    config::{DownPolicy, HealthKind, Protocol, SchedulerKind, SteeringKind},
     dataplane::TrafficStatus,
     health::CheckResult,
     mysql::{Observation, Roles},
@@ -78,9 +78,9 @@ pub struct ServiceStatus {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
-    pub scheduler: Scheduler,
+    pub scheduler: SchedulerKind,
     pub on_backend_down: DownPolicy,
-    pub steering: Steering,
+    pub steering: SteeringKind,
     /// MySQL-steered services only.
     pub mysql: Option<ServiceMysql>,
     pub traffic: TrafficStatus,
@@ -337,10 +337,10 @@ impl Balancer {
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol,
-                scheduler: s.scheduler,
+                scheduler: s.scheduler.kind(),
                 on_backend_down: s.on_backend_down,
-                steering: s.steering,
-                mysql: (s.steering != Steering::None).then(|| ServiceMysql {
+                steering: s.steering.kind(),
+                mysql: s.steering.mysql().map(|_| ServiceMysql {
                     primary: o.roles.primary.clone(),
                     alarm: o.roles.alarm.clone(),
                 }),
@@ -539,9 +539,9 @@ mod tests {
                 vip: Ipv4Addr::new(10, 0, 0, 1),
                 port: 3306,
                 protocol: Protocol::Tcp,
-                scheduler: Scheduler::WeightedRoundRobin,
+                scheduler: SchedulerKind::WeightedRoundRobin,
                 on_backend_down: DownPolicy::DropFlows,
-                steering: Steering::MysqlReplica,
+                steering: SteeringKind::MysqlReplica,
                 mysql: Some(ServiceMysql {
                     primary: Some("db1".into()),
                     alarm: None,
