@@ -812,19 +812,25 @@ impl FlowQuery {
     /// loop): its entries, and per backend the flows seen lately.
     pub fn answer(self) -> Response {
         let census = self.censuses.get_or_take(self.census);
-        let mut recent: Vec<serde_json::Value> = census
+        let mut backends: Vec<status::RecentFlows> = census
             .active
-            .iter()
-            .map(|((service, backend), n)| {
-                json!({ "service": service, "backend": backend, "recent_flows": n })
+            .into_iter()
+            .map(|((service, backend), recent_flows)| status::RecentFlows {
+                service,
+                backend,
+                recent_flows,
             })
             .collect();
-        recent.sort_by_key(|v| v.to_string());
-        Response::Ok(json!({
-            "entries": census.entries,
-            "capacity": census.capacity,
-            "backends": recent,
-        }))
+        backends.sort_by(|a, b| (&a.service, &a.backend).cmp(&(&b.service, &b.backend)));
+        let answer = status::CensusStatus {
+            entries: census.entries,
+            capacity: census.capacity,
+            backends,
+        };
+        match serde_json::to_value(answer) {
+            Ok(v) => Response::Ok(v),
+            Err(e) => Response::Error(format!("census: {e}")),
+        }
     }
 }
 

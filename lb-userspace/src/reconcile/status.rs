@@ -496,6 +496,25 @@ pub(super) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `lb census`: one walk of the connection table (see
+/// `Dataplane::census`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CensusStatus {
+    /// Entries in the table (open, closing and idle flows until evicted).
+    pub entries: u64,
+    pub capacity: u64,
+    /// Per backend with flows seen lately, ordered by service and backend.
+    pub backends: Vec<RecentFlows>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentFlows {
+    pub service: String,
+    pub backend: String,
+    /// Flows not closed that saw a packet within their idle time.
+    pub recent_flows: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
