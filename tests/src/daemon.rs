@@ -227,6 +227,56 @@ impl LbDaemon {
         (out.status.success(), text)
     }
 
+    /// Replaces the daemon's config file as an operator's tool should: a
+    /// new file renamed over the old, so a reload never reads half of it.
+    pub fn write_config(&self, content: &str) {
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, content).expect("writing the new config");
+        std::fs::rename(&tmp, &self.config).expect("renaming it into place");
+    }
+
+    /// (applied, rejected) reloads so far, from `lb status`.
+    pub fn reloads(&self) -> (u64, u64) {
+        let r = &self.status()["reloads"];
+        (
+            r["applied"].as_u64().expect("reloads.applied"),
+            r["rejected"].as_u64().expect("reloads.rejected"),
+        )
+    }
+
+    /// Sends SIGHUP and waits until the daemon has handled it: its count of
+    /// applied (`applied`) or rejected reloads moved past `before`.
+    pub fn sighup_and_wait(&self, before: (u64, u64), applied: bool) {
+        self.signal(libc::SIGHUP);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.reloads();
+            let moved = if applied {
+                now.0 > before.0
+            } else {
+                now.1 > before.1
+            };
+            if moved {
+                assert_eq!(
+                    now,
+                    if applied {
+                        (before.0 + 1, before.1)
+                    } else {
+                        (before.0, before.1 + 1)
+                    },
+                    "one reload, of the kind expected"
+                );
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIGHUP not handled within 5 s (reloads {now:?}, before {before:?})\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal to the daemon.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("running").id() as i32;

@@ -160,7 +160,7 @@ fn root_denied_sources_get_no_answer_and_a_port_scan_finds_exactly_the_services(
     );
 
     let socket = lb.socket.clone();
-    std::fs::write(&lb.config, config(&socket, "drop", "")).unwrap();
+    lb.write_config(&config(&socket, "drop", ""));
     let (ok, out) = lb.cli(&["reload"]);
     assert!(ok, "{out}");
     let closed_before = counter(&lb, "drop_closed_port");

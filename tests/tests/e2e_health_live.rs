@@ -372,32 +372,33 @@ fn root_fifty_reloads_under_load_break_nothing_and_a_bad_file_changes_nothing() 
     let load = Load::start(&t.client, vip(80), Duration::from_millis(2));
 
     for i in 0..50u32 {
-        let content = lb_config(&socket, &svc(1 + i % 3));
-        std::fs::write(&lb.config, content).unwrap();
+        let before = lb.reloads();
+        lb.write_config(&lb_config(&socket, &svc(1 + i % 3)));
         if i % 2 == 0 {
             let (ok, out) = lb.cli(&["reload"]);
             assert!(ok && out.contains("applied"), "reload {i}: {out}");
+            assert_eq!(lb.reloads(), (before.0 + 1, before.1), "reload {i}");
         } else {
-            lb.signal(libc::SIGHUP);
+            lb.sighup_and_wait(before, true);
         }
-        std::thread::sleep(Duration::from_millis(40));
+        // Each reload's weight is in force before the next one.
+        let want = 1 + i % 3;
+        assert_eq!(lb.backend("web", "web2")["weight"], want, "reload {i}");
     }
     // The last file said weight 1 + 49 % 3 = 2 for web2.
-    lb.wait_backend("web", "web2", Duration::from_secs(2), "weight 2", |b| {
-        b["weight"] == 2
-    });
+    assert_eq!(lb.backend("web", "web2")["weight"], 2);
 
     // An invalid file: the reload is refused with its error, nothing changes.
-    std::fs::write(
-        &lb.config,
-        lb_config(&socket, &svc(3)).replace("weight = 1", "weight = 1\ncolour = \"red\""),
-    )
-    .unwrap();
+    lb.write_config(
+        &lb_config(&socket, &svc(3)).replace("weight = 1", "weight = 1\ncolour = \"red\""),
+    );
+    let before = lb.reloads();
     let (ok, out) = lb.cli(&["reload"]);
     assert!(!ok, "an invalid config must be refused: {out}");
     assert!(out.contains("unknown field `colour`"), "{out}");
-    lb.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lb.reloads(), (before.0, before.1 + 1));
+    // The same by SIGHUP, confirmed handled before the weight is read.
+    lb.sighup_and_wait(lb.reloads(), false);
     assert_eq!(
         lb.backend("web", "web2")["weight"],
         2,

@@ -142,6 +142,7 @@ pub struct Balancer {
     /// graphs), and the changes of state within them.
     samples: VecDeque<Sample>,
     events: VecDeque<Event>,
+    reloads: status::Reloads,
     /// Every backend's (id, address), for the next-hop watcher.
     hop_targets: tokio::sync::watch::Sender<Vec<(u32, Ipv4Addr)>>,
 }
@@ -184,6 +185,7 @@ impl Balancer {
             pressure_logged: None,
             samples: VecDeque::new(),
             events: VecDeque::new(),
+            reloads: status::Reloads::default(),
         };
         b.steer_all();
         b.sync()?;
@@ -570,12 +572,19 @@ impl Balancer {
             }
             // The daemon's loop handles it: it owns the process's lifetime.
             Request::Stop { .. } => Err(ReconcileError::StopElsewhere),
-            Request::Reload => Config::load(&self.file.file.clone())
-                .map_err(|e| {
-                    tracing::error!(error = %e, "config rejected");
-                    ReconcileError::from(e)
-                })
-                .and_then(|c| self.reload(c)),
+            Request::Reload => {
+                let r = Config::load(&self.file.file.clone())
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "config rejected");
+                        ReconcileError::from(e)
+                    })
+                    .and_then(|c| self.reload(c));
+                match r {
+                    Ok(_) => self.reloads.applied += 1,
+                    Err(_) => self.reloads.rejected += 1,
+                }
+                r
+            }
             Request::BackendAdd {
                 service,
                 name,

@@ -47,6 +47,17 @@ pub struct Status {
     pub history: History,
     /// The connection table.
     pub conntrack: FlowTable,
+    /// Reloads since the daemon started (SIGHUP or `lb reload`).
+    pub reloads: Reloads,
+}
+
+/// How many reloads were applied and how many refused (the running
+/// configuration stayed): a script that changed the file waits for one of
+/// them to move.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloads {
+    pub applied: u64,
+    pub rejected: u64,
 }
 
 /// Whether what is pinned outlives this daemon.
@@ -386,6 +397,7 @@ impl Balancer {
                 pressure,
                 pressure_events: self.pressure_events,
             },
+            reloads: self.reloads,
         })
     }
 
@@ -610,6 +622,10 @@ mod tests {
                 pressure: Pressure::High,
                 pressure_events: 1,
             },
+            reloads: Reloads {
+                applied: 2,
+                rejected: 1,
+            },
         };
         let v = status.to_json();
         let b = &v["services"][0]["backends"][0];
@@ -640,6 +656,7 @@ mod tests {
                 "conntrack",
                 "counters",
                 "history",
+                "reloads",
                 "services",
                 "state"
             ]
