@@ -200,9 +200,32 @@ fn root_planned_switchover_moves_the_write_vip_within_a_second_and_no_write_reac
     std::thread::sleep(Duration::from_millis(1000));
     let (demoted, promoted) = b.db2.take_over_from(&b.db1);
     b.wait_primary(Some("db2"), Duration::from_secs(3));
+    // From the moment the balancer says db2, it must not give db1 one more
+    // connection: counted by the data path itself, not inferred from db1
+    // refusing writes (a read-only server refuses them whatever we do).
+    let new_flows = |backend: &str| {
+        b.lb.backend_traffic("mysql-write", backend)["new_flows"]
+            .as_u64()
+            .expect("new_flows")
+    };
+    let (db1_at_switch, db2_at_switch) = (new_flows("db1"), new_flows("db2"));
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let log = writer.join().unwrap();
+    let (db1_after, db2_after) = (new_flows("db1"), new_flows("db2"));
+    println!(
+        "new connections after the switch: db1 {}, db2 {}",
+        db1_after - db1_at_switch,
+        db2_after - db2_at_switch
+    );
+    assert_eq!(
+        db1_after, db1_at_switch,
+        "the old primary got new connections after the balancer moved the write VIP"
+    );
+    assert!(
+        db2_after > db2_at_switch + 10,
+        "the writes of the last 1.5 s went to db2"
+    );
 
     let first_on_db2 = log
         .iter()

@@ -25,7 +25,6 @@ use lb_userspace::{
     reconcile::desired_service,
 };
 
-const XDP_ABORTED: u32 = 0;
 
 /// The balancer's namespace for these tests: x0 faces the client (10.0.1.1),
 /// x1 the backends (10.0.2.1), with static neighbours so MACs are known.
@@ -505,7 +504,6 @@ fn root_malformed_and_truncated_frames_are_never_forwarded() {
                                 action == XDP_PASS || action == XDP_DROP,
                                 "length {len}: action {action} for a truncated frame"
                             );
-                            assert_ne!(action, XDP_ABORTED);
                         }
                     }
                 }
