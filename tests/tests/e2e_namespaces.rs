@@ -196,6 +196,15 @@ fn root_run_with_a_bad_config_changes_nothing_in_the_kernel() {
         .replace("10.0.2.11", "10.0.2.311");
     std::fs::write(&cfg, bad).unwrap();
     let before = t.lb.ip(&["link", "show"]);
+    // The data path's programs loaded in the kernel (any namespace).
+    let ours = || -> std::collections::BTreeSet<u32> {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter(|p| matches!(p.name_as_str(), Some("lb" | "lb_tc")))
+            .map(|p| p.id())
+            .collect()
+    };
+    let programs_before = ours();
     let out =
         t.lb.command(lb_tests::daemon::lb_binary().to_str().unwrap())
             .args(["run", "--config"])
@@ -211,6 +220,10 @@ fn root_run_with_a_bad_config_changes_nothing_in_the_kernel() {
     }
     assert_eq!(before, after, "interfaces unchanged");
     assert!(!sock.exists(), "no control socket was opened");
+    let pins = lb_tests::topology::pin_dir_for(&sock);
+    assert!(!pins.exists(), "no map was pinned ({})", pins.display());
+    let loaded: Vec<u32> = ours().difference(&programs_before).copied().collect();
+    assert!(loaded.is_empty(), "programs left loaded: {loaded:?}");
 }
 
 #[test]
