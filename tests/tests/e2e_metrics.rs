@@ -127,10 +127,16 @@ fn root_metrics_count_exactly_what_was_sent_and_the_page_shows_the_backends() {
     }
     let svc = service_block("web", 80, "tcp", 2, 80).replace(
         "scheduler = \"round-robin\"\n",
-        "scheduler = \"round-robin\"\n[service.health]\nkind = \"http\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 1\n",
+        // A check's timeout with room on a loaded 2-core machine: what is
+        // measured here is counting, not how fast a failure is seen.
+        "scheduler = \"round-robin\"\n[service.health]\nkind = \"http\"\ninterval_ms = 500\ntimeout_ms = 400\nrise = 1\nfall = 1\n",
     );
     let lb = LbDaemon::start(&t.lb, |sock| lb_config(sock, &svc));
-    std::thread::sleep(Duration::from_millis(500));
+    for w in ["web1", "web2"] {
+        lb.wait_backend("web", w, Duration::from_secs(5), "checked and up", |b| {
+            b["state"] == "up" && b["health"]["last"]["ok"] == true
+        });
+    }
 
     let text = fetch(&t.lb, metrics_addr(), "/metrics").expect("scraping /metrics");
     // Conventions: every counter ends in _total; units are base units.

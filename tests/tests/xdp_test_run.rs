@@ -25,7 +25,6 @@ use lb_userspace::{
     reconcile::desired_service,
 };
 
-
 /// The balancer's namespace for these tests: x0 faces the client (10.0.1.1),
 /// x1 the backends (10.0.2.1), with static neighbours so MACs are known.
 struct Env {
