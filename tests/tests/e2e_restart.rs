@@ -34,6 +34,8 @@ fn vip() -> SocketAddr {
 /// must keep answering from the backend it started on. Returns the rounds done.
 struct Holders {
     stop: Arc<AtomicBool>,
+    /// Rounds done so far (every connection answered once per round).
+    done: Arc<std::sync::atomic::AtomicUsize>,
     thread: std::thread::JoinHandle<(Vec<String>, usize)>,
 }
 
@@ -41,6 +43,8 @@ impl Holders {
     fn start(ns: &lb_tests::netns::Netns, n: usize) -> Holders {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let d = done.clone();
         let thread = ns.spawn(move || {
             let mut conns: Vec<http::Conn> = (0..n)
                 .map(|i| http::Conn::open(vip()).unwrap_or_else(|e| panic!("opening {i}: {e}")))
@@ -55,11 +59,18 @@ impl Holders {
                     }
                 }
                 rounds += 1;
+                d.store(rounds, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
             (first, rounds)
         });
-        Holders { stop, thread }
+        Holders { stop, done, thread }
+    }
+
+    /// Rounds done so far: taken before an event, it lets a test check that
+    /// the connections were used after it, not only before.
+    fn rounds(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
     }
 
     fn finish(self) -> (Vec<String>, usize) {
@@ -174,6 +185,7 @@ fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_
     // The upgrade path: stop leaving the data path in place, start the new
     // build (here a second build of the program, with verbose-logs), which
     // loads its program and swaps it in on the links.
+    let before_upgrade = holders.rounds();
     let (ok, out) = lb.cli(&["stop", "--keep-datapath"]);
     assert!(ok, "{out}");
     lb.wait_exit(Duration::from_secs(10));
@@ -205,11 +217,18 @@ fn root_a_new_program_replaces_the_old_one_on_the_pinned_links_without_breaking_
     let samples = load.stop();
     let (_, rounds) = holders.finish();
     println!(
-        "{} new connections across the upgrade, {} failed; 20 long-lived, {rounds} rounds",
+        "{} new connections across the upgrade, {} failed; 20 long-lived, {rounds} rounds \
+         ({} of them from the stop on)",
         samples.len(),
-        failures(&samples).len()
+        failures(&samples).len(),
+        rounds - before_upgrade
     );
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    assert!(
+        rounds - before_upgrade >= 5,
+        "the long-lived connections were used across the upgrade: {} rounds",
+        rounds - before_upgrade
+    );
 }
 
 #[test]
@@ -238,6 +257,7 @@ fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
     );
 
     // lb1 goes away: withdrawn from the routes, its daemon stopped (XDP detached).
+    let before_withdraw = holders.rounds();
     t.withdraw(0);
     drop(lb1);
     assert_eq!(t.lbs[0].attached_program("eth0"), None);
@@ -252,6 +272,11 @@ fn root_active_active_balancers_carry_each_others_flows_when_one_goes_away() {
         first.iter().filter(|b| b.trim() == "web1").count()
     );
     assert!(recovered > 0, "lb2 carried flows that had come through lb1");
+    assert!(
+        rounds - before_withdraw >= 5,
+        "the long-lived connections were used after lb1 went away: {} rounds",
+        rounds - before_withdraw
+    );
     let more = lb_tests::burst_ok(&t.client, vip(), 20);
     assert_eq!(more, 20, "new connections go through lb2");
 }
