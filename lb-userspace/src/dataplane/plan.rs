@@ -429,15 +429,19 @@ impl Planner {
 
         // Backends first: a ring must only name backends already written.
         let mut ids = Vec::with_capacity(s.backends.len());
+        // Slots of backends that moved, cleared after the switch.
+        let mut departing = Vec::new();
         for b in &s.backends {
             let bkey = (s.name.clone(), b.name.clone());
             let moved = old_backends
                 .get(&b.name)
                 .is_some_and(|o| (o.address, o.port) != (b.address, b.port));
             if moved {
-                // Same name, new address: a different server. Its old flows
-                // must not follow the name to the new address.
-                self.remove_backend(&bkey, id, w);
+                // Same name, new address: a different server, in a slot of
+                // its own (its old flows must not follow the name to the new
+                // address). The live ring still names the old slot: it is
+                // cleared after the switch, as a departed backend's.
+                departing.extend(self.backends.remove(&bkey));
             }
             let adopted = self.adopting.as_mut().and_then(|a| {
                 let i = a.backends.iter().position(|(_, v)| {
@@ -572,7 +576,11 @@ impl Planner {
             w.push(Write::RemoveService { key: old });
         }
 
-        // Backends that left this service: after the switch, nothing new picks them.
+        // Backends that left this service, or moved: after the switch,
+        // nothing new picks them.
+        for bid in departing {
+            self.free_slot(bid, id, w);
+        }
         let gone: Vec<(String, String)> = self
             .backends
             .keys()
@@ -620,16 +628,21 @@ impl Planner {
     /// (`service`) when the slot is taken again.
     fn remove_backend(&mut self, bkey: &(String, String), service: u32, w: &mut Vec<Write>) {
         if let Some(bid) = self.backends.remove(bkey) {
-            self.retired.insert(bid, Some(service));
-            // The generation stays in the slot: flows that remember it must
-            // never match whichever backend takes the slot next.
-            let value = Backend {
-                generation: self.generations[bid as usize],
-                ..Backend::default()
-            };
-            w.push(Write::Backend { id: bid, value });
-            self.backend_ids.give_back(bid);
+            self.free_slot(bid, service, w);
         }
+    }
+
+    /// Clears backend slot `bid` of `service` and gives it back.
+    fn free_slot(&mut self, bid: u32, service: u32, w: &mut Vec<Write>) {
+        self.retired.insert(bid, Some(service));
+        // The generation stays in the slot: flows that remember it must
+        // never match whichever backend takes the slot next.
+        let value = Backend {
+            generation: self.generations[bid as usize],
+            ..Backend::default()
+        };
+        w.push(Write::Backend { id: bid, value });
+        self.backend_ids.give_back(bid);
     }
 
     /// Writes service `id`'s source rules (adding before removing, so a
@@ -1157,7 +1170,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_moved_to_another_address_is_a_new_backend() {
+    fn a_backend_moved_to_another_address_is_a_new_backend_in_a_slot_of_its_own() {
         let mut p = with_a_and_b();
         let mut moved = backend("b", 9, 1);
         moved.port = 9090;
@@ -1166,22 +1179,17 @@ mod tests {
             .iter()
             .filter(|w| !matches!(w, W::Prefilter { .. }))
             .collect();
-        let mut value = present(9, 0, 2);
+        let mut value = present(9, 0, 1);
         value.port = 9090u16.to_be_bytes();
-        let mut want = vec![
-            W::Backend {
-                id: 1,
-                value: cleared(1),
-            },
-            W::FoldTraffic {
-                backend: 1,
-                into: Some(0),
-            },
-            W::NewBackend { id: 1 },
-            W::Backend { id: 1, value },
-        ];
-        want.extend(ring(RING_SIZE, &[0, 1]));
+        // A new slot for the new server: the live ring keeps naming the old
+        // one, intact, until the switch; the old slot is cleared after it.
+        let mut want = vec![W::NewBackend { id: 2 }, W::Backend { id: 2, value }];
+        want.extend(ring(RING_SIZE, &[0, 2]));
         want.extend(switch(service(RING_SIZE, 2, 0, 0)));
+        want.push(W::Backend {
+            id: 1,
+            value: cleared(1),
+        });
         assert_eq!(fresh, want.iter().collect::<Vec<_>>());
     }
 
