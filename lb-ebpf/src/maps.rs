@@ -15,9 +15,17 @@ use lb_common::{
     PREFILTER_WORDS, RING_MAP_SIZE, TRANSIENT_SIZE,
 };
 
+/// Hash maps the daemon updates while packets read them are not
+/// preallocated: a replaced element is then freed after an RCU grace period.
+/// Preallocated, the kernel hands a replaced element to the very next update
+/// (its per-CPU spare), so a packet still holding the old pointer could read
+/// another service's value halfway through.
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// (VIP, port, protocol) -> service. Replaced whole, so a packet sees one version.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(MAX_SERVICES, NO_PREALLOC);
 
 /// Service id -> the same value: what an established flow needs of its
 /// service, read by the id its flow entry holds (an array read, no hashing).
@@ -56,7 +64,7 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_MAP_SIZE, 0);
 /// reply, whether or not it saw the flow's first packet (active-active).
 #[map]
 pub static BACKEND_VIPS: HashMap<BackendKey, ReverseFlow> =
-    HashMap::with_max_entries(MAX_BACKENDS, 0);
+    HashMap::with_max_entries(MAX_BACKENDS, NO_PREALLOC);
 
 /// Service id -> position in its ring, advanced atomically by every new flow on any CPU.
 #[map]

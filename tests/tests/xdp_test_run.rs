@@ -1133,3 +1133,39 @@ fn root_flow_stages_move_between_the_tables_exactly() {
         assert_eq!(active(h, "udp-b1") + active(h, "udp-b2"), 0);
     });
 }
+
+/// The hash maps the daemon replaces values in while packets read them are
+/// not preallocated: a replaced element must outlive the packets that hold
+/// it (an RCU grace period), not be handed to the next update at once.
+#[test]
+fn root_maps_updated_under_readers_free_replaced_elements_after_a_grace_period() {
+    require_root();
+    let named = || -> Vec<aya::maps::MapInfo> {
+        aya::maps::loaded_maps()
+            .filter_map(|m| m.ok())
+            .filter(|m| {
+                matches!(
+                    m.name_as_str(),
+                    Some(lb_common::maps::SERVICES | lb_common::maps::BACKEND_VIPS)
+                )
+            })
+            .collect()
+    };
+    // Other programs' maps of these names (a daemon's, a test's) are not ours.
+    let before: Vec<u32> = named().iter().map(|m| m.id()).collect();
+    let dp = Dataplane::load().expect("loading the programs");
+    let ours: Vec<aya::maps::MapInfo> = named()
+        .into_iter()
+        .filter(|m| !before.contains(&m.id()))
+        .collect();
+    assert_eq!(ours.len(), 2, "both maps of the loaded program");
+    for m in ours {
+        assert_eq!(
+            m.map_flags() & 1,
+            1,
+            "{:?} has BPF_F_NO_PREALLOC",
+            m.name_as_str()
+        );
+    }
+    drop(dp);
+}

@@ -72,7 +72,7 @@ pub const TC_PROGRAM_NAME: &str = "lb_tc";
 
 /// Written into the pin directory's LAYOUT file-map: a daemon refuses to adopt
 /// maps of another layout (bump it whenever a map's type or size changes).
-pub const LAYOUT_VERSION: u64 = 6;
+pub const LAYOUT_VERSION: u64 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
