@@ -1169,3 +1169,206 @@ fn root_maps_updated_under_readers_free_replaced_elements_after_a_grace_period()
     }
     drop(dp);
 }
+
+/// Runs the rest of the calling thread on `cpu` only.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity
+    // act on the calling thread (pid 0) with a set of the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One TCP connection whose packets the kernel handles on alternating CPUs
+/// (as RSS and the scheduler may): every stage and every per-CPU count
+/// (outcomes, traffic, established flows per backend, which go +1 on one
+/// CPU and -1 on another) adds up as on one CPU.
+#[test]
+fn root_a_connection_spread_over_both_cpus_is_counted_once() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs (CI has 2); this machine has {cpus}"
+    );
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let from_b1 = |flags: u8| {
+            let mut f = Frame::tcp((B1, 8080), (CLIENT, 49500), flags);
+            f.src_mac = B1_MAC;
+            f.dst_mac = X1_MAC;
+            f
+        };
+        // (what, from the client, TCP flags, the CPU it runs on)
+        let steps: [(&str, bool, u8, usize); 8] = [
+            ("SYN", true, TCP_SYN, 1),
+            ("SYN-ACK", false, TCP_SYN | TCP_ACK, 0),
+            ("ACK", true, TCP_ACK, 0),
+            ("data", true, TCP_ACK, 1),
+            ("reply", false, TCP_ACK, 0),
+            ("client FIN", true, TCP_FIN | TCP_ACK, 0),
+            ("backend FIN", false, TCP_FIN | TCP_ACK, 1),
+            ("last ACK", true, TCP_ACK, 0),
+        ];
+        let mut from_client = 0;
+        let mut from_backend = 0;
+        for (what, client, flags, cpu) in steps {
+            pin_to_cpu(cpu);
+            let (action, out) = if client {
+                from_client += 1;
+                h.send_from_client(&client_frame(49500, flags))
+            } else {
+                from_backend += 1;
+                h.send_from_backend(&from_b1(flags))
+            };
+            assert_eq!(action, XDP_REDIRECT, "{what} on CPU {cpu}");
+            if client {
+                assert_eq!(&out[30..34], &B1.octets(), "{what} reaches b1");
+            } else {
+                assert_eq!(&out[26..30], &VIP.octets(), "{what} comes from the VIP");
+            }
+            if what == "ACK" {
+                assert_eq!(active(h, "b1"), 1, "established, counted on CPU 0");
+            }
+        }
+        // Opened on CPU 0, closed on CPU 1: +1 and -1, summing to none.
+        let per_cpu = h.dp.maps().active.get(&backend_id(&h.dp, B1), 0).unwrap();
+        assert_eq!(
+            (per_cpu[0], per_cpu[1]),
+            (1, -1),
+            "the packets ran on both CPUs"
+        );
+        assert_eq!(active(h, "b1"), 0);
+        assert_eq!(
+            (
+                h.counter("new_flows"),
+                h.counter("flows_established"),
+                h.counter("flows_closed")
+            ),
+            (1, 1, 1)
+        );
+        let t = h.dp.backend_traffic("web", "b1").unwrap();
+        assert_eq!(
+            (t.packets, t.reply_packets, t.new_flows),
+            (from_client, from_backend, 1)
+        );
+        assert_eq!(
+            (h.counter("forwarded"), h.counter("replies")),
+            (from_client, from_backend)
+        );
+        assert_eq!(
+            (len(&h.dp.maps().conntrack), len(&h.dp.maps().reverse)),
+            (0, 0)
+        );
+    });
+}
+
+/// A Maglev service gains a backend while connections are established: each
+/// keeps its backend (the connection table, not the new lookup table, holds
+/// it), new connections are placed by the new table, some on the new backend.
+#[test]
+fn root_established_flows_keep_their_backend_when_a_maglev_service_changes() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        let mut web = services()[0].clone();
+        web.scheduler = Scheduler::Maglev { table_size: 1009 };
+        h.dp.apply(&[desired_service(&web, 7)]).unwrap();
+        let backend_of = |out: &[u8]| -> ([u8; 4], u16) {
+            (
+                out[30..34].try_into().unwrap(),
+                u16::from_be_bytes([out[36], out[37]]),
+            )
+        };
+        let ports: Vec<u16> = (50_000..50_060).collect();
+        let mut before = Vec::new();
+        for &p in &ports {
+            let (a, out) = h.send_from_client(&client_frame(p, TCP_SYN));
+            assert_eq!(a, XDP_REDIRECT);
+            before.push(backend_of(&out));
+            assert_eq!(
+                h.send_from_client(&client_frame(p, TCP_ACK)).0,
+                XDP_REDIRECT
+            );
+        }
+        // b3: B1's address, another port (a second server on that host).
+        web.backends.push(backend("b3", B1, 8081));
+        h.dp.apply(&[desired_service(&web, 7)]).unwrap();
+        for (i, &p) in ports.iter().enumerate() {
+            let (a, out) = h.send_from_client(&client_frame(p, TCP_ACK));
+            assert_eq!(a, XDP_REDIRECT, "port {p}");
+            assert_eq!(backend_of(&out), before[i], "flow {p} kept its backend");
+        }
+        // New connections follow the new table: b3 takes about a third.
+        let on_b3 = (51_000..51_060u16)
+            .filter(|&p| {
+                let (a, out) = h.send_from_client(&client_frame(p, TCP_SYN));
+                assert_eq!(a, XDP_REDIRECT);
+                backend_of(&out) == (B1.octets(), 8081)
+            })
+            .count();
+        assert!(
+            (8..=32).contains(&on_b3),
+            "{on_b3} of 60 new connections on the new backend"
+        );
+    });
+}
+
+/// More established connections than the connection table holds: the LRU
+/// evicts the least recently used. An evicted connection's next segment is
+/// dropped and counted (`drop_tcp_no_flow`), never sent to another backend;
+/// every connection still in the table reaches its own backend.
+#[test]
+fn root_a_full_connection_table_evicts_flows_that_are_then_dropped_never_misforwarded() {
+    let env = Env::new();
+    env.x.run(|| {
+        for hook in [Hook::Xdp, Hook::Tc] {
+            const TABLE: u32 = 256;
+            let mut dp = Dataplane::load_with_conntrack(TABLE).expect("loading the programs");
+            let specs: Vec<ServiceSpec> =
+                services().iter().map(|s| desired_service(s, 0)).collect();
+            dp.apply(&specs).unwrap();
+            let mut h = Harness {
+                dp,
+                hook,
+                x0: lb_userspace::config::if_index("x0").unwrap(),
+                x1: lb_userspace::config::if_index("x1").unwrap(),
+            };
+            let ports: Vec<u16> = (40_000..40_600).collect();
+            let mut given = Vec::new();
+            for &p in &ports {
+                let (a, out) = h.send_from_client(&client_frame(p, TCP_SYN));
+                assert_eq!(a, XDP_REDIRECT);
+                given.push(out[30..34].to_vec());
+                assert_eq!(h.send_from_client(&client_frame(p, TCP_ACK)).0, XDP_REDIRECT);
+            }
+            assert!(
+                len(&h.dp.maps().conntrack) <= TABLE as usize,
+                "{hook:?}: the table holds at most its size"
+            );
+            let (mut kept, mut dropped) = (0u64, 0u64);
+            for (i, &p) in ports.iter().enumerate() {
+                let (a, out) = h.send_from_client(&client_frame(p, TCP_ACK));
+                match a {
+                    XDP_REDIRECT => {
+                        assert_eq!(out[30..34], given[i][..], "{hook:?}: flow {p} moved");
+                        kept += 1;
+                    }
+                    XDP_DROP => dropped += 1,
+                    other => panic!("{hook:?}: flow {p}: action {other}"),
+                }
+            }
+            println!("{hook:?}: 600 connections in a {TABLE}-entry table: {kept} kept, {dropped} evicted and dropped");
+            assert!(kept > 0 && kept <= TABLE as u64, "{hook:?}: {kept} kept");
+            assert_eq!(h.counter("drop_tcp_no_flow"), dropped, "{hook:?}");
+            // The most recent connections are the ones kept.
+            let (a, _) = h.send_from_client(&client_frame(40_599, TCP_ACK));
+            assert_eq!(a, XDP_REDIRECT, "{hook:?}: the newest connection is kept");
+        }
+    });
+}
