@@ -192,11 +192,18 @@ fn root_http_check_catches_errors_and_hangs_that_a_tcp_check_misses() {
     let http = "[service.health]\nkind = \"http\"\ninterval_ms = 500\ntimeout_ms = 400\nrise = 1\nfall = 1\n";
     let tcp = "[service.health]\nkind = \"tcp\"\ninterval_ms = 500\ntimeout_ms = 400\nrise = 1\nfall = 1\n";
     let both = |p: u16| [("web1", 1, p, ""), ("web2", 2, p, "")];
+    // web2's own check expects its 500 (a per-backend override of one key:
+    // kind, interval and timeout still come from the service's section).
+    let expects_500 = [
+        ("web1", 1, 80, ""),
+        ("web2", 2, 80, "[service.backend.health]\nexpect_status = 500\n"),
+    ];
     let cfg = [
         service("http-500", 80, http, &both(80)),
         service("tcp-500", 8080, tcp, &both(80)),
         service("http-hang", 81, http, &both(81)),
         service("tcp-hang", 8081, tcp, &both(81)),
+        service("http-500-expected", 8082, http, &expects_500),
     ]
     .concat();
     let lb = LbDaemon::start(&t.lb, |sock| lb_config(sock, &cfg));
@@ -206,6 +213,7 @@ fn root_http_check_catches_errors_and_hangs_that_a_tcp_check_misses() {
         ("tcp-500", "up", "connected"),
         ("http-hang", "down", "timed out after 400 ms"),
         ("tcp-hang", "up", "connected"),
+        ("http-500-expected", "up", "HTTP 500"),
     ] {
         let b = lb.wait_backend(svc, "web2", Duration::from_secs(5), want, |b| {
             settled(b) && b["state"] == want
