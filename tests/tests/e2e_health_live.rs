@@ -196,7 +196,12 @@ fn root_http_check_catches_errors_and_hangs_that_a_tcp_check_misses() {
     // kind, interval and timeout still come from the service's section).
     let expects_500 = [
         ("web1", 1, 80, ""),
-        ("web2", 2, 80, "[service.backend.health]\nexpect_status = 500\n"),
+        (
+            "web2",
+            2,
+            80,
+            "[service.backend.health]\nexpect_status = 500\n",
+        ),
     ];
     let cfg = [
         service("http-500", 80, http, &both(80)),

@@ -542,3 +542,107 @@ fn root_a_second_daemon_is_refused_and_touches_nothing_of_the_first() {
     let got = t.client.run(|| http::get(vip(), "/"));
     assert_eq!(got.expect("still forwarding").0, 200);
 }
+
+/// A daemon killed and restarted with another backend set and a new service:
+/// the successor adopts what the file still lists (web1's connections go
+/// on, through the kill and the change), removes what it does not (web2:
+/// its connections get nothing more from anyone), adds web3 and the new
+/// service, and new connections see exactly that.
+#[test]
+fn root_a_successor_with_a_changed_config_keeps_what_stays_and_applies_the_rest() {
+    require_root();
+    let t = Topology::new(&prefix(), 3);
+    let _webs: Vec<Nginx> = t.start_webs();
+    let mut lb = LbDaemon::start(&t.lb, |sock| {
+        lb_config(sock, &service_block("web", 80, "tcp", 2, 80))
+    });
+    // Long-lived connections, half on web1 and half on web2 (round robin).
+    let held = t.client.run(|| {
+        let mut conns: Vec<http::Conn> =
+            (0..10).map(|_| http::Conn::open(vip()).unwrap()).collect();
+        let first: Vec<String> = conns
+            .iter_mut()
+            .map(|c| c.get("/").unwrap().1.trim().to_owned())
+            .collect();
+        (conns, first)
+    });
+    let (mut conns, first) = held;
+    assert_eq!(
+        first.iter().filter(|b| *b == "web1").count(),
+        5,
+        "{first:?}"
+    );
+    lb.kill();
+    // web2 leaves, web3 comes, and a new service on :8080.
+    let web2 = format!(
+        "\n[[service.backend]]\nname = \"web2\"\naddress = \"{}\"\nport = 80\n",
+        lb_tests::topology::backend_addr(2)
+    );
+    let changed = service_block("web", 80, "tcp", 3, 80).replace(&web2, "")
+        + &service_block("alt", 8080, "tcp", 1, 80);
+    lb.write_config(&lb_config(&lb.socket.clone(), &changed));
+    lb.restart(&[]);
+    assert!(
+        lb.log_text().contains("adopted the pinned maps"),
+        "{}",
+        lb.log_text()
+    );
+    let st = lb.status();
+    let names = |svc: &serde_json::Value| -> Vec<String> {
+        svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&st["services"][0]), ["web1", "web3"], "{st}");
+    assert_eq!(st["services"][1]["name"], "alt");
+
+    // The held connections: web1's answer as before; one of web2's gets no
+    // answer from anyone (its slot is gone: dropped, never sent elsewhere;
+    // one is enough, each waits out the client's 5 s timeout).
+    let web2_conn = first.iter().position(|b| b == "web2").unwrap();
+    let asked: Vec<usize> = (0..first.len())
+        .filter(|&i| first[i] == "web1" || i == web2_conn)
+        .collect();
+    let outcomes = {
+        let asked = asked.clone();
+        t.client.run(move || {
+            asked
+                .iter()
+                .map(|&i| {
+                    conns[i]
+                        .get("/")
+                        .map(|(s, b)| (s, b.trim().to_owned()))
+                        .map_err(|e| e.kind())
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    for (&i, r) in asked.iter().zip(&outcomes) {
+        if i == web2_conn {
+            assert!(
+                r.is_err(),
+                "connection {i} on the removed web2 answered: {r:?}"
+            );
+        } else {
+            assert_eq!(r, &Ok((200, "web1".to_owned())), "connection {i} on web1");
+        }
+    }
+
+    // New connections: web1 and web3 in turn, never web2; the new service
+    // answers from its one backend.
+    let answers: Vec<String> = t.client.run(|| {
+        (0..10)
+            .map(|_| http::get(vip(), "/").unwrap().1.trim().to_owned())
+            .collect()
+    });
+    assert!(
+        answers.windows(2).all(|w| w[0] != w[1])
+            && answers.iter().all(|a| a == "web1" || a == "web3"),
+        "{answers:?}"
+    );
+    let alt = lb_tests::burst_ok(&t.client, SocketAddrV4::new(VIP, 8080).into(), 4);
+    assert_eq!(alt, 4, "the new service answers");
+}
