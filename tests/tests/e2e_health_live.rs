@@ -446,3 +446,133 @@ fn root_fifty_reloads_under_load_break_nothing_and_a_bad_file_changes_nothing() 
     assert!(samples.len() > 100 && rounds > 10);
     assert!(burst(&t, 80, 4).iter().all(|b| b == "web1" || b == "web2"));
 }
+
+/// Reloads under load while an operator adds, drains and removes backends
+/// and a backend's server goes down and comes back (a health flap, with a
+/// SIGHUP in the middle of it): no request on a new connection fails except
+/// in the flap's detection window, no long-lived connection breaks or moves,
+/// and each step's state is in force before the next.
+#[test]
+fn root_reloads_and_live_changes_under_load_and_a_health_flap_break_nothing() {
+    require_root();
+    let t = Topology::new(&prefix(), 3);
+    let mut webs = t.start_webs();
+    let health = "[service.health]\nkind = \"http\"\ninterval_ms = 250\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
+    let svc = |w2: u32| {
+        service(
+            "web",
+            80,
+            &format!("scheduler = \"weighted-round-robin\"\n{health}"),
+            &[
+                ("web1", 1, 80, "weight = 2"),
+                ("web2", 2, 80, &format!("weight = {w2}")),
+            ],
+        )
+    };
+    let lb = LbDaemon::start(&t.lb, |sock| lb_config(sock, &svc(1)));
+    let socket = lb.socket.clone();
+    for w in ["web1", "web2"] {
+        lb.wait_backend("web", w, Duration::from_secs(5), "checked and up", |b| {
+            b["state"] == "up" && b["health"]["last"]["ok"] == true
+        });
+    }
+    // Long-lived connections on web1 (web2's server goes down below, and a
+    // server that goes away takes its connections with it, by design).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let holder = t.client.spawn(move || {
+        let mut conns = Vec::new();
+        while conns.len() < 4 {
+            let mut c = http::Conn::open(vip(80)).unwrap();
+            if c.get("/").unwrap().1.trim() == "web1" {
+                conns.push(c);
+            }
+        }
+        let mut rounds = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            for (i, c) in conns.iter_mut().enumerate() {
+                match c.get("/") {
+                    Ok((200, b)) if b.trim() == "web1" => {}
+                    other => panic!("long-lived connection {i} broke or moved: {other:?}"),
+                }
+            }
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        rounds
+    });
+    let load = Load::start(&t.client, vip(80), Duration::from_millis(5));
+    let op = |args: &[&str]| {
+        let (ok, out) = lb.cli(args);
+        assert!(ok, "{args:?}: {out}");
+    };
+    let web3 = format!("{}:80", backend_addr(3));
+    for i in 0..6u32 {
+        // An operator's round: web3 added, web2 drained and back, web3
+        // drained then removed (drained first: removing cuts its flows).
+        op(&["backend", "add", "web", "web3", &web3, "--weight", "1"]);
+        assert_eq!(lb.backend("web", "web3")["state"], "up");
+        op(&["backend", "drain", "web", "web2"]);
+        assert_eq!(lb.backend("web", "web2")["admin"], "draining");
+        std::thread::sleep(Duration::from_millis(50));
+        op(&["backend", "enable", "web", "web2"]);
+        op(&["backend", "drain", "web", "web3"]);
+        std::thread::sleep(Duration::from_millis(100));
+        op(&["backend", "remove", "web", "web3"]);
+        // And a reload by SIGHUP with another weight, confirmed.
+        let before = lb.reloads();
+        lb.write_config(&lb_config(&socket, &svc(1 + i % 3)));
+        lb.sighup_and_wait(before, true);
+        assert_eq!(lb.backend("web", "web2")["weight"], 1 + i % 3);
+    }
+
+    // The flap: web2's server stops; while it is down a SIGHUP reloads a
+    // changed file; the backend stays down (its health is kept across the
+    // reload) until its server is back and passes `rise` checks.
+    let stopping = Instant::now();
+    webs[1].stop();
+    let killed = Instant::now();
+    lb.wait_backend("web", "web2", Duration::from_secs(5), "down", |b| {
+        b["state"] == "down"
+    });
+    let before = lb.reloads();
+    lb.write_config(&lb_config(&socket, &svc(3)));
+    lb.sighup_and_wait(before, true);
+    let b = lb.backend("web", "web2");
+    assert_eq!(
+        (b["state"].as_str(), b["weight"].as_u64()),
+        (Some("down"), Some(3)),
+        "down through the reload, at its new weight: {b}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    webs[1].restart(&t.backends[1]);
+    let restarted = Instant::now();
+    lb.wait_backend("web", "web2", Duration::from_secs(5), "up again", |b| {
+        b["state"] == "up"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let samples = load.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = holder.join().expect("long-lived connections survived");
+    let window = Duration::from_millis(250 * 2 + 250);
+    let failures: Vec<&Sample> = samples.iter().filter(|s| s.answer.is_err()).collect();
+    println!(
+        "6 rounds of add/drain/enable/remove and SIGHUP, and a flap: {} requests, {} failed (all \
+         within {window:?} of web2's stop), {rounds} rounds on 4 long-lived connections",
+        samples.len(),
+        failures.len()
+    );
+    for f in &failures {
+        assert!(
+            f.at >= stopping && f.at.saturating_duration_since(killed) <= window,
+            "a request failed outside the flap's detection window: {f:?}"
+        );
+    }
+    let on_web2_while_down = samples
+        .iter()
+        .filter(|s| s.at > killed && s.at < restarted && s.answer.as_deref() == Ok("web2"))
+        .count();
+    assert_eq!(on_web2_while_down, 0, "a stopped server answers nothing");
+    assert!(samples.len() > 200 && rounds > 10);
+}
