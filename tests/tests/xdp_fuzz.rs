@@ -82,10 +82,13 @@ fn cidr(text: &str) -> Cidr {
 /// (its table changes: some flows recovered mid-stream move), the firewall's
 /// other settings. The Maglev service is listed first, so that its new
 /// backend does not take the slot web's removed backend frees in the same
-/// apply: replies of a removed backend's flows are counted, and their flows
-/// retired, by slot, so a reused slot is visible in the traffic counters
-/// (the data path's choice, which the model, knowing backends by name, does
-/// not copy).
+/// apply. With the slot reused, the model and the program disagree, and the
+/// program is wrong: a removed backend's late FIN or RST ends its flows
+/// with the slot's new occupant's generation (`end_by_backend` takes the
+/// backend by slot, unchecked), so the client's next packets go to that
+/// occupant, another service's backend; its replies are counted as the
+/// occupant's traffic. Once the data path checks the generation there,
+/// list it after web to keep that case covered.
 fn services(changed: bool) -> Vec<ServiceSpec> {
     let mut web = vec![backend("b1", B1, 8080), backend("b2", B2, 8080)];
     let mut b3 = backend("b3", B3, 8080);
