@@ -25,6 +25,8 @@ pub struct Frame {
     pub ip_options: Vec<u8>,
     /// The raw flags + fragment offset field.
     pub frag: u16,
+    /// TCP options (a multiple of 4 bytes; TCP frames only).
+    pub tcp_options: Vec<u8>,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -85,6 +87,7 @@ impl Frame {
             ip_id: 0x1234,
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            tcp_options: Vec::new(),
             l4,
             payload: b"hello".to_vec(),
         }
@@ -108,15 +111,21 @@ impl Frame {
                 seq,
                 ack,
             } => {
-                let mut t = Vec::with_capacity(20);
+                assert_eq!(
+                    self.tcp_options.len() % 4,
+                    0,
+                    "TCP options must fill 32-bit words"
+                );
+                let mut t = Vec::with_capacity(20 + self.tcp_options.len());
                 t.extend_from_slice(&sport.to_be_bytes());
                 t.extend_from_slice(&dport.to_be_bytes());
                 t.extend_from_slice(&seq.to_be_bytes());
                 t.extend_from_slice(&ack.to_be_bytes());
-                t.push(5 << 4);
+                t.push(((20 + self.tcp_options.len()) / 4) as u8 * 16);
                 t.push(flags);
                 t.extend_from_slice(&64240u16.to_be_bytes());
                 t.extend_from_slice(&[0, 0, 0, 0]);
+                t.extend_from_slice(&self.tcp_options);
                 t
             }
             L4::Udp { sport, dport, .. } => {

@@ -190,6 +190,13 @@ impl Dataplane {
         Ok(n)
     }
 
+    /// The id the planner gave a service's backend (tests write next hops
+    /// by id for backends they name).
+    #[cfg(feature = "testing")]
+    pub fn backend_id(&self, service: &str, backend: &str) -> Option<u32> {
+        self.planner.backend_id(service, backend)
+    }
+
     /// The maps, to read (tests and benchmarks check the data path's state
     /// through them; every write goes through `apply`).
     #[cfg(feature = "testing")]
