@@ -233,7 +233,10 @@ pub struct ReverseFlow {
     pub vport: [u8; 2],
     pub _pad: [u8; 2],
     pub backend: u32,
-    pub service: u32,
+    /// The generation of the backend slot the flow was given (see
+    /// `Backend::generation`): a reply of a flow whose slot went to another
+    /// backend since is not that backend's.
+    pub generation: u32,
     /// The client side's next hop, filled by the data path from its first
     /// route lookup for the flow's replies (generation 0 until then; see
     /// [`NextHop`]).

@@ -96,7 +96,10 @@ pub fn establish(
         core::ptr::write_volatile(w.add(1), now);
         core::ptr::write_volatile(w.add(2), backend.generation as u64);
         core::ptr::write_volatile(w.add(3), u32::from_ne_bytes(key.dst) as u64 | vport << 32);
-        core::ptr::write_volatile(w.add(4), backend_id as u64 | (service as u64) << 32);
+        core::ptr::write_volatile(
+            w.add(4),
+            backend_id as u64 | (backend.generation as u64) << 32,
+        );
         core::ptr::write_volatile(w.add(5), 0);
         core::ptr::write_volatile(w.add(6), 0);
         core::ptr::write_volatile(w.add(7), 0);
@@ -141,17 +144,21 @@ fn transient(
     Some(slot)
 }
 
-/// Writes the transient entry of `state` under both of the flow's keys.
+/// The flow a closing packet ends: its service, its backend slot and the
+/// generation the flow was given (the slot may have moved on since).
+#[repr(C)]
+pub struct Ending {
+    pub service: u32,
+    pub backend: u32,
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Writes the transient entry of `state` under both of the flow's keys: the
+/// client side `key` and the reply side `reply`.
 #[inline(always)]
-fn put_transient(
-    key: &FlowKey,
-    state: u8,
-    service: u32,
-    backend_id: u32,
-    backend: &Backend,
-    now: u64,
-) -> bool {
-    let Some(t) = transient(key, state, service, backend_id, backend.generation, now) else {
+fn put_transient(key: &FlowKey, reply: &FlowKey, state: u8, e: &Ending, now: u64) -> bool {
+    let Some(t) = transient(key, state, e.service, e.backend, e.generation, now) else {
         return false;
     };
     // SAFETY: t points at this CPU's scratch slot; inserted by reference
@@ -163,7 +170,7 @@ fn put_transient(
         }
         (*t).reply = 1;
         let value: &Transient = &*t;
-        TRANSIENT.insert(reply_key(key, backend), value, 0).is_ok()
+        TRANSIENT.insert(reply, value, 0).is_ok()
     }
 }
 
@@ -171,7 +178,13 @@ fn put_transient(
 /// refused it.
 #[inline(never)]
 pub fn open(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, now: u64) -> bool {
-    put_transient(key, TRANSIENT_HALF_OPEN, service, backend_id, backend, now)
+    let e = Ending {
+        service,
+        backend: backend_id,
+        generation: backend.generation,
+        _pad: 0,
+    };
+    put_transient(key, &reply_key(key, backend), TRANSIENT_HALF_OPEN, &e, now)
 }
 
 /// Moves a half-open flow of `service` on backend `backend_id` to the
@@ -189,31 +202,51 @@ pub fn promote(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, 
 
 /// Marks a transient flow closed on both sides (an RST during the
 /// handshake): it lingers, and a new SYN on its ports is a new connection.
+/// `reply` is its reply side's key; the entry keeps the flow's generation.
 #[inline(never)]
-pub fn close_transient(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, now: u64) {
-    put_transient(key, TRANSIENT_CLOSED, service, backend_id, backend, now);
+pub fn close_transient(key: &FlowKey, reply: &FlowKey, e: &Ending, now: u64) {
+    put_transient(key, reply, TRANSIENT_CLOSED, e, now);
+}
+
+/// Whether backend slot `id` still holds the incarnation of `generation`
+/// (present, or cleared and not given again: its counts are still its own).
+#[inline(always)]
+fn same_incarnation(id: u32, generation: u32) -> bool {
+    crate::maps::BACKENDS
+        .get(id)
+        .is_some_and(|b| b.generation == generation)
 }
 
 /// Ends the established flow `key` (both FINs seen, or an RST): it leaves
-/// the connection table and lingers in the transient one. Only the CPU whose
-/// removal succeeds counts it.
+/// the connection table and lingers in the transient one, under the flow's
+/// own generation (if its backend's slot was given to another backend since,
+/// its late packets must not reach that one). `reply` is its reply side's
+/// key. Only the CPU whose removal succeeds counts it.
 #[inline(never)]
-pub fn retire(key: &FlowKey, service: u32, backend_id: u32, backend: &Backend, now: u64) -> bool {
+pub fn retire(key: &FlowKey, reply: &FlowKey, e: &Ending, now: u64) -> bool {
     if CONNTRACK.remove(key).is_err() {
         return false;
     }
-    let _ = REVERSE.remove(reply_key(key, backend));
-    count_active(backend_id, -1);
-    put_transient(key, TRANSIENT_CLOSED, service, backend_id, backend, now);
+    let _ = REVERSE.remove(reply);
+    // A slot given again had its count zeroed for its new backend.
+    if same_incarnation(e.backend, e.generation) {
+        count_active(e.backend, -1);
+    }
+    put_transient(key, reply, TRANSIENT_CLOSED, e, now);
     true
 }
 
-/// Ends an established flow on backend `backend_id` whose entry is replaced
-/// by a new flow on the same addresses and ports (a SYN after FIN, a UDP flow
-/// idle past its timeout): its entries and its count go.
+/// Ends an established flow on backend `backend_id` (of `generation`) whose
+/// entry is replaced by a new flow on the same addresses and ports (a SYN
+/// after FIN, a UDP flow idle past its timeout): its entries and its count
+/// go. If the slot no longer holds its backend's address, the reply entry is
+/// left to the table's LRU.
 #[inline(never)]
-pub fn replace(key: &FlowKey, backend_id: u32) {
+pub fn replace(key: &FlowKey, backend_id: u32, generation: u32) {
     if CONNTRACK.remove(key).is_err() {
+        return;
+    }
+    if !same_incarnation(backend_id, generation) {
         return;
     }
     if let Some(old) = crate::backend_ref(backend_id) {
@@ -252,15 +285,21 @@ pub unsafe fn client_ends(f: *mut Flow, fin: bool) -> u32 {
 }
 
 /// Records the backend's FIN or RST on the client flow `client`; returns
-/// the flow's (service, backend id, flags after it).
+/// the flow's ending (service, backend id, generation) and its flags after it.
 #[inline(always)]
-pub fn backend_ends(client: &FlowKey, fin: bool) -> Option<(u32, u32, u32)> {
+pub fn backend_ends(client: &FlowKey, fin: bool) -> Option<(Ending, u32)> {
     let f = CONNTRACK.get_ptr_mut(client)?;
     let add = FLOW_F_CLOSING | if fin { FLOW_F_FIN_BACKEND } else { 0 };
     // SAFETY: a live map value; setting flag bits races harmlessly.
     unsafe {
         (*f).flags |= add;
-        Some(((*f).service, (*f).backend, (*f).flags))
+        let e = Ending {
+            service: (*f).service,
+            backend: (*f).backend,
+            generation: (*f).generation,
+            _pad: 0,
+        };
+        Some((e, (*f).flags))
     }
 }
 
@@ -333,12 +372,13 @@ pub struct Plan {
     /// The backend of an established flow this packet replaces (a SYN after
     /// FIN, a UDP flow idle past its timeout), or `u32::MAX`.
     pub replaced: u32,
+    /// That flow's backend generation.
+    pub replaced_generation: u32,
     /// 0, or the counter the packet is refused under (`RESET_NO_BACKEND`:
     /// answered with a reset).
     pub refused: u32,
     /// `PKT_*`.
     pub facts: u32,
-    pub _pad: u32,
 }
 
 /// The packet's `PKT_*` facts.
@@ -381,9 +421,9 @@ pub fn plan(
         generation: 0,
         service: svc.id,
         replaced: u32::MAX,
+        replaced_generation: 0,
         refused: 0,
         facts,
-        _pad: 0,
     };
     if let Some(f) = entry(key) {
         // SAFETY: a live map value, read field by field.
@@ -396,7 +436,7 @@ pub fn plan(
             (tcp && opening && (flags & FLOW_F_CLOSING != 0 || !crate::takes_new_flows_of(b, g)))
                 || crate::idle_expired(svc, key.proto, last_seen, now);
         if again {
-            p.replaced = b;
+            (p.replaced, p.replaced_generation) = (b, g);
         } else {
             (p.stage, p.backend, p.generation) = (STAGE_ESTABLISHED, b, g);
         }
@@ -469,7 +509,7 @@ pub fn commit(key: &FlowKey, plan: &Plan, backend: &Backend) -> u32 {
     match plan.stage {
         STAGE_NEW => {
             if plan.replaced != u32::MAX {
-                replace(key, plan.replaced);
+                replace(key, plan.replaced, plan.replaced_generation);
             }
             // A TCP flow waits apart until its handshake completes; UDP (and
             // a flow Maglev recovered mid-stream) is established at once.
@@ -483,7 +523,16 @@ pub fn commit(key: &FlowKey, plan: &Plan, backend: &Backend) -> u32 {
             }
             crate::stats::count(counter::NEW_FLOWS);
         }
-        STAGE_HALF_OPEN if rst => close_transient(key, plan.service, plan.backend, backend, now),
+        STAGE_HALF_OPEN if rst => {
+            // full_path checked the flow's generation: `backend` is its own.
+            let e = Ending {
+                service: plan.service,
+                backend: plan.backend,
+                generation: plan.generation,
+                _pad: 0,
+            };
+            close_transient(key, &reply_key(key, backend), &e, now);
+        }
         STAGE_HALF_OPEN if !opening => {
             if !promote(key, plan.service, plan.backend, backend, now) {
                 return counter::DROP_TABLE_FULL;
@@ -506,7 +555,13 @@ pub fn commit(key: &FlowKey, plan: &Plan, backend: &Backend) -> u32 {
             if fin || rst {
                 // SAFETY: as above.
                 let (flags, service) = unsafe { (client_ends(f, fin), (*f).service) };
-                if (rst || both_fins(flags)) && retire(key, service, plan.backend, backend, now) {
+                let e = Ending {
+                    service,
+                    backend: plan.backend,
+                    generation: plan.generation,
+                    _pad: 0,
+                };
+                if (rst || both_fins(flags)) && retire(key, &reply_key(key, backend), &e, now) {
                     crate::stats::count(counter::FLOWS_CLOSED);
                 }
             }

@@ -311,11 +311,15 @@ fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
     // SYN-ACK, a lingering FIN), else the backend address's (stateless).
     let (vip, vport, backend_id);
     let mut entry: *mut ReverseFlow = core::ptr::null_mut();
+    // The generation of the flow's backend (its slot may have been given to
+    // another backend since).
+    let generation;
     // (state, service) of a transient flow; state 0: not transient.
     let (mut t_state, mut t_service) = (0u8, 0u32);
     if let Some(rev) = REVERSE.get_ptr_mut(key) {
         // SAFETY: a live map value; read field by field.
-        (vip, vport, backend_id) = unsafe { ((*rev).vip, (*rev).vport, (*rev).backend) };
+        (vip, vport, backend_id, generation) =
+            unsafe { ((*rev).vip, (*rev).vport, (*rev).backend, (*rev).generation) };
         if syn_ack && conntrack::stale_for_handshake(key, vip, vport) {
             return Outcome::pass(counter::PASS_NO_SERVICE);
         }
@@ -326,10 +330,10 @@ fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
             // (see stale_for_handshake).
             return Outcome::pass(counter::PASS_NO_SERVICE);
         }
-        (vip, vport, backend_id) = (t.vip, t.vport, t.backend);
+        (vip, vport, backend_id, generation) = (t.vip, t.vport, t.backend, t.generation);
         (t_state, t_service) = (t.state, t.service);
     } else if let Some(rev) = conntrack::by_backend(key) {
-        (vip, vport, backend_id) = (rev.vip, rev.vport, rev.backend);
+        (vip, vport, backend_id, generation) = (rev.vip, rev.vport, rev.backend, rev.generation);
     } else {
         return Outcome::pass(counter::PASS_NO_SERVICE);
     }
@@ -362,54 +366,78 @@ fn reply<H: Hook>(ctx: &H, p: &Packet, key: &FlowKey) -> Outcome {
     }
     let (fin, rst) = (p.is_tcp_fin(), p.is_tcp_rst());
     if fin || rst {
-        end_by_backend(
-            key,
-            vip,
-            vport,
-            fin,
-            rst,
-            (t_state, t_service, backend_id),
-            now,
-        );
+        let e = conntrack::Ending {
+            service: t_service,
+            backend: backend_id,
+            generation,
+            _pad: 0,
+        };
+        end_by_backend(key, vip, vport, fin, rst, t_state, &e, now);
     }
     let fix = nat::rewrite_src(p, vip, vport);
-    stats::traffic(backend_id, Direction::Reply, route.kind == Kind::Via, bytes);
+    if BACKENDS
+        .get(backend_id)
+        .is_some_and(|b| b.generation == generation)
+    {
+        stats::traffic(backend_id, Direction::Reply, route.kind == Kind::Via, bytes);
+    } else if route.kind == Kind::Via {
+        // A reply of a flow whose backend's slot was given to another
+        // backend since: not that one's traffic; counted in the total only.
+        stats::count(counter::REPLIES);
+    }
     forward::send(p.eth, &route, counter::COUNTED).with_fix(fix)
 }
 
 /// The backend ends the connection (FIN) or refuses or aborts it (RST): a
 /// later SYN on these ports is a new connection, and once both sides sent
 /// FIN (or at an RST) the flow is closed.
+///
+/// Only while the flow's backend still holds its slot (same generation):
+/// a slot given to another backend since must not lend the flow its
+/// address or generation (the flow's late packets would reach that one);
+/// such a flow is left to be dropped as its backend's and to the LRU.
+/// `transient` is the (service, backend, generation) of a transient flow,
+/// whose state is `t_state` (0: not transient).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn end_by_backend(
     key: &FlowKey,
     vip: [u8; 4],
     vport: [u8; 2],
     fin: bool,
     rst: bool,
-    (t_state, t_service, t_backend): (u8, u32, u32),
+    t_state: u8,
+    transient: &conntrack::Ending,
     now: u64,
 ) {
     let client = conntrack::client_flow(key, vip, vport);
     if t_state != 0 {
         // A transient flow: the backend refusing the handshake closes it.
         if t_state == TRANSIENT_HALF_OPEN && rst {
-            if let Some(b) = backend_ref(t_backend) {
-                conntrack::close_transient(&client, t_service, t_backend, b, now);
+            if let Some(b) = backend_of(transient.backend, transient.generation) {
+                let reply = conntrack::reply_key(&client, b);
+                conntrack::close_transient(&client, &reply, transient, now);
             }
         }
         return;
     }
-    let Some((service, backend_id, flags)) = conntrack::backend_ends(&client, fin) else {
+    let Some((ending, flags)) = conntrack::backend_ends(&client, fin) else {
         return;
     };
     if rst || conntrack::both_fins(flags) {
-        if let Some(b) = backend_ref(backend_id) {
-            if conntrack::retire(&client, service, backend_id, b, now) {
+        if let Some(b) = backend_of(ending.backend, ending.generation) {
+            let reply = conntrack::reply_key(&client, b);
+            if conntrack::retire(&client, &reply, &ending, now) {
                 stats::count(counter::FLOWS_CLOSED);
             }
         }
     }
+}
+
+/// The backend in slot `id` if it is the incarnation of `generation`.
+#[inline(always)]
+fn backend_of(id: u32, generation: u32) -> Option<&'static Backend> {
+    backend_ref(id).filter(|b| b.generation == generation)
 }
 
 /// Whether a flow's backend (id and generation) is still there and takes

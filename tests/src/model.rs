@@ -136,6 +136,10 @@ struct Be {
     reset_flows: bool,
     /// Weight 0: it takes no new flows.
     no_new_flows: bool,
+    /// The data path's slot for it (see `learn_slots`): once a later
+    /// incarnation holds the same slot, this one's replies are nobody's
+    /// traffic (counted in the replies total only).
+    slot: Option<u32>,
 }
 
 pub struct Model {
@@ -254,6 +258,7 @@ impl Model {
                         drop_flows: false,
                         reset_flows: false,
                         no_new_flows: false,
+                        slot: None,
                     });
                     self.traffic.push(Traffic::default());
                     self.backends.len() - 1
@@ -542,6 +547,21 @@ impl Model {
     }
 
     /// The backend incarnation `i`, while it is configured.
+    /// Takes note of the data path's slot of every live incarnation (the
+    /// only thing the model learns from the control plane: which slot a
+    /// removed backend's flows still name once another backend takes it).
+    pub fn learn_slots(&mut self, slot_of: impl Fn(&str, &str) -> Option<u32>) {
+        for b in self.backends.iter_mut().filter(|b| b.live) {
+            b.slot = slot_of(&self.services[b.service].name, &b.name);
+        }
+    }
+
+    /// Whether incarnation `i` still holds its slot (no later one took it).
+    fn owns_slot(&self, i: usize) -> bool {
+        let slot = self.backends[i].slot;
+        slot.is_none() || !self.backends[i + 1..].iter().any(|x| x.slot == slot)
+    }
+
     fn backend(&self, i: usize) -> Option<&Be> {
         self.backends.get(i).filter(|b| b.live)
     }
@@ -877,9 +897,11 @@ impl Model {
                     };
                 }
             }
-            let t = &mut self.traffic[rev.backend];
-            t.reply_packets += 1;
-            t.reply_bytes += bytes;
+            if self.owns_slot(rev.backend) {
+                let t = &mut self.traffic[rev.backend];
+                t.reply_packets += 1;
+                t.reply_bytes += bytes;
+            }
         }
         if tcp && (fin || rst) {
             let client = client_flow(&key, rev.vip, rev.vport);

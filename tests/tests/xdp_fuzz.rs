@@ -80,15 +80,12 @@ fn cidr(text: &str) -> Cidr {
 /// half's: a backend removed (its flows' generation no longer matches), one
 /// added, one draining its flows, the Maglev service with a third backend
 /// (its table changes: some flows recovered mid-stream move), the firewall's
-/// other settings. The Maglev service is listed first, so that its new
-/// backend does not take the slot web's removed backend frees in the same
-/// apply. With the slot reused, the model and the program disagree, and the
-/// program is wrong: a removed backend's late FIN or RST ends its flows
-/// with the slot's new occupant's generation (`end_by_backend` takes the
-/// backend by slot, unchecked), so the client's next packets go to that
-/// occupant, another service's backend; its replies are counted as the
-/// occupant's traffic. Once the data path checks the generation there,
-/// list it after web to keep that case covered.
+/// other settings. The Maglev service comes after web, so that its new
+/// backend takes the slot web's removed backend frees in the same apply: a
+/// removed backend's late FIN or RST must end its flows under their own
+/// generation, not the slot's new occupant's (the model found the program
+/// sending the client's next packets to that occupant, another service's
+/// backend, and counting the replies as its traffic; fixed).
 fn services(changed: bool) -> Vec<ServiceSpec> {
     let mut web = vec![backend("b1", B1, 8080), backend("b2", B2, 8080)];
     let mut b3 = backend("b3", B3, 8080);
@@ -110,20 +107,6 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
     }
     vec![
         ServiceSpec {
-            name: "hashed".into(),
-            vip: VIP2,
-            port: 80,
-            protocol: Protocol::Tcp,
-            udp_idle: None,
-            maglev: Some((1021, 7)),
-            reset_if_empty: false,
-            rules: SourceRules {
-                allow: vec![cidr("10.0.1.0/29"), cidr("10.0.2.0/24")],
-                deny: vec![cidr("10.0.1.4/32")],
-            },
-            backends: hashed,
-        },
-        ServiceSpec {
             name: "web".into(),
             vip: VIP,
             port: 80,
@@ -136,6 +119,20 @@ fn services(changed: bool) -> Vec<ServiceSpec> {
                 deny: vec![cidr("10.0.1.8/32")],
             },
             backends: web,
+        },
+        ServiceSpec {
+            name: "hashed".into(),
+            vip: VIP2,
+            port: 80,
+            protocol: Protocol::Tcp,
+            udp_idle: None,
+            maglev: Some((1021, 7)),
+            reset_if_empty: false,
+            rules: SourceRules {
+                allow: vec![cidr("10.0.1.0/29"), cidr("10.0.2.0/24")],
+                deny: vec![cidr("10.0.1.4/32")],
+            },
+            backends: hashed,
         },
         ServiceSpec {
             name: "dns".into(),
@@ -722,6 +719,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         dp.set_linger(std::time::Duration::from_secs(3600)).unwrap();
         dp.apply(&services(false)).unwrap();
         model.apply(&services(false));
+        model.learn_slots(|s, b| dp.backend_id(s, b));
         // Next hops as the daemon keeps them, with one MAC no FIB knows, so
         // that a packet sent by the cache shows it (hits); the second half
         // runs with them stale, then all but that backend's missing.
@@ -766,6 +764,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
                 model.set_stateless_replies(true);
                 dp.apply(&services(true)).unwrap();
                 model.apply(&services(true));
+                model.learn_slots(|s, b| dp.backend_id(s, b));
                 // Stale, all of them; then the marked backend's written
                 // again (current) and the others' missing.
                 dp.invalidate_hops().unwrap();

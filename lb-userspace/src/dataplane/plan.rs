@@ -768,9 +768,9 @@ impl Planner {
         let mut seen: HashMap<BackendKey, Vec<ReverseFlow>> = HashMap::new();
         if self.stateless_replies {
             for s in services {
-                let Some(slot) = self.services.get(&s.name) else {
+                if !self.services.contains_key(&s.name) {
                     continue;
-                };
+                }
                 for b in &s.backends {
                     let Some(&bid) = self.backends.get(&(s.name.clone(), b.name.clone())) else {
                         continue;
@@ -786,7 +786,7 @@ impl Planner {
                         vport: s.port.to_be_bytes(),
                         _pad: [0; 2],
                         backend: bid,
-                        service: slot.id,
+                        generation: self.generations[bid as usize],
                         hop: NextHop::default(),
                     });
                 }
@@ -856,7 +856,7 @@ const UNKNOWN_REPLY: ReverseFlow = ReverseFlow {
     vport: [0; 2],
     _pad: [0; 2],
     backend: u32::MAX,
-    service: u32::MAX,
+    generation: u32::MAX,
     hop: NextHop {
         generation: 0,
         ifindex: 0,

@@ -52,7 +52,10 @@ impl Dataplane {
         let backends = self
             .planner
             .live_backends()
-            .map(|(bid, b)| (bid, (b.address.octets(), b.port.to_be_bytes())))
+            .map(|(bid, b)| {
+                let at = (b.address.octets(), b.port.to_be_bytes());
+                (bid, (self.planner.generation(bid), at))
+            })
             .collect();
         Ok(Some(UdpSweep {
             conntrack: self.maps.walk_handle(Table::Conntrack)?,
@@ -149,6 +152,9 @@ impl Dataplane {
     }
 }
 
+/// A backend's address and port, in network order.
+type BackendAt = ([u8; 4], [u8; 2]);
+
 /// Deletes UDP flows idle past their service's timeout (see
 /// [`Dataplane::udp_sweep`]): one walk of the connection table, off the
 /// daemon's loop.
@@ -157,14 +163,17 @@ pub struct UdpSweep {
     reverse: MapData,
     /// Service id -> idle timeout in ticks (UDP services).
     idle: HashMap<u32, u64>,
-    /// Backend id -> its address and port (network order).
-    backends: HashMap<u32, ([u8; 4], [u8; 2])>,
+    /// Backend id -> its generation, address and port (network order).
+    backends: HashMap<u32, (u32, BackendAt)>,
 }
 
 impl UdpSweep {
     /// Deletes the idle UDP flows and their reply entries; returns how many
     /// per backend id. A flow the data path replaced meanwhile is not
-    /// counted twice: only a successful delete counts.
+    /// counted twice: only a successful delete counts. A flow of a backend
+    /// whose slot was given to another since is deleted but not counted (the
+    /// slot's count was zeroed for the new one), and its reply entry, whose
+    /// key the slot no longer knows, is left to the table's LRU.
     pub fn run(self) -> HashMap<u32, u64> {
         let mut out = HashMap::new();
         let (Ok(mut table), Ok(mut reverse)) = (
@@ -189,9 +198,13 @@ impl UdpSweep {
             if table.remove(&k).is_err() {
                 continue;
             }
-            if let Some(&(addr, port)) = self.backends.get(&f.backend) {
-                let _ = reverse.remove(&FlowKey::new(addr, k.src, port, k.sport, k.proto));
+            let Some(&(generation, (addr, port))) = self.backends.get(&f.backend) else {
+                continue;
+            };
+            if generation != f.generation {
+                continue;
             }
+            let _ = reverse.remove(&FlowKey::new(addr, k.src, port, k.sport, k.proto));
             *out.entry(f.backend).or_default() += 1;
         }
         out
