@@ -670,15 +670,17 @@ fn root_maglev_places_new_and_unknown_mid_flow_packets_where_the_table_says() {
         let mut web = desired_service(&services()[0], SEED);
         web.maglev = Some((lb_common::maglev::DEFAULT_TABLE_SIZE, SEED));
         h.dp.apply(&[web]).unwrap();
-        // The same table, built independently here.
-        let mut table = vec![0u32; lb_common::maglev::DEFAULT_TABLE_SIZE as usize];
-        assert!(lb_common::maglev::fill_table(
-            &[(b"b1", 1), (b"b2", 1)],
+        // The same table, built independently (the model's own Maglev, not
+        // lb-common's that the daemon uses).
+        let table = lb_tests::model::maglev::table(
+            &["b1", "b2"],
+            &[1, 1],
             SEED,
-            &mut table
-        ));
+            lb_common::maglev::DEFAULT_TABLE_SIZE,
+        )
+        .expect("a table");
         let expect = |sport: u16| {
-            let hsh = lb_common::maglev::flow_hash(
+            let hsh = lb_tests::model::maglev::flow_hash(
                 CLIENT.octets(),
                 VIP.octets(),
                 sport.to_be_bytes(),
