@@ -348,11 +348,26 @@ impl LbDaemon {
     }
 }
 
+impl LbDaemon {
+    /// The pin directory the daemon's config names (the demo's is not the
+    /// one its socket's name would give, and that one, `/sys/fs/bpf/lb`, is
+    /// a real daemon's default: never removed on a guess).
+    fn pin_dir(&self) -> PathBuf {
+        std::fs::read_to_string(&self.config)
+            .ok()
+            .and_then(|text| {
+                lb_userspace::config::Config::parse(&self.config, &text, &|_| true).ok()
+            })
+            .map(|c| c.daemon.pin_dir)
+            .unwrap_or_else(|| crate::topology::pin_dir_for(&self.socket))
+    }
+}
+
 impl Drop for LbDaemon {
     fn drop(&mut self) {
         self.stop();
         // A daemon killed and not restarted leaves its pins: remove them
         // (bpffs is shared by every namespace; the test's must not linger).
-        let _ = lb_userspace::dataplane::remove_pins(&crate::topology::pin_dir_for(&self.socket));
+        let _ = lb_userspace::dataplane::remove_pins(&self.pin_dir());
     }
 }
