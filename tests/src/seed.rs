@@ -488,7 +488,7 @@ pub fn story(seed: &mut Seed, n: &mut Narrator) -> Result<Report, String> {
 
     n.say("");
     n.say("6. Planned database switchover: db1 goes read-only, db2 catches up and is promoted.");
-    let (demoted, promoted) = db2.take_over_from(&db1);
+    let (demoted, promoted) = db2.take_over_from(db1);
     // Writes fail while there is no primary (by design: refused at once);
     // one that succeeds must have landed on db2.
     let mut wrong = None;
@@ -533,7 +533,7 @@ pub fn story(seed: &mut Seed, n: &mut Narrator) -> Result<Report, String> {
         }
     ));
     let found = crate::scan::scan(
-        &client,
+        client,
         client_ip,
         WWW,
         (1..=1024).collect(),

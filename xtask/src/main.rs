@@ -306,7 +306,15 @@ fn test(extra: &[String]) -> Result<()> {
     println!("test: a two-minute soak (cargo xtask soak --minutes 2)");
     let soak = run(&mut cmd(
         "cargo",
-        &["build", "-p", "lb-tests", "--bin", "lb-soak", "--bin", "lb-demo-app"],
+        &[
+            "build",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-soak",
+            "--bin",
+            "lb-demo-app",
+        ],
     ))
     .and_then(|()| {
         run(Command::new(root().join("target/debug/lb-soak"))
