@@ -109,6 +109,14 @@ impl LbDaemon {
         self.spawn(&[]);
     }
 
+    /// Like [`LbDaemon::restart`], loading the program built into `lb` again
+    /// after [`LbDaemon::restart_with_object`] (the other way of a swap).
+    pub fn restart_with_built_in_object(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.object = None;
+        self.spawn(&[]);
+    }
+
     fn spawn(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)

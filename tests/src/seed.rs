@@ -82,12 +82,16 @@ impl Drop for Resolver {
 pub struct Seed {
     pub lb: LbDaemon,
     apps: Vec<Proc>,
-    _webs: Vec<Nginx>,
+    /// nginx on web1 and web2, in that order.
+    pub webs: Vec<Nginx>,
     pub db1: MariaDb,
     pub db2: MariaDb,
     _dns: Proc,
     _resolver: Resolver,
+    /// cli, dns, lb, sw, dbsw, then web1, web2, app1, app2, db1, db2.
     pub namespaces: Vec<Netns>,
+    /// The certificate nginx serves for www.foobar.com.
+    pub cert: PathBuf,
     pub dir: TempDir,
     pub prefix: String,
 }
@@ -98,6 +102,15 @@ impl Seed {
         let mut p: Vec<u32> = self.apps.iter().map(|a| a.0.id()).collect();
         p.push(self._dns.0.id());
         p
+    }
+
+    /// The namespace of host `name` ("cli", "lb", "web1", "app2", "db1", ...).
+    pub fn ns(&self, name: &str) -> &Netns {
+        let full = format!("{}-{name}", self.prefix);
+        self.namespaces
+            .iter()
+            .find(|n| n.name == full)
+            .unwrap_or_else(|| panic!("no namespace {full}"))
     }
 }
 
@@ -137,6 +150,14 @@ fn step<T>(what: &str, r: Result<T, String>) -> Result<T, String> {
 /// Brings the whole seed up and tells the story; on success everything is
 /// still running (drop the `Seed` to remove it).
 pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
+    let mut seed = up(opts, n)?;
+    let report = story(&mut seed, n)?;
+    Ok((seed, report))
+}
+
+/// Brings the whole seed up, the balancer's web backends passing their
+/// health checks, and tells none of the story (the soak starts here).
+pub fn up(opts: &Options, n: &mut Narrator) -> Result<Seed, String> {
     let p = &opts.prefix;
     let dir = TempDir::new("seed");
     n.say("== The seed's infrastructure, with lb in HAProxy's place ==");
@@ -331,6 +352,31 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     )
     .map_err(|e| format!("{e}: {}", lbd.status()["services"][0]["backends"]))?;
 
+    let mut namespaces = vec![client, dns, lb, web_sw, db_sw];
+    namespaces.extend(hosts.into_iter().map(|(h, _, _)| h));
+    Ok(Seed {
+        lb: lbd,
+        apps,
+        webs,
+        db1,
+        db2,
+        _dns: dns_proc,
+        _resolver: resolver,
+        namespaces,
+        cert,
+        dir,
+        prefix: p.clone(),
+    })
+}
+
+/// The demo's story, told and checked on a seed that [`up`] brought up.
+pub fn story(seed: &mut Seed, n: &mut Narrator) -> Result<Report, String> {
+    // Fields borrowed one by one: web1's nginx is stopped (mutably) on the way.
+    let client = &seed.namespaces[0];
+    let cert = &seed.cert;
+    let lbd = &seed.lb;
+    let (db1, db2) = (&seed.db1, &seed.db2);
+    let socket = lbd.socket.clone();
     let mut report = Report::default();
     let curl = |url: &str| -> Result<String, String> {
         client
@@ -422,7 +468,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     n.say("");
     n.say("5. web1's nginx stops. The seed's balancer kept sending to it; this one checks:");
     let stopped = Instant::now();
-    webs[0].stop();
+    seed.webs[0].stop();
     wait_for(Duration::from_secs(10), "web1 to be marked down", || {
         lbd.backend("web", "web1")["state"] == "down"
     })?;
@@ -442,7 +488,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
 
     n.say("");
     n.say("6. Planned database switchover: db1 goes read-only, db2 catches up and is promoted.");
-    let (demoted, promoted) = db2.take_over_from(&db1);
+    let (demoted, promoted) = db2.take_over_from(db1);
     // Writes fail while there is no primary (by design: refused at once);
     // one that succeeds must have landed on db2.
     let mut wrong = None;
@@ -487,7 +533,7 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
         }
     ));
     let found = crate::scan::scan(
-        &client,
+        client,
         client_ip,
         WWW,
         (1..=1024).collect(),
@@ -502,31 +548,14 @@ pub fn run(opts: &Options, n: &mut Narrator) -> Result<(Seed, Report), String> {
     n.say("");
     n.say(format!(
         "8. The balancer's view (lb status --socket {}):",
-        opts.socket.display()
+        socket.display()
     ));
     let (_, status) = lbd.cli(&["status"]);
     for l in status.lines() {
         n.say(format!("   {l}"));
     }
 
-    let mut namespaces = vec![client, dns, lb, web_sw, db_sw];
-    let (db1h, db2h) = (db1, db2);
-    namespaces.extend(hosts.into_iter().map(|(h, _, _)| h));
-    Ok((
-        Seed {
-            lb: lbd,
-            apps,
-            _webs: webs,
-            db1: db1h,
-            db2: db2h,
-            _dns: dns_proc,
-            _resolver: resolver,
-            namespaces,
-            dir,
-            prefix: p.clone(),
-        },
-        report,
-    ))
+    Ok(report)
 }
 
 /// Up to `n` tries of `f`, until one gives a value; a try that errs ends it.

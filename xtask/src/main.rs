@@ -59,6 +59,18 @@ enum Cmd {
         #[arg(long, hide = true)]
         once: bool,
     },
+    /// The demo's topology under steady mixed load (HTTP on new and long-lived
+    /// connections, MySQL writes and reads) while a chaos loop stops web
+    /// servers, reloads configs, SIGKILLs the daemon, swaps the program and
+    /// switches MySQL over; fails on any failure the design does not allow (root).
+    Soak {
+        /// How long the load and the chaos run.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// The chaos loop's seed (printed by every run), to replay its order.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() {
@@ -70,6 +82,7 @@ fn main() {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { interactive, .. } => demo(interactive),
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Soak { minutes, seed } => soak(minutes, seed),
         Cmd::Package => package::package().map(|_| ()),
     };
     if let Err(e) = r {
@@ -213,6 +226,31 @@ fn demo(interactive: bool) -> Result<()> {
     as_root(&root().join("target/release/lb-demo"), &args)
 }
 
+fn soak(minutes: f64, seed: Option<u64>) -> Result<()> {
+    setup::ensure_packages(setup::DEMO_PACKAGES)?;
+    build_all()?;
+    // The program swaps alternate between lb's own program and a second
+    // build, as the upgrade test's.
+    let variant = build_ebpf_variant()?;
+    as_root(
+        &root().join("target/release/lb-soak"),
+        &soak_args(minutes, seed, &variant),
+    )
+}
+
+fn soak_args(minutes: f64, seed: Option<u64>, variant: &Path) -> Vec<String> {
+    let mut args = vec![
+        "--minutes".into(),
+        minutes.to_string(),
+        "--upgrade-object".into(),
+        variant.display().to_string(),
+    ];
+    if let Some(s) = seed {
+        args.extend(["--seed".into(), s.to_string()]);
+    }
+    args
+}
+
 fn test(extra: &[String]) -> Result<()> {
     if !setup::is_root() {
         bail!(
@@ -263,5 +301,25 @@ fn test(extra: &[String]) -> Result<()> {
     let mut c = cmd("cargo", &args);
     c.env("LB_TEST_UPGRADE_OBJECT", &variant)
         .env("LB_TEST_PACKAGE", &deb);
-    run(&mut c)
+    let suites = run(&mut c);
+    // After the suites, whatever they said: two minutes of the soak.
+    println!("test: a two-minute soak (cargo xtask soak --minutes 2)");
+    let soak = run(&mut cmd(
+        "cargo",
+        &[
+            "build",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-soak",
+            "--bin",
+            "lb-demo-app",
+        ],
+    ))
+    .and_then(|()| {
+        run(Command::new(root().join("target/debug/lb-soak"))
+            .args(soak_args(2.0, None, &variant))
+            .current_dir(root()))
+    });
+    suites.and(soak)
 }
