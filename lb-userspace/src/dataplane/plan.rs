@@ -1651,31 +1651,59 @@ mod tests {
         );
     }
 
-    /// An earlier daemon's Maglev service that the config no longer has is
-    /// removed and its Maglev slot (1 here) given back.
+    /// Earlier daemons' services that the config no longer has are removed;
+    /// a Maglev one gives its Maglev slot (1 here) back, a round-robin one
+    /// has none to give.
     #[test]
-    fn an_unadopted_maglev_service_gives_its_slot_back() {
+    fn unadopted_services_are_removed_and_a_maglev_slot_given_back() {
         let m = maglev::MAX_TABLE_SIZE;
+        let db_key = ServiceKey {
+            vip: [10, 0, 0, 102],
+            ..key()
+        };
         let mut found = Found::default();
         found
             .services
             .insert(api_key(), service(3 * m, 13, SERVICE_F_MAGLEV, 7));
+        found.services.insert(
+            db_key,
+            Service {
+                id: 1,
+                ..service(2 * RING_SIZE, 1, 0, 0)
+            },
+        );
         let mut p = Planner::new(found, HZ);
         let writes = p.plan(&[]).unwrap();
         assert_eq!(
             only(&writes, |w| matches!(w, W::RemoveService { .. })),
-            [W::RemoveService { key: api_key() }]
+            [
+                W::RemoveService { key: api_key() },
+                W::RemoveService { key: db_key },
+            ]
         );
-        let spec = ServiceSpec {
+        let maglev = |s: ServiceSpec| ServiceSpec {
             maglev: Some((13, 7)),
-            ..web(vec![backend("a", 1, 1)])
+            ..s
         };
-        let writes = p.plan(&[spec]).unwrap();
-        // Slots 0 (never used) and 1 (given back) are free: the last given
-        // back is taken first.
+        let writes = p
+            .plan(&[
+                maglev(web(vec![backend("a", 1, 1)])),
+                maglev(api(vec![backend("b", 2, 1)])),
+            ])
+            .unwrap();
+        // Maglev slots 0 (never used) and 1 (given back) are free, as are
+        // service ids 0 and 1 (both given back): the last given back is
+        // taken first.
         assert_eq!(
             switched(&writes, key()),
-            [service(2 * m, 13, SERVICE_F_MAGLEV, 7)]
+            [Service {
+                id: 1,
+                ..service(2 * m, 13, SERVICE_F_MAGLEV, 7)
+            }]
+        );
+        assert_eq!(
+            switched(&writes, api_key()),
+            [service(0, 13, SERVICE_F_MAGLEV, 7)]
         );
     }
 
