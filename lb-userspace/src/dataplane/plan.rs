@@ -1623,32 +1623,40 @@ mod tests {
 
     /// An adopted Maglev service keeps its Maglev slot (1 here) and gets
     /// the half it was not reading, written in full (what it holds is
-    /// unknown).
+    /// unknown), whichever half that is.
     #[test]
     fn an_adopted_maglev_service_keeps_its_slot_and_takes_the_other_half() {
         let m = maglev::MAX_TABLE_SIZE;
-        let mut found = Found::default();
-        found
-            .services
-            .insert(key(), service(2 * m, 13, SERVICE_F_MAGLEV, 7));
-        found.backends = vec![present(1, 0, 1)];
-        let mut p = Planner::new(found, HZ);
-        let spec = ServiceSpec {
-            maglev: Some((13, 7)),
-            ..web(vec![backend("a", 1, 1)])
-        };
-        let writes = p.plan(&[spec]).unwrap();
-        let want: Vec<Write> = (0..13)
-            .map(|i| W::Maglev {
-                index: 3 * m + i,
-                backend: 0,
-            })
-            .collect();
-        assert_eq!(only(&writes, |w| matches!(w, W::Maglev { .. })), want);
-        assert_eq!(
-            switched(&writes, key()),
-            [service(3 * m, 13, SERVICE_F_MAGLEV, 7)]
-        );
+        for (was, becomes) in [(0, 1), (1, 0)] {
+            let mut found = Found::default();
+            found
+                .services
+                .insert(key(), service((2 + was) * m, 13, SERVICE_F_MAGLEV, 7));
+            found.backends = vec![present(1, 0, 1)];
+            let mut p = Planner::new(found, HZ);
+            let spec = ServiceSpec {
+                maglev: Some((13, 7)),
+                ..web(vec![backend("a", 1, 1)])
+            };
+            let writes = p.plan(&[spec]).unwrap();
+            let base = (2 + becomes) * m;
+            let want: Vec<Write> = (0..13)
+                .map(|i| W::Maglev {
+                    index: base + i,
+                    backend: 0,
+                })
+                .collect();
+            assert_eq!(
+                only(&writes, |w| matches!(w, W::Maglev { .. })),
+                want,
+                "from half {was}"
+            );
+            assert_eq!(
+                switched(&writes, key()),
+                [service(base, 13, SERVICE_F_MAGLEV, 7)],
+                "from half {was}"
+            );
+        }
     }
 
     /// Earlier daemons' services that the config no longer has are removed;
