@@ -206,6 +206,65 @@ mod tests {
     }
     const IPPROTO: u8 = 6;
 
+    /// A trailing odd byte counts as the high byte of a word whose low byte
+    /// is zero (RFC 1071 section 4.1).
+    #[test]
+    fn an_odd_trailing_byte_is_padded_with_zero() {
+        // RFC 1071's words (sum 0x2ddf0) and 0xab: 0x2ddf0 + 0xab00 = 0x388f0,
+        // folded 0x88f3.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7, 0xab];
+        assert_eq!(sum(&data, 0), 0x0003_88f0);
+        assert_eq!(sum(&data, 0), sum(&[&data[..], &[0]].concat(), 0));
+        assert_eq!(full(&data), [0x77, 0x0c]);
+    }
+
+    /// The initial sum (a pseudo-header's) is any `u32`: past 32 bits the
+    /// carry comes back in (end-around carry), as often as it takes.
+    #[test]
+    fn a_sum_past_32_bits_folds_its_carry_back_in() {
+        // 0xffff_ffff + 0xffff = 0x1_0000_fffe -> 0xfffe + 1.
+        assert_eq!(sum(&[0xff, 0xff], 0xffff_ffff), 0xffff);
+        // 0xffff_ffff + 2 = 0x1_0000_0001 -> 1 + 1.
+        assert_eq!(sum(&[0x00, 0x02], 0xffff_ffff), 2);
+        // Exactly 32 bits of ones: nothing to fold.
+        assert_eq!(sum(&[], 0xffff_ffff), 0xffff_ffff);
+        assert_eq!(sum(&[0x00, 0x01], 0xffff_fffe), 0xffff_ffff);
+    }
+
+    #[test]
+    fn a_corrupted_header_does_not_verify() {
+        let mut h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert!(verifies(&h, 0));
+        // One bit of the TTL flipped.
+        h[8] ^= 1;
+        assert!(!verifies(&h, 0));
+        h[8] ^= 1;
+        // The checksum field zeroed.
+        h[10] = 0;
+        h[11] = 0;
+        assert!(!verifies(&h, 0));
+    }
+
+    /// A UDP checksum that is present is updated like TCP's: a datagram
+    /// 10.0.1.2:40000 -> 10.0.0.100:53 (payload "abcd", checksum 0x8934 by
+    /// full recomputation) sent on to 10.0.1.7 has checksum 0x8891.
+    #[test]
+    fn a_present_udp_checksum_is_updated() {
+        let mut seg = [0u8; 12];
+        seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        seg[2..4].copy_from_slice(&53u16.to_be_bytes());
+        seg[4..6].copy_from_slice(&12u16.to_be_bytes());
+        seg[8..12].copy_from_slice(b"abcd");
+        let (src, vip, backend) = ([10, 0, 1, 2], [10, 0, 0, 100], [10, 0, 1, 7]);
+        assert_eq!(l4_full(src, vip, 17, &seg), [0x89, 0x34]);
+        assert_eq!(l4_full(src, backend, 17, &seg), [0x88, 0x91]);
+        assert_eq!(udp_replace4([0x89, 0x34], vip, backend), [0x88, 0x91]);
+        assert_eq!(udp_replace4([0x88, 0x91], backend, vip), [0x89, 0x34]);
+    }
+
     #[test]
     fn udp_zero_checksum_stays_zero_and_computed_zero_becomes_ffff() {
         assert_eq!(udp_replace4([0, 0], [1, 2, 3, 4], [5, 6, 7, 8]), [0, 0]);

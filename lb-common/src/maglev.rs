@@ -53,6 +53,12 @@ fn name_hash(name: &[u8], seed: u32, salt: u64) -> u64 {
     fmix64(h ^ salt ^ ((seed as u64) << 17))
 }
 
+/// Salts of [`name_hash`]: where a backend's permutation starts, how it steps.
+#[cfg(not(target_arch = "bpf"))]
+const OFFSET_SALT: u64 = 0x5bd1_e995;
+#[cfg(not(target_arch = "bpf"))]
+const SKIP_SALT: u64 = 0x1b87_3593;
+
 /// Whether `m` is prime (trial division; `m` is at most a few hundred thousand).
 pub fn is_prime(m: u32) -> bool {
     if m < 2 {
@@ -88,11 +94,11 @@ pub fn fill_table(backends: &[(&[u8], u32)], seed: u32, table: &mut [u32]) -> bo
     let n = backends.len();
     let offset: alloc::vec::Vec<u64> = backends
         .iter()
-        .map(|b| name_hash(b.0, seed, 0x5bd1_e995) % m)
+        .map(|b| name_hash(b.0, seed, OFFSET_SALT) % m)
         .collect();
     let skip: alloc::vec::Vec<u64> = backends
         .iter()
-        .map(|b| name_hash(b.0, seed, 0x1b87_3593) % (m - 1) + 1)
+        .map(|b| name_hash(b.0, seed, SKIP_SALT) % (m - 1) + 1)
         .collect();
     let mut next = vec![0u64; n];
     let mut credit = vec![0u64; n];
@@ -235,6 +241,81 @@ mod tests {
         let mut t = vec![0; 12];
         assert!(!fill_table(&[(b"a", 1)], 0, &mut t));
         assert!(!fill_table(&[(b"a", 0)], 0, &mut [0; 13]));
+    }
+
+    // Pinned values: every balancer, of any version, must hash a flow and
+    // build a table the same way, or flows move when instances or versions
+    // mix. They come from an independent implementation (Python, from
+    // MurmurHash3's fmix64, FNV-1a and the population loop as documented).
+
+    #[test]
+    fn fmix64_is_murmurhash3s_finaliser() {
+        assert_eq!(fmix64(0), 0);
+        assert_eq!(fmix64(1), 0xb456_bcfc_34c2_cb2c);
+        assert_eq!(fmix64(0x0123_4567_89ab_cdef), 0x87cb_fbfe_8902_2cea);
+        assert_eq!(fmix64(u64::MAX), 0x64b5_720b_4b82_5f21);
+    }
+
+    #[test]
+    fn flow_hash_values_are_pinned_and_every_field_counts() {
+        let h = |src, sport: u16, dport: u16, proto, seed| {
+            flow_hash(
+                src,
+                [10, 0, 0, 100],
+                sport.to_be_bytes(),
+                dport.to_be_bytes(),
+                proto,
+                seed,
+            )
+        };
+        let base = h([10, 0, 1, 2], 40000, 80, 6, 0);
+        assert_eq!(base, 0xd8b3_1460);
+        assert_eq!(h([10, 0, 1, 2], 40000, 80, 6, 9), 0x539c_286f);
+        assert_eq!(h([192, 168, 7, 1], 1234, 53, 17, 0xdead_beef), 0xa477_9414);
+        for (field, other) in [
+            ("src", h([10, 0, 1, 3], 40000, 80, 6, 0)),
+            ("sport", h([10, 0, 1, 2], 40001, 80, 6, 0)),
+            ("dport", h([10, 0, 1, 2], 40000, 81, 6, 0)),
+            ("proto", h([10, 0, 1, 2], 40000, 80, 17, 0)),
+            ("seed", h([10, 0, 1, 2], 40000, 80, 6, 1)),
+            (
+                "dst",
+                flow_hash([10, 0, 1, 2], [10, 0, 0, 101], [0x9c, 0x40], [0, 80], 6, 0),
+            ),
+        ] {
+            assert_ne!(other, base, "{field} does not change the hash");
+        }
+    }
+
+    #[test]
+    fn tables_are_pinned() {
+        let bs = |ws: &[(&str, u32)]| -> Vec<(String, u32)> {
+            ws.iter().map(|(n, w)| (String::from(*n), *w)).collect()
+        };
+        assert_eq!(
+            table(&bs(&[("a", 1), ("b", 1)]), 13, 7),
+            [1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            table(&bs(&[("web1", 3), ("web2", 2), ("web3", 1)]), 13, 42),
+            [0, 1, 2, 2, 0, 1, 1, 0, 0, 0, 1, 0, 0]
+        );
+    }
+
+    /// A backend's offset is reduced modulo M before it is stepped from, so
+    /// a name whose hash lies within M of `u64::MAX` works like any other
+    /// (this name and seed were found by inverting fmix64).
+    #[test]
+    fn a_name_hashing_next_to_u64_max_does_not_overflow() {
+        let (name, seed): (&[u8], u32) = (b"backend-102656", 3_539_839_824);
+        let m = DEFAULT_TABLE_SIZE as u64;
+        let h = name_hash(name, seed, OFFSET_SALT);
+        assert_eq!(u64::MAX - h, 50_896);
+        let mut t = vec![u32::MAX; m as usize];
+        assert!(fill_table(&[(name, 1), (b"backend-1", 1)], seed, &mut t));
+        // Its first choice, the first slot filled, is its offset.
+        assert_eq!(h % m, 14_641);
+        assert_eq!(t[14_641], 0);
     }
 
     #[test]

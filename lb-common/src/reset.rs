@@ -98,6 +98,29 @@ mod tests {
         assert!(checksum::verifies(&r, checksum::sum(&pseudo, 0)));
     }
 
+    /// Every byte of the answer to a SYN, checksums from an independent full
+    /// recomputation: IPv4 with DF and TTL 64, a 20-byte TCP header (data
+    /// offset 5), RST|ACK, window 0.
+    #[test]
+    fn the_answer_to_a_syn_byte_for_byte() {
+        let (ip, t) = seg(SYN, 1000, 0);
+        let (h, r) = tcp_reset(&ip, &t, 0).unwrap();
+        assert_eq!(
+            h,
+            [
+                0x45, 0x00, 0x00, 0x28, 0x00, 0x00, 0x40, 0x00, 0x40, 0x06, 0x25, 0x6a, 0x0a, 0x00,
+                0x00, 0x65, 0x0a, 0x00, 0x01, 0x02,
+            ]
+        );
+        assert_eq!(
+            r,
+            [
+                0x0c, 0xea, 0x9c, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0xe9, 0x50, 0x14,
+                0x00, 0x00, 0xed, 0x56, 0x00, 0x00,
+            ]
+        );
+    }
+
     #[test]
     fn a_segment_with_ack_gets_a_bare_rst_at_its_ack_number() {
         let (ip, t) = seg(ACK | 0x08, 5000, 777_777);

@@ -98,4 +98,26 @@ mod tests {
         assert_eq!(fill_ring(&[3, 2], &mut out), None);
         assert_eq!(fill_ring(&[2, 2], &mut out), Some(2));
     }
+
+    #[test]
+    fn a_ring_that_fills_its_space_exactly_fits() {
+        let mut out = [9; 4];
+        assert_eq!(fill_ring(&[1, 1, 1, 1], &mut out), Some(4));
+        assert_eq!(out, [0, 1, 2, 3]);
+        assert_eq!(fill_ring(&[1, 1, 1, 1, 1], &mut [0; 4]), None);
+    }
+
+    /// `MAX_BACKENDS` backends fit the scheduler's scratch space; one more is
+    /// refused even when the output has room for it.
+    #[test]
+    fn max_backends_fit_and_one_more_is_refused() {
+        let n = crate::MAX_BACKENDS as usize;
+        let mut out = vec![u32::MAX; n + 1];
+        assert_eq!(fill_ring(&vec![1; n], &mut out), Some(n));
+        assert!(
+            out[..n].iter().enumerate().all(|(i, &b)| b == i as u32),
+            "equal weights: plain round robin"
+        );
+        assert_eq!(fill_ring(&vec![1; n + 1], &mut out), None);
+    }
 }

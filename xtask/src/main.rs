@@ -48,6 +48,15 @@ enum Cmd {
     /// A Debian package (binary, systemd unit, example configs, man page) in
     /// target/debian.
     Package,
+    /// Mutation testing (cargo-mutants, installed if missing) of `lb-common`
+    /// and the control plane's planner, scoped by `.cargo/mutants.toml`;
+    /// the results land in mutants.out/.
+    Mutants {
+        /// Extra arguments for `cargo mutants` (e.g. `--jobs 2`, or
+        /// `-f lb-common/src/ring.rs` for one file).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The seed's whole infrastructure in network namespaces on this machine
     /// (DNS, our balancer, nginx, app servers, MariaDB primary and replica): a
     /// checked story, then everything is removed (root).
@@ -84,6 +93,7 @@ fn main() {
         Cmd::Bench { quick } => bench(quick),
         Cmd::Soak { minutes, seed } => soak(minutes, seed),
         Cmd::Package => package::package().map(|_| ()),
+        Cmd::Mutants { args } => mutants(&args),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");
@@ -306,4 +316,86 @@ fn test(extra: &[String]) -> Result<()> {
     // minutes, not yet explained (see the README's Tests, item 8); two
     // minutes of it would fail CI by chance until that is understood.
     run(&mut c)
+}
+
+/// What `cargo xtask mutants` mutates: the pure code both sides of the kernel
+/// boundary agree on, and the control plane's planner (the README's report
+/// covers exactly these files).
+const MUTANTS_SCOPE: &[&str] = &[
+    "lb-common/src/*.rs",
+    "lb-userspace/src/dataplane/plan.rs",
+    "lb-userspace/src/reconcile/desired.rs",
+];
+
+fn mutants(extra: &[String]) -> Result<()> {
+    setup::ensure_cargo_mutants()?;
+    // lb-userspace embeds the XDP object: each mutant's build needs it (the
+    // copy cargo-mutants builds in carries lb-ebpf/target along).
+    build_ebpf()?;
+    println!(
+        "mutants: cargo-mutants {} (settings in .cargo/mutants.toml)",
+        setup::CARGO_MUTANTS_VERSION
+    );
+    let mut args = vec!["mutants"];
+    // Files given on the command line replace the scope (cargo-mutants adds
+    // them to its config file's globs, so the scope is not kept there).
+    let own_files = extra
+        .iter()
+        .any(|a| a.starts_with("-f") || a.starts_with("--file"));
+    if !own_files {
+        for glob in MUTANTS_SCOPE {
+            args.extend(["--file", glob]);
+        }
+    }
+    args.extend(extra.iter().map(String::as_str));
+    let status = cmd("cargo", &args)
+        .status()
+        .context("cannot start cargo mutants")?;
+    let out = mutants_output(extra).join("mutants.out");
+    let missed = || {
+        std::fs::read_to_string(out.join("missed.txt"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // cargo-mutants' exit codes: 2 some mutant was missed, 3 some timed out
+    // (also when some were missed: its list decides), 4 the tests fail on
+    // the unmutated tree.
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(2 | 3) if missed() > 0 => bail!(
+            "{} mutants missed: {} lists them",
+            missed(),
+            out.join("missed.txt").display()
+        ),
+        Some(3) => {
+            // A mutant that makes the tests hang is one they notice.
+            println!(
+                "mutants: none missed; those that timed out ({}) count as caught",
+                out.join("timeout.txt").display()
+            );
+            Ok(())
+        }
+        Some(4) => bail!(
+            "the unit tests fail without any mutation: {}",
+            out.join("log/baseline.log").display()
+        ),
+        _ => bail!("cargo mutants failed ({status})"),
+    }
+}
+
+/// Where cargo-mutants writes its `mutants.out`: `-o`/`--output DIR`, else
+/// the workspace root.
+fn mutants_output(args: &[String]) -> PathBuf {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(dir) = a.strip_prefix("--output=") {
+            return root().join(dir);
+        }
+        if a == "-o" || a == "--output" {
+            if let Some(dir) = it.next() {
+                return root().join(dir);
+            }
+        }
+    }
+    root()
 }

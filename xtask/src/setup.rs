@@ -1,6 +1,6 @@
 //! Installs what the commands need when it is missing, idempotently: the
 //! nightly toolchain's rust-src, bpf-linker (built against the nightly's own
-//! LLVM), and Debian packages. Each step says what it does before doing it.
+//! LLVM), cargo-mutants, and Debian packages. Each step says what it does before doing it.
 
 use std::{
     path::{Path, PathBuf},
@@ -217,6 +217,46 @@ pub fn ensure_bpf_linker() -> Result<()> {
     if !bpf_linker_works() {
         bail!(
             "bpf-linker was installed but `bpf-linker --version` fails: is ~/.cargo/bin in PATH?"
+        );
+    }
+    Ok(())
+}
+
+/// The cargo-mutants release `cargo xtask mutants` runs: pinned, so a report
+/// reproduces (its mutation operators change between releases), and one that
+/// builds with the stable toolchain here (it needs rustc 1.88 or later).
+pub const CARGO_MUTANTS_VERSION: &str = "27.1.0";
+
+/// Whether the installed cargo-mutants is the pinned release.
+fn cargo_mutants_is_pinned() -> bool {
+    cmd("cargo", &["mutants", "--version"])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim()
+                    == format!("cargo-mutants {CARGO_MUTANTS_VERSION}")
+        })
+        .unwrap_or(false)
+}
+
+/// cargo-mutants at the pinned release, from crates.io with its own lock file.
+pub fn ensure_cargo_mutants() -> Result<()> {
+    if cargo_mutants_is_pinned() {
+        return Ok(());
+    }
+    println!("setup: installing cargo-mutants {CARGO_MUTANTS_VERSION} (about 3 minutes, once)");
+    run(&mut cmd(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            &format!("cargo-mutants@{CARGO_MUTANTS_VERSION}"),
+        ],
+    ))?;
+    if !cargo_mutants_is_pinned() {
+        bail!(
+            "cargo-mutants {CARGO_MUTANTS_VERSION} was installed but `cargo mutants --version` \
+             does not say so: is ~/.cargo/bin in PATH?"
         );
     }
     Ok(())

@@ -1385,6 +1385,528 @@ mod tests {
         assert_eq!(idle, vec![60 * HZ as u32]);
     }
 
+    const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+
+    /// A second service, on its own VIP and port.
+    fn api(backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            name: "api".into(),
+            vip: API_VIP,
+            port: 443,
+            ..web(backends)
+        }
+    }
+
+    fn api_key() -> ServiceKey {
+        ServiceKey {
+            vip: API_VIP.octets(),
+            port: 443u16.to_be_bytes(),
+            ..key()
+        }
+    }
+
+    /// The writes `keep` picks, in order.
+    fn only(writes: &[Write], keep: impl Fn(&Write) -> bool) -> Vec<Write> {
+        writes.iter().filter(|w| keep(w)).cloned().collect()
+    }
+
+    /// The service entry (by address) the writes switch `key` to.
+    fn switched(writes: &[Write], to: ServiceKey) -> Vec<Service> {
+        writes
+            .iter()
+            .filter_map(|w| match w {
+                W::Service { key, value } if *key == to => Some(*value),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ids_are_handed_out_up_to_the_limit_taken_back_and_claimed() {
+        let mut ids = Ids::default();
+        assert_eq!(
+            [ids.take(2), ids.take(2), ids.take(2)],
+            [Some(0), Some(1), None]
+        );
+        ids.give_back(0);
+        assert_eq!([ids.take(2), ids.take(2)], [Some(0), None]);
+
+        // Adopting id 3 frees the ids below it that nothing holds yet.
+        let mut ids = Ids::default();
+        ids.claim(3);
+        assert_eq!((ids.next, &ids.free[..]), (4, &[0, 1, 2][..]));
+        // Adopting a free id takes it out of the free list...
+        ids.claim(1);
+        assert_eq!((ids.next, &ids.free[..]), (4, &[0, 2][..]));
+        // ...and one already held changes nothing.
+        ids.claim(3);
+        assert_eq!((ids.next, &ids.free[..]), (4, &[0, 2][..]));
+        assert_eq!(
+            [ids.take(5), ids.take(5), ids.take(5), ids.take(5)],
+            [Some(2), Some(0), Some(4), None]
+        );
+    }
+
+    #[test]
+    fn the_planner_reports_the_ids_and_generations_it_handed_out() {
+        let mut p = planner();
+        let services = [
+            web(vec![backend("a", 1, 1), backend("b", 2, 1)]),
+            api(vec![backend("c", 3, 1)]),
+        ];
+        p.plan(&services).unwrap();
+        assert_eq!(
+            (p.service_id("web"), p.service_id("api"), p.service_id("db")),
+            (Some(0), Some(1), None)
+        );
+        assert_eq!(
+            [
+                p.backend_id("web", "a"),
+                p.backend_id("web", "b"),
+                p.backend_id("api", "c"),
+                p.backend_id("api", "a"),
+            ],
+            [Some(0), Some(1), Some(2), None]
+        );
+        let mut ids: Vec<(String, String, u32)> = p
+            .backend_ids()
+            .map(|((s, b), id)| (s.clone(), b.clone(), id))
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            [
+                ("api".into(), "c".into(), 2),
+                ("web".into(), "a".into(), 0),
+                ("web".into(), "b".into(), 1),
+            ]
+        );
+        let live: Vec<(u32, &str)> = p
+            .live_services()
+            .map(|(id, s)| (id, s.name.as_str()))
+            .collect();
+        assert_eq!(live, [(1, "api"), (0, "web")]);
+        let live: Vec<(u32, &str)> = p
+            .live_backends()
+            .map(|(id, b)| (id, b.name.as_str()))
+            .collect();
+        assert_eq!(live, [(2, "c"), (0, "a"), (1, "b")]);
+        assert_eq!(p.retired().count(), 0);
+
+        // b leaves: its slot is retired (its traffic still counts for web)
+        // and keeps its generation; the next backend there is the second.
+        p.plan(&[web(vec![backend("a", 1, 1)]), services[1].clone()])
+            .unwrap();
+        assert_eq!(p.retired().collect::<Vec<_>>(), [(1, Some(0))]);
+        assert_eq!((p.generation(1), p.generation(3)), (1, 0));
+        p.plan(&[
+            web(vec![backend("a", 1, 1), backend("d", 4, 1)]),
+            services[1].clone(),
+        ])
+        .unwrap();
+        assert_eq!(p.retired().count(), 0);
+        assert_eq!((p.backend_id("web", "d"), p.generation(1)), (Some(1), 2));
+    }
+
+    #[test]
+    fn a_second_service_writes_its_own_ring_halves() {
+        let mut p = planner();
+        let w = p
+            .plan(&[
+                web(vec![backend("a", 1, 1)]),
+                api(vec![backend("b", 2, 1), backend("c", 3, 1)]),
+            ])
+            .unwrap();
+        // Service 1's halves start at 2 * RING_SIZE.
+        let rings = |w: &[Write]| only(w, |w| matches!(w, W::Ring { .. }));
+        let mut want = ring(0, &[0]);
+        want.extend(ring(2 * RING_SIZE, &[1, 2]));
+        assert_eq!(rings(&w), want);
+        let api_service = |ring_base, ring_len| Service {
+            id: 1,
+            ..service(ring_base, ring_len, 0, 0)
+        };
+        assert_eq!(switched(&w, api_key()), [api_service(2 * RING_SIZE, 2)]);
+        // Re-weighted: its other half.
+        let w = p
+            .plan(&[
+                web(vec![backend("a", 1, 1)]),
+                api(vec![backend("b", 2, 1), backend("c", 3, 0)]),
+            ])
+            .unwrap();
+        assert_eq!(rings(&w), ring(3 * RING_SIZE, &[1]));
+        assert_eq!(switched(&w, api_key()), [api_service(3 * RING_SIZE, 1)]);
+    }
+
+    #[test]
+    fn a_second_maglev_service_writes_its_own_tables() {
+        let maglev = |s: ServiceSpec| ServiceSpec {
+            maglev: Some((13, 7)),
+            ..s
+        };
+        let mut p = planner();
+        let w = p
+            .plan(&[
+                maglev(web(vec![backend("a", 1, 1)])),
+                maglev(api(vec![backend("b", 2, 1)])),
+            ])
+            .unwrap();
+        let m = maglev::MAX_TABLE_SIZE;
+        let entries = |w: &[Write]| -> Vec<u32> {
+            w.iter()
+                .filter_map(|w| match w {
+                    W::Maglev { index, .. } => Some(*index),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Maglev slot 1's halves start at 2 * MAX_TABLE_SIZE.
+        let want: Vec<u32> = (0..13).chain(2 * m..2 * m + 13).collect();
+        assert_eq!(entries(&w), want);
+        let api_service = |ring_base| Service {
+            id: 1,
+            ..service(ring_base, 13, SERVICE_F_MAGLEV, 7)
+        };
+        assert_eq!(switched(&w, api_key()), [api_service(2 * m)]);
+        let w = p
+            .plan(&[
+                maglev(web(vec![backend("a", 1, 1)])),
+                maglev(api(vec![backend("b", 2, 1), backend("c", 3, 1)])),
+            ])
+            .unwrap();
+        assert_eq!(entries(&w), (3 * m..3 * m + 13).collect::<Vec<u32>>());
+        assert_eq!(switched(&w, api_key()), [api_service(3 * m)]);
+    }
+
+    /// The earlier daemon read half 1: the ring goes to half 0. Its backends
+    /// are matched by service, address and port: one at another port or
+    /// another address is not adopted but cleared, and a new slot is taken.
+    #[test]
+    fn adoption_matches_backends_by_service_address_and_port() {
+        let mut found = Found::default();
+        found.services.insert(key(), service(RING_SIZE, 2, 0, 0));
+        let mut other_port = present(2, 0, 1);
+        other_port.port = 9999u16.to_be_bytes();
+        found.backends = vec![present(1, 0, 1), other_port, present(9, 0, 1)];
+        let mut p = Planner::new(found, HZ);
+        let writes = p
+            .plan(&[web(vec![backend("a", 1, 1), backend("b", 2, 1)])])
+            .unwrap();
+        let body = only(&writes, |w| {
+            !matches!(w, W::Prefilter { .. } | W::Vip { .. })
+        });
+        let mut want = vec![
+            W::Backend {
+                id: 0,
+                value: present(1, 0, 1),
+            },
+            W::NewBackend { id: 3 },
+            W::Backend {
+                id: 3,
+                value: present(2, 0, 1),
+            },
+        ];
+        want.extend(ring(0, &[0, 3]));
+        want.extend(switch(service(0, 2, 0, 0)));
+        want.extend([
+            W::Backend {
+                id: 1,
+                value: cleared(1),
+            },
+            W::Backend {
+                id: 2,
+                value: cleared(1),
+            },
+        ]);
+        assert_eq!(body, want);
+    }
+
+    /// An adopted Maglev service keeps its Maglev slot (1 here) and gets
+    /// the half it was not reading, written in full (what it holds is
+    /// unknown), whichever half that is.
+    #[test]
+    fn an_adopted_maglev_service_keeps_its_slot_and_takes_the_other_half() {
+        let m = maglev::MAX_TABLE_SIZE;
+        for (was, becomes) in [(0, 1), (1, 0)] {
+            let mut found = Found::default();
+            found
+                .services
+                .insert(key(), service((2 + was) * m, 13, SERVICE_F_MAGLEV, 7));
+            found.backends = vec![present(1, 0, 1)];
+            let mut p = Planner::new(found, HZ);
+            let spec = ServiceSpec {
+                maglev: Some((13, 7)),
+                ..web(vec![backend("a", 1, 1)])
+            };
+            let writes = p.plan(&[spec]).unwrap();
+            let base = (2 + becomes) * m;
+            let want: Vec<Write> = (0..13)
+                .map(|i| W::Maglev {
+                    index: base + i,
+                    backend: 0,
+                })
+                .collect();
+            assert_eq!(
+                only(&writes, |w| matches!(w, W::Maglev { .. })),
+                want,
+                "from half {was}"
+            );
+            assert_eq!(
+                switched(&writes, key()),
+                [service(base, 13, SERVICE_F_MAGLEV, 7)],
+                "from half {was}"
+            );
+        }
+    }
+
+    /// Earlier daemons' services that the config no longer has are removed;
+    /// a Maglev one gives its Maglev slot (1 here) back, a round-robin one
+    /// has none to give.
+    #[test]
+    fn unadopted_services_are_removed_and_a_maglev_slot_given_back() {
+        let m = maglev::MAX_TABLE_SIZE;
+        let db_key = ServiceKey {
+            vip: [10, 0, 0, 102],
+            ..key()
+        };
+        let mut found = Found::default();
+        found
+            .services
+            .insert(api_key(), service(3 * m, 13, SERVICE_F_MAGLEV, 7));
+        found.services.insert(
+            db_key,
+            Service {
+                id: 1,
+                ..service(2 * RING_SIZE, 1, 0, 0)
+            },
+        );
+        let mut p = Planner::new(found, HZ);
+        let writes = p.plan(&[]).unwrap();
+        assert_eq!(
+            only(&writes, |w| matches!(w, W::RemoveService { .. })),
+            [
+                W::RemoveService { key: api_key() },
+                W::RemoveService { key: db_key },
+            ]
+        );
+        let maglev = |s: ServiceSpec| ServiceSpec {
+            maglev: Some((13, 7)),
+            ..s
+        };
+        let writes = p
+            .plan(&[
+                maglev(web(vec![backend("a", 1, 1)])),
+                maglev(api(vec![backend("b", 2, 1)])),
+            ])
+            .unwrap();
+        // Maglev slots 0 (never used) and 1 (given back) are free, as are
+        // service ids 0 and 1 (both given back): the last given back is
+        // taken first.
+        assert_eq!(
+            switched(&writes, key()),
+            [Service {
+                id: 1,
+                ..service(2 * m, 13, SERVICE_F_MAGLEV, 7)
+            }]
+        );
+        assert_eq!(
+            switched(&writes, api_key()),
+            [service(0, 13, SERVICE_F_MAGLEV, 7)]
+        );
+    }
+
+    #[test]
+    fn a_services_flags_and_source_rules_are_written_before_its_switch() {
+        let cidr = |text| Cidr::parse(text).unwrap();
+        let (allow, deny) = (
+            lb_common::firewall::RULE_ALLOW,
+            lb_common::firewall::RULE_DENY,
+        );
+        let rule = |cidr, verdict| W::Rule {
+            service: 0,
+            cidr,
+            verdict,
+        };
+        let rules_and_switch =
+            |w: &[Write]| only(w, |w| matches!(w, W::Rule { .. } | W::Service { .. }));
+        let mut p = planner();
+        let mut spec = ServiceSpec {
+            maglev: Some((13, 7)),
+            reset_if_empty: true,
+            ..web(vec![backend("a", 1, 1)])
+        };
+        spec.rules.allow = vec![cidr("10.1.0.0/16")];
+        spec.rules.deny = vec![cidr("10.1.2.0/24")];
+        let writes = p.plan(std::slice::from_ref(&spec)).unwrap();
+        let value = service(
+            0,
+            13,
+            SERVICE_F_MAGLEV | SERVICE_F_RESET_IF_EMPTY | SERVICE_F_FIREWALL | SERVICE_F_ALLOWLIST,
+            7,
+        );
+        assert_eq!(
+            rules_and_switch(&writes),
+            [
+                rule(cidr("10.1.0.0/16"), Some(allow)),
+                rule(cidr("10.1.2.0/24"), Some(deny)),
+                W::Service { key: key(), value },
+            ]
+        );
+
+        // Deny rules only: no allowlist. The new rule is added before the
+        // old one goes; the one kept is not written again.
+        spec.rules.allow = vec![];
+        spec.rules.deny = vec![cidr("10.9.0.0/16"), cidr("10.1.2.0/24")];
+        let writes = p.plan(std::slice::from_ref(&spec)).unwrap();
+        let value = Service {
+            ring_base: maglev::MAX_TABLE_SIZE,
+            flags: SERVICE_F_MAGLEV | SERVICE_F_RESET_IF_EMPTY | SERVICE_F_FIREWALL,
+            ..value
+        };
+        assert_eq!(
+            rules_and_switch(&writes),
+            [
+                rule(cidr("10.9.0.0/16"), Some(deny)),
+                rule(cidr("10.1.0.0/16"), None),
+                W::Service { key: key(), value },
+            ]
+        );
+
+        // The service removed: its rules go with it.
+        let writes = p.plan(&[]).unwrap();
+        assert_eq!(
+            rules_and_switch(&writes),
+            [
+                rule(cidr("10.1.2.0/24"), None),
+                rule(cidr("10.9.0.0/16"), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_moved_to_another_port_is_switched_in_then_the_old_entry_removed() {
+        let mut p = with_a_and_b();
+        let mut moved = web(vec![backend("a", 1, 1), backend("b", 2, 1)]);
+        moved.port = 8000;
+        let new_key = ServiceKey {
+            port: 8000u16.to_be_bytes(),
+            ..key()
+        };
+        let writes = p.plan(&[moved]).unwrap();
+        let value = service(RING_SIZE, 2, 0, 0);
+        let mut want = ring(RING_SIZE, &[0, 1]);
+        want.extend([
+            W::ServiceById { id: 0, value },
+            W::Service {
+                key: new_key,
+                value,
+            },
+            W::RemoveService { key: key() },
+        ]);
+        assert_eq!(writes, want);
+    }
+
+    #[test]
+    fn a_backends_flow_policies_are_its_flags() {
+        let mut p = planner();
+        let mut down = backend("a", 1, 0);
+        down.drop_flows = true;
+        let mut demoted = backend("b", 2, 1);
+        demoted.reset_flows = true;
+        let writes = p.plan(&[web(vec![down, demoted])]).unwrap();
+        assert_eq!(
+            only(&writes, |w| matches!(w, W::Backend { .. })),
+            [
+                W::Backend {
+                    id: 0,
+                    value: present(1, BACKEND_F_DROP_FLOWS | BACKEND_F_NO_NEW_FLOWS, 1),
+                },
+                W::Backend {
+                    id: 1,
+                    value: present(2, BACKEND_F_RESET_FLOWS, 1),
+                },
+            ]
+        );
+    }
+
+    /// With stateless replies on, each backend that serves exactly one VIP
+    /// gets a reply entry; one shared by two services gets none. Turned
+    /// off, the entries are removed.
+    #[test]
+    fn stateless_reply_entries_are_kept_for_backends_of_one_vip() {
+        let mut p = planner();
+        assert!(!p.stateless_replies());
+        p.set_stateless_replies(true);
+        assert!(p.stateless_replies());
+        let services = [
+            web(vec![backend("a", 1, 1), backend("b", 2, 1)]),
+            api(vec![backend("b", 2, 1), backend("c", 3, 1)]),
+        ];
+        let backend_key = |last| BackendKey {
+            addr: [10, 0, 1, last],
+            port: 8080u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let reply = |vip: Ipv4Addr, vport: u16, backend, service| ReverseFlow {
+            vip: vip.octets(),
+            vport: vport.to_be_bytes(),
+            _pad: [0; 2],
+            backend,
+            service,
+            hop: NextHop::default(),
+        };
+        let replies = |w: &[Write]| only(w, |w| matches!(w, W::BackendVip { .. }));
+        let writes = p.plan(&services).unwrap();
+        assert_eq!(
+            replies(&writes),
+            [
+                W::BackendVip {
+                    key: backend_key(1),
+                    value: Some(reply(VIP, 80, 0, 0)),
+                },
+                W::BackendVip {
+                    key: backend_key(3),
+                    value: Some(reply(API_VIP, 443, 3, 1)),
+                },
+            ]
+        );
+        assert_eq!(replies(&p.plan(&services).unwrap()), []);
+        p.set_stateless_replies(false);
+        assert_eq!(
+            replies(&p.plan(&services).unwrap()),
+            [
+                W::BackendVip {
+                    key: backend_key(1),
+                    value: None,
+                },
+                W::BackendVip {
+                    key: backend_key(3),
+                    value: None,
+                },
+            ]
+        );
+    }
+
+    /// A freed service id taken by a new service: the retired backends of
+    /// the old one are no longer its, and their traffic is folded into
+    /// the totals only.
+    #[test]
+    fn a_reused_service_id_does_not_inherit_retired_traffic() {
+        let mut p = with_a_and_b();
+        p.plan(&[]).unwrap();
+        let mut retired: Vec<_> = p.retired().collect();
+        retired.sort();
+        assert_eq!(retired, [(0, Some(0)), (1, Some(0))]);
+        let writes = p.plan(&[api(vec![backend("c", 3, 1)])]).unwrap();
+        assert!(writes.contains(&W::NewService { id: 0 }), "{writes:?}");
+        let folds = only(&writes, |w| matches!(w, W::FoldTraffic { .. }));
+        assert!(
+            matches!(folds[..], [W::FoldTraffic { into: None, .. }]),
+            "{folds:?}"
+        );
+    }
+
     #[test]
     fn too_many_ring_slots_is_refused_with_the_service_named() {
         let mut p = planner();

@@ -614,4 +614,43 @@ address = "10.0.1.1"
         assert_eq!(specs[0].maglev.map(|m| m.1), Some(77));
         assert_eq!(specs, [desired_service(&cfg.services[0], 77)]);
     }
+
+    /// Each service's spec follows what was seen of that service, by name:
+    /// two services with a backend of the same name are told apart.
+    #[test]
+    fn desired_applies_each_services_own_observations() {
+        let text = r#"
+[daemon]
+interfaces = ["lo"]
+
+[[service]]
+name = "web"
+vip = "10.0.0.10"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+name = "app1"
+address = "10.0.1.1"
+
+[[service]]
+name = "api"
+vip = "10.0.0.11"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+name = "app1"
+address = "10.0.1.1"
+"#;
+        let cfg = Config::parse(std::path::Path::new("test.toml"), text, &|_| true)
+            .unwrap_or_else(|e| panic!("the test config is valid: {e}"));
+        let mut observations = Observations::default();
+        observations
+            .services
+            .insert("api".into(), with("app1", |b| b.health.up = false));
+        let weights: Vec<(String, u32)> = desired(&cfg, &observations)
+            .into_iter()
+            .map(|s| (s.name, s.backends[0].ring_weight))
+            .collect();
+        assert_eq!(weights, named(&[("web", 1), ("api", 0)]));
+    }
 }
