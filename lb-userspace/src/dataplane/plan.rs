@@ -1848,12 +1848,12 @@ mod tests {
             proto: IPPROTO_TCP,
             _pad: 0,
         };
-        let reply = |vip: Ipv4Addr, vport: u16, backend, service| ReverseFlow {
+        let reply = |vip: Ipv4Addr, vport: u16, backend, generation| ReverseFlow {
             vip: vip.octets(),
             vport: vport.to_be_bytes(),
             _pad: [0; 2],
             backend,
-            service,
+            generation,
             hop: NextHop::default(),
         };
         let replies = |w: &[Write]| only(w, |w| matches!(w, W::BackendVip { .. }));
@@ -1863,7 +1863,7 @@ mod tests {
             [
                 W::BackendVip {
                     key: backend_key(1),
-                    value: Some(reply(VIP, 80, 0, 0)),
+                    value: Some(reply(VIP, 80, 0, 1)),
                 },
                 W::BackendVip {
                     key: backend_key(3),
