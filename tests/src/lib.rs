@@ -12,6 +12,7 @@ pub mod mariadb;
 pub mod model;
 pub mod netns;
 pub mod nginx;
+pub mod rng;
 pub mod scan;
 pub mod seed;
 pub mod testrun;

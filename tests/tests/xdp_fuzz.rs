@@ -18,6 +18,7 @@ use lb_tests::{
     model::{csum, verify_checksums, Model},
     netns::Netns,
     require_root,
+    rng::Rng,
     testrun::{self, TestRunNet, B1, B2, CLIENT, VIP, X0_MAC, X1_MAC},
     unique,
 };
@@ -31,35 +32,6 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const B3: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 13);
 /// A router on the client side that sends ICMP errors.
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 254);
-
-/// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
 
 fn backend(name: &str, address: Ipv4Addr, port: u16) -> BackendSpec {
     BackendSpec {

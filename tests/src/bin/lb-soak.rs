@@ -31,6 +31,7 @@ use lb_tests::{
     http,
     mariadb::{MariaDb, APP_PASSWORD, APP_USER},
     netns::Netns,
+    rng::Rng,
     seed::{self, Narrator, Options, Seed, READ_VIP, WRITE_VIP, WWW},
     TempDir,
 };
@@ -586,23 +587,6 @@ fn classify(f: &Failure, events: &[Event]) -> Option<(Allowance, usize)> {
         }
     }
     None
-}
-
-/// A small seeded generator (splitmix64): the event order replays from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 struct Args {
