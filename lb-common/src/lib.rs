@@ -632,6 +632,20 @@ pub mod counter {
         }
 
         #[test]
+        fn actions_are_labelled_as_the_metrics_document() {
+            let labels = [
+                (Action::Pass, "pass"),
+                (Action::Drop, "drop"),
+                (Action::Forward, "forward"),
+                (Action::Reset, "reset"),
+                (Action::Reply, "reply"),
+            ];
+            for (action, label) in labels {
+                assert_eq!(action.name(), label);
+            }
+        }
+
+        #[test]
         fn outcome_reasons_are_unique_per_action() {
             for (i, d) in TABLE.iter().enumerate() {
                 for other in &TABLE[..i] {
@@ -641,6 +655,81 @@ pub mod counter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_owns_two_whole_ring_halves_and_the_map_ends_with_the_last() {
+        // The planner writes service `id`'s half `h` at (id * 2 + h) * RING_SIZE.
+        let last_half_end = ((MAX_SERVICES - 1) * 2 + 1) * RING_SIZE + RING_SIZE;
+        assert_eq!(RING_MAP_SIZE, last_half_end);
+        assert_eq!(RING_MAP_SIZE, 524_288);
+    }
+
+    #[test]
+    fn every_maglev_service_owns_two_tables_of_the_largest_size() {
+        let last_table_end = ((MAX_MAGLEV_SERVICES - 1) * 2 + 1) * maglev::MAX_TABLE_SIZE
+            + maglev::MAX_TABLE_SIZE;
+        assert_eq!(MAGLEV_MAP_SIZE, last_table_end);
+        assert_eq!(MAGLEV_MAP_SIZE, 2_097_136);
+    }
+
+    #[test]
+    fn prefilter_bits_match_an_independent_computation() {
+        // Computed in Python: x = little-endian u32 of the address,
+        // h = (x ^ x >> 16 ^ x >> 11) & 0xffff, (h >> 5, 1 << (h & 31)).
+        let cases = [
+            ([10, 0, 0, 100], (1824, 0x400)),
+            ([10, 0, 4, 11], (860, 0x4000)),
+            ([192, 168, 1, 1], (1103, 0x10_0000)),
+            ([255, 255, 255, 255], (2047, 0x8000_0000)),
+            ([0, 0, 0, 1], (264, 0x1)),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(prefilter_bit(addr), want, "{addr:?}");
+        }
+    }
+
+    #[test]
+    fn a_subnet_spreads_over_distinct_prefilter_bits() {
+        // The hosts of one /24 (a backend LAN, a VIP range) each get their
+        // own bit, so marking one never says "maybe" for its neighbours.
+        let bits: [(u32, u32); 256] = core::array::from_fn(|i| prefilter_bit([10, 0, 2, i as u8]));
+        for (last, &(word, bit)) in bits.iter().enumerate() {
+            assert!(word < PREFILTER_WORDS, "word {word} of 10.0.2.{last}");
+            assert_eq!(bit.count_ones(), 1, "bit {bit:#x} of 10.0.2.{last}");
+            assert!(!bits[..last].contains(&(word, bit)), "10.0.2.{last} shares a bit");
+        }
+    }
+
+    #[test]
+    fn traffic_adds_field_by_field() {
+        let mut t = Traffic {
+            packets: 1,
+            bytes: 2,
+            new_flows: 3,
+            reply_packets: 4,
+            reply_bytes: 5,
+        };
+        t.add(&Traffic {
+            packets: 10,
+            bytes: 20,
+            new_flows: 30,
+            reply_packets: 40,
+            reply_bytes: 50,
+        });
+        let want = Traffic {
+            packets: 11,
+            bytes: 22,
+            new_flows: 33,
+            reply_packets: 44,
+            reply_bytes: 55,
+        };
+        assert_eq!(t, want);
     }
 }
 

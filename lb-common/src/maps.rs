@@ -83,3 +83,27 @@ pub const fn same(a: &str, b: &str) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_compares_whole_names() {
+        assert!(same("CONNTRACK", "CONNTRACK"));
+        assert!(same("", ""));
+        assert!(!same("CONNTRACK", "CONNTRACX"), "last byte differs");
+        assert!(!same("XONNTRACK", "CONNTRACK"), "first byte differs");
+        assert!(!same("HOPS", "HOPS_"), "a prefix is not the name");
+        assert!(!same("HOPS_", "HOPS"));
+    }
+
+    #[test]
+    fn every_map_has_its_own_name() {
+        for (i, a) in ALL.iter().enumerate() {
+            for b in &ALL[..i] {
+                assert!(!same(a, b), "{a} twice");
+            }
+        }
+    }
+}
