@@ -236,6 +236,25 @@ pub fn retire(key: &FlowKey, reply: &FlowKey, e: &Ending, now: u64) -> bool {
     true
 }
 
+/// The client of the established flow `key` on `backend` is being reset
+/// (its backend's flows are to be reset): the flow is closing, so the
+/// client's next SYN on these ports is a new connection, and its reply entry
+/// goes now. The backend may keep its side of the connection open (it never
+/// saw the reset); if the client reuses the port for another VIP served by
+/// the same backend, the backend answers that SYN from its old connection,
+/// and the answer must reach the client as the new flow's (from its VIP),
+/// whose reset then clears the backend's side. Left in place, the old entry
+/// would send it from the old VIP, unanswered, and the client's connection
+/// would time out (found by the soak). A subprogram, off the fast path.
+#[inline(never)]
+pub fn reset_ends(key: &FlowKey, backend: &Backend) {
+    if let Some(f) = entry(key) {
+        // SAFETY: a live map value; setting flag bits races harmlessly.
+        unsafe { (*f).flags |= FLOW_F_CLOSING };
+    }
+    let _ = REVERSE.remove(reply_key(key, backend));
+}
+
 /// Ends an established flow on backend `backend_id` (of `generation`) whose
 /// entry is replaced by a new flow on the same addresses and ports (a SYN
 /// after FIN, a UDP flow idle past its timeout): its entries and its count

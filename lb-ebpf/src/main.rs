@@ -29,7 +29,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{Plan, STAGE_NEW},
+    conntrack::{Plan, STAGE_ESTABLISHED, STAGE_NEW},
     forward::Kind,
     hook::{Hook, Outcome},
     maps::{BACKENDS, HOPS, PREFILTER, REVERSE, SCRATCH, SCRATCH_PLAN, SERVICES, SERVICES_BY_ID},
@@ -293,6 +293,9 @@ fn full_path<H: Hook>(
             return Err(Outcome::drop(counter::DROP_BACKEND_DOWN));
         }
         if backend.flags & BACKEND_F_RESET_FLOWS != 0 && p.proto == IPPROTO_TCP {
+            if stage == STAGE_ESTABLISHED {
+                conntrack::reset_ends(key, backend);
+            }
             return Err(Outcome::new(reset::reset(ctx), counter::RESET_FLOW));
         }
     }

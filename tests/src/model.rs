@@ -705,6 +705,16 @@ impl Model {
                 return Err((XDP_DROP, counter::DROP_BACKEND_DOWN));
             }
             if b.reset_flows && tcp {
+                if plan.stage == Stage::Established {
+                    // The client is reset: the flow is closing and its
+                    // reply entry goes (the backend may still answer on
+                    // those ports, for another VIP's new flow).
+                    let rkey = reply_key(key, b);
+                    self.reverse.remove(&rkey);
+                    if let Some(t) = self.conntrack.get_mut(key) {
+                        t.closing = true;
+                    }
+                }
                 return Err((reset(f), counter::RESET_FLOW));
             }
         }

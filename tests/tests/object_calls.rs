@@ -23,6 +23,7 @@ const ALLOWED: &[&str] = &[
     "9conntrack15close_transient",
     "9conntrack6retire",
     "9conntrack7replace",
+    "9conntrack10reset_ends",
 ];
 
 const FORBIDDEN: &[&str] = &["memset", "memcpy", "memmove", "memcmp"];

@@ -778,6 +778,69 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
     });
 }
 
+/// The soak's read timeouts: a pooled connection through one VIP is reset
+/// by the balancer (its backend demoted, `on_demotion = "reset"`), but the
+/// backend never learns it and keeps its side open. Later the client reuses
+/// the port for a connection through another VIP that the same backend
+/// serves; the backend answers that SYN from its old connection (a
+/// challenge ACK). That answer must reach the client from the new flow's
+/// VIP, so that the client's reset (through the new flow) clears the
+/// backend's stale side and the retried SYN succeeds. Sent from the old
+/// VIP, no client socket takes it and every retried SYN meets the same
+/// answer until the connection times out.
+#[test]
+fn root_a_reset_flows_reply_entry_does_not_capture_a_new_flow_through_another_vip() {
+    let env = Env::new();
+    env.with_dataplane(|h| {
+        const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+        let mut write = services()[0].clone();
+        write.backends.truncate(1);
+        let mut read = write.clone();
+        read.name = "read".into();
+        read.vip = VIP2;
+        let specs = |reset: bool| {
+            let mut w = desired_service(&write, 7);
+            w.backends[0].reset_flows = reset;
+            vec![w, desired_service(&read, 7)]
+        };
+        h.dp.apply(&specs(false)).unwrap();
+        assert_eq!(
+            h.send_from_client(&client_frame(46000, TCP_SYN)).0,
+            XDP_REDIRECT
+        );
+        assert_eq!(
+            h.send_from_client(&client_frame(46000, TCP_ACK)).0,
+            XDP_REDIRECT
+        );
+        // Demoted: the client's next segment is answered with a reset.
+        h.dp.apply(&specs(true)).unwrap();
+        let (action, out) = h.send_from_client(&client_frame(46000, TCP_ACK | TCP_PSH));
+        assert_eq!((action, out[34 + 13]), (XDP_REDIRECT, TCP_RST));
+        assert_eq!(h.counter("reset_flow"), 1);
+        // The same client port, through the other VIP, to the same backend.
+        let mut syn = client_frame(46000, TCP_SYN);
+        syn.dst = VIP2;
+        let (action, out) = h.send_from_client(&syn);
+        assert_eq!((action, &out[30..34]), (XDP_REDIRECT, &B1.octets()[..]));
+        // b1 answers from its stale connection: a bare ACK.
+        let mut challenge = Frame::tcp((B1, 8080), (CLIENT, 46000), TCP_ACK);
+        challenge.dst_mac = X1_MAC;
+        let (action, out) = h.send_from_backend(&challenge);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(
+            &out[26..30],
+            &VIP2.octets()[..],
+            "the answer comes from the new flow's VIP, not the reset flow's"
+        );
+        checksums_ok(&out).unwrap();
+        // The client's reset reaches b1 through the new flow.
+        let mut rst = client_frame(46000, TCP_RST);
+        rst.dst = VIP2;
+        let (action, out) = h.send_from_client(&rst);
+        assert_eq!((action, &out[30..34]), (XDP_REDIRECT, &B1.octets()[..]));
+    });
+}
+
 #[test]
 fn root_a_closed_flows_reply_entry_does_not_capture_a_new_direct_connection() {
     let env = Env::new();
