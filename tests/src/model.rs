@@ -142,6 +142,14 @@ struct Be {
     slot: Option<u32>,
 }
 
+/// The data path's flow tables, as the model keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Conntrack,
+    Reverse,
+    Transient,
+}
+
 pub struct Model {
     services: Vec<Svc>,
     backends: Vec<Be>,
@@ -427,6 +435,102 @@ impl Model {
             frame: f,
             outcome,
         }
+    }
+
+    /// The entries of its tables the model may read for `frame` (by the data
+    /// path's key), for a run with a nearly full connection table: the
+    /// kernel's LRU evicts entries the model cannot predict, so before each
+    /// frame the caller asks the kernel which of these are gone and the
+    /// model [`forget`](Model::forget)s them. Over-asking is harmless.
+    pub fn entries_for(&self, f: &[u8]) -> Vec<(Table, lb_common::FlowKey)> {
+        let mut keys = Vec::new();
+        if f.len() < 34 || be16(f, 12) != 0x0800 {
+            return Vec::new();
+        }
+        let l4 = 14 + ((f[14] & 0x0f) as usize) * 4;
+        let proto = f[23];
+        if l4 + 8 > f.len() {
+            return Vec::new();
+        }
+        let key = |src, dst, sport: [u8; 2], dport: [u8; 2], proto| Key {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+        };
+        if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+            keys.push(key(
+                addr(f, 26),
+                addr(f, 30),
+                [f[l4], f[l4 + 1]],
+                [f[l4 + 2], f[l4 + 3]],
+                proto,
+            ));
+        } else if proto == IPPROTO_ICMP {
+            // An error quoting a packet: its flow, either way round.
+            let q = l4 + 8;
+            if f.len() >= q + 28 && f[q] >> 4 == 4 {
+                let ql4 = q + ((f[q] & 0x0f) as usize) * 4;
+                if ql4 + 4 <= f.len() {
+                    let (qsrc, qdst) = (addr(f, q + 12), addr(f, q + 16));
+                    let (qs, qd) = ([f[ql4], f[ql4 + 1]], [f[ql4 + 2], f[ql4 + 3]]);
+                    keys.push(key(qsrc, qdst, qs, qd, f[q + 9]));
+                    keys.push(key(qdst, qsrc, qd, qs, f[q + 9]));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            // A reply's client flow, by whichever VIP side the model finds.
+            let sides = [
+                self.reverse.get(&k).map(|r| (r.vip, r.vport)),
+                self.transient.get(&k).map(|t| (t.vip, t.vport)),
+                self.backend_vips
+                    .get(&(k.src, k.sport, k.proto))
+                    .map(|r| (r.vip, r.vport)),
+            ];
+            for (vip, vport) in sides.into_iter().flatten() {
+                let client = client_flow(&k, vip, vport);
+                if self.conntrack.contains_key(&client) {
+                    out.push((Table::Conntrack, client));
+                }
+            }
+            if self.reverse.contains_key(&k) {
+                out.push((Table::Reverse, k));
+            }
+            if self.conntrack.contains_key(&k) {
+                out.push((Table::Conntrack, k));
+            }
+            if self.transient.contains_key(&k) {
+                out.push((Table::Transient, k));
+            }
+        }
+        out.into_iter()
+            .map(|(t, k)| {
+                (
+                    t,
+                    lb_common::FlowKey::new(k.src, k.dst, k.sport, k.dport, k.proto),
+                )
+            })
+            .collect()
+    }
+
+    /// Forgets an entry the kernel's table no longer holds (see
+    /// [`entries_for`](Model::entries_for)).
+    pub fn forget(&mut self, table: Table, k: &lb_common::FlowKey) {
+        let key = Key {
+            src: k.src,
+            dst: k.dst,
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+        };
+        match table {
+            Table::Conntrack => self.conntrack.remove(&key).map(|_| ()),
+            Table::Reverse => self.reverse.remove(&key).map(|_| ()),
+            Table::Transient => self.transient.remove(&key).map(|_| ()),
+        };
     }
 
     fn decide(&mut self, f: &mut Vec<u8>, ingress: u32) -> (u32, u32) {

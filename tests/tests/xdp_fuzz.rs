@@ -5,17 +5,23 @@
 //! agree for every frame; every frame sent on that was made unmutated must
 //! also carry checksums that verify by full recomputation; and every 10,000
 //! frames the outcome counters and each service's and backend's traffic
-//! must agree. Any difference fails and prints the frame.
+//! must agree. Any difference fails and prints the frame. A third run has a
+//! nearly full connection table: the kernel's LRU then evicts flows at times
+//! no model can predict, so before each frame the model forgets those of
+//! its entries for the frame that the kernel no longer holds, and must
+//! agree on what becomes of them (an evicted flow's packets are refused or
+//! scheduled again by rule, never sent to another flow's backend).
 //!
 //! `LB_FUZZ_FRAMES` sets how many frames (default 1,000,000), `LB_FUZZ_SEED`
-//! replays a run (the seed is printed at the start). A longer run by hand:
+//! replays a run (the seed is printed at the start; with
+//! `LB_FUZZ_NEARLY_FULL=1` for the nearly-full run). A longer run by hand:
 //! `LB_FUZZ_FRAMES=20000000 cargo test -p lb-tests --test xdp_fuzz -- --nocapture`.
 
 use std::net::Ipv4Addr;
 
 use lb_tests::{
     frames::{Frame, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
-    model::{csum, verify_checksums, Model},
+    model::{csum, verify_checksums, Model, Table},
     netns::Netns,
     require_root,
     rng::Rng,
@@ -637,19 +643,58 @@ fn fuzz(hook: Hook) {
         .map(|v| v.parse().expect("LB_FUZZ_FRAMES is a number"))
         .unwrap_or(1_000_000);
     if let Ok(seed) = std::env::var("LB_FUZZ_SEED") {
+        let nearly_full = std::env::var_os("LB_FUZZ_NEARLY_FULL").map(|_| NEARLY_FULL);
         fuzz_run(
             hook,
             seed.parse().expect("LB_FUZZ_SEED is a number"),
             frames,
+            nearly_full,
         );
         return;
     }
-    fuzz_run(hook, FIXED_SEED, frames);
+    fuzz_run(hook, FIXED_SEED, frames, None);
     let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    fuzz_run(hook, clock, (frames / 5).max(100_000));
+    fuzz_run(hook, clock, (frames / 5).max(100_000), None);
+    fuzz_run(
+        hook,
+        FIXED_SEED.rotate_left(17),
+        (frames / 5).max(100_000),
+        Some(NEARLY_FULL),
+    );
+}
+
+/// The connection table of the nearly-full run: this many entries, all but
+/// [`HEADROOM`] taken by flows of addresses the generator never sends from
+/// (198.18.0.0/16), written again every [`REFRESH_EVERY`] frames so that the
+/// LRU takes them for live and evicts the frames' flows too.
+const NEARLY_FULL: u32 = 1024;
+const HEADROOM: u32 = 128;
+const REFRESH_EVERY: u64 = 1000;
+
+/// The nearly-full run's background flows.
+fn background() -> impl Iterator<Item = lb_common::FlowKey> {
+    (0..NEARLY_FULL - HEADROOM).map(|i| {
+        lb_common::FlowKey::new(
+            [198, 18, (i >> 8) as u8, i as u8],
+            VIP.octets(),
+            1234u16.to_be_bytes(),
+            80u16.to_be_bytes(),
+            lb_common::IPPROTO_TCP,
+        )
+    })
+}
+
+/// Whether the kernel's `table` holds `key`.
+fn kernel_has(dp: &Dataplane, table: Table, key: &lb_common::FlowKey) -> bool {
+    let m = dp.maps();
+    match table {
+        Table::Conntrack => m.conntrack.get(key, 0).is_ok(),
+        Table::Reverse => m.reverse.get(key, 0).is_ok(),
+        Table::Transient => m.transient.get(key, 0).is_ok(),
+    }
 }
 
 /// A MAC only the next-hop cache knows (see `fuzz_run`).
@@ -669,18 +714,35 @@ struct Report {
     recomputed: u64,
     compared: u64,
     cache_hits: u64,
+    evicted: u64,
 }
 
-fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
+/// One run; `nearly_full`: with a connection table of this many entries,
+/// nearly full from the start.
+fn fuzz_run(hook: Hook, seed: u64, frames: u64, nearly_full: Option<u32>) {
+    let (table, replay) = match nearly_full {
+        Some(n) => (
+            format!(
+                ", a nearly full connection table ({} of {n} taken)",
+                n - HEADROOM
+            ),
+            " LB_FUZZ_NEARLY_FULL=1",
+        ),
+        None => (String::new(), ""),
+    };
     println!(
-        "differential fuzz of the {hook:?} program: {frames} frames, seed {seed} \
-         (replay with LB_FUZZ_SEED={seed})"
+        "differential fuzz of the {hook:?} program: {frames} frames{table}, seed {seed} \
+         (replay with LB_FUZZ_SEED={seed}{replay})"
     );
     let net = TestRunNet::new(&format!("fz{}{}", std::process::id() % 100_000, unique()));
     let x = Netns::attach(&net.x.name);
     let started = std::time::Instant::now();
     let report = x.run(move || {
-        let mut dp = Dataplane::load().expect("loading the XDP program (verifier)");
+        let mut dp = match nearly_full {
+            Some(n) => Dataplane::load_with_conntrack(n),
+            None => Dataplane::load(),
+        }
+        .expect("loading the XDP program (verifier)");
         let x0 = lb_userspace::config::if_index("x0").unwrap();
         let x1 = lb_userspace::config::if_index("x1").unwrap();
         // The model is given what the daemon is given, never what it wrote.
@@ -692,6 +754,9 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         dp.apply(&services(false)).unwrap();
         model.apply(&services(false));
         model.learn_slots(|s, b| dp.backend_id(s, b));
+        if nearly_full.is_some() {
+            dp.insert_flows("web", "b1", background()).unwrap();
+        }
         // Next hops as the daemon keeps them, with one MAC no FIB knows, so
         // that a packet sent by the cache shows it (hits); the second half
         // runs with them stale, then all but that backend's missing.
@@ -726,6 +791,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         model.cache_hops(&[MARKED], false);
         let mut source = Gen { rng: Rng(seed) };
         let (mut skipped, mut recomputed, mut compared, mut cache_hits) = (0u64, 0, 0, 0);
+        let mut evicted = 0u64;
         for i in 0..frames {
             if i == frames / 2 {
                 dp.set_firewall(&firewall(true)).unwrap();
@@ -754,6 +820,19 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
             }
             let (frame, backside, mutated) = source.frame();
             let ingress = if backside { x1 } else { x0 };
+            if nearly_full.is_some() && i % REFRESH_EVERY == 0 && i > 0 {
+                dp.insert_flows("web", "b1", background()).unwrap();
+            }
+            if nearly_full.is_some() {
+                // What the kernel's LRU evicted since the last frame, of
+                // what this frame may read: the model forgets it too.
+                for (t, k) in model.entries_for(&frame) {
+                    if !kernel_has(&dp, t, &k) {
+                        model.forget(t, &k);
+                        evicted += 1;
+                    }
+                }
+            }
             let ran = match hook {
                 Hook::Xdp => testrun::run(dp.program_mut(), &frame, ingress, 1),
                 Hook::Tc => testrun::run_tc(dp.tc_program_mut(), &frame, ingress, 1),
@@ -807,6 +886,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
             recomputed,
             compared,
             cache_hits,
+            evicted,
         }
     });
     let Report {
@@ -816,6 +896,7 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
         recomputed,
         compared,
         cache_hits,
+        evicted,
     } = report;
     if skipped > 0 {
         println!(
@@ -833,8 +914,14 @@ fn fuzz_run(hook: Hook, seed: u64, frames: u64) {
     println!(
         "{frames} frames in {:.1} s; {recomputed} frames sent checked by full recomputation; \
          {cache_hits} sent by the next-hop cache; counters and traffic compared {compared} \
-         times; outcome counters (kernel, model):\n{table}",
+         times; {evicted} entries the frames needed had been evicted by the kernel's LRU \
+         (forgotten by the model); outcome counters (kernel, model):\n{table}",
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        nearly_full.is_none() || frames < 100_000 || evicted > 0,
+        "the nearly full table evicted none of the frames' flows (seed {seed}): \
+         the run did not test eviction"
     );
     // The next-hop cache was used (hits: frames sent to the MAC only the
     // cache knows), as well as bypassed (stale, missing: lookups, below).
