@@ -1,15 +1,11 @@
 //! The data path's clock. A flow's last-seen time is the kernel's tick
 //! counter (`bpf_jiffies64()`: inlined by the JIT, where a nanosecond clock
-//! is a helper call on every packet). The daemon reads it through
-//! `/proc/timer_list`, which prints the monotonic clock and the tick counter
-//! together: read twice, 100 ms apart, that gives the tick rate (the
-//! kernel's `CONFIG_HZ`); after that, ticks follow from the monotonic clock.
+//! is a helper call on every packet). The daemon reads it in
+//! `/proc/timer_list`, paired with the monotonic clock around that read:
+//! read twice, 100 ms apart, that gives the tick rate (the kernel's
+//! `CONFIG_HZ`); after that, ticks follow from the monotonic clock.
 
-use std::{
-    io::{BufRead, BufReader},
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{sync::OnceLock, time::Duration};
 
 /// Tick rates Linux is built with.
 const RATES: [u64; 4] = [100, 250, 300, 1000];
@@ -23,22 +19,40 @@ struct Calibration {
 
 static CALIBRATION: OnceLock<Calibration> = OnceLock::new();
 
-/// The monotonic clock and the tick counter, from `/proc/timer_list`. The
-/// file is generated as it is read: one read into a buffer large enough for
-/// all of it keeps its clock line and its tick line close in time (read in
-/// small chunks, under load, the two were seen 100 ms apart).
+/// The tick counter and the monotonic clock at one instant, from
+/// `/proc/timer_list`. The file is generated as it is read, a record per
+/// `read` (a single read of any size returned only its 82-byte header here),
+/// so it is read until the `jiffies:` line; that value is paired with the
+/// monotonic clock around the read that brought it, not with the file's own
+/// `now at` line, which was printed reads earlier (under load, 100 ms
+/// earlier was seen).
 fn sample() -> Option<(u64, u64)> {
     use std::io::Read;
     let mut f = std::fs::File::open("/proc/timer_list").ok()?;
-    let mut buf = vec![0u8; 4 << 20];
-    let n = f.read(&mut buf).ok()?;
-    let mut now_ns = None;
-    for line in BufReader::new(&buf[..n]).lines() {
-        let line = line.ok()?;
-        if let Some(rest) = line.strip_prefix("now at ") {
-            now_ns = rest.split_whitespace().next()?.parse().ok();
-        } else if let Some(rest) = line.strip_prefix("jiffies: ") {
-            return Some((rest.trim().parse().ok()?, now_ns?));
+    let mut buf = vec![0u8; 1 << 16];
+    let mut text = Vec::new();
+    loop {
+        let before = monotonic_ns();
+        let n = f.read(&mut buf).ok()?;
+        let after = monotonic_ns();
+        if n == 0 {
+            return None;
+        }
+        text.extend_from_slice(&buf[..n]);
+        if let Some(ticks) = jiffies_line(&text) {
+            return Some((ticks, before + (after - before) / 2));
+        }
+    }
+}
+
+/// The value of the first whole `jiffies: N` line of `text`.
+fn jiffies_line(text: &[u8]) -> Option<u64> {
+    let mut lines = text.split(|b| *b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        // A line is whole when a newline ended it (another piece follows).
+        lines.peek()?;
+        if let Some(rest) = line.strip_prefix(b"jiffies: ") {
+            return std::str::from_utf8(rest).ok()?.trim().parse().ok();
         }
     }
     None
@@ -108,7 +122,7 @@ mod tests {
         let _ = calibration();
         let before = jiffies_now();
         let Some((kernel, _)) = sample() else {
-            panic!("/proc/timer_list is unreadable: the daemon needs it (root)");
+            panic!("no tick counter in /proc/timer_list: the daemon needs it (root)");
         };
         let after = jiffies_now();
         // The kernel's counter, read between our two: within a tenth of a
@@ -119,5 +133,13 @@ mod tests {
             "ours {before}..{after} vs the kernel's {kernel}"
         );
         assert!(RATES.contains(&calibration().hz));
+    }
+
+    #[test]
+    fn the_jiffies_line_is_taken_only_when_whole() {
+        let text = b"now at 1 nsecs\n  .idle_jiffies   : 7\njiffies: 4303834731\n";
+        assert_eq!(jiffies_line(text), Some(4_303_834_731));
+        assert_eq!(jiffies_line(b"jiffies: 43038"), None, "cut mid-number");
+        assert_eq!(jiffies_line(b"  .last_jiffies   : 9\n"), None);
     }
 }
