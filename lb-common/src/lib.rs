@@ -187,6 +187,9 @@ pub const FLOW_F_FIN_CLIENT: u32 = 2;
 /// The backend sent FIN. With both FINs (or one RST) the flow is closed: it
 /// leaves the connection table for the transient one, where it lingers.
 pub const FLOW_F_FIN_BACKEND: u32 = 4;
+/// The balancer reset the backend's side of the flow (its backend's flows
+/// are to be reset): the client's next segment is answered with a reset.
+pub const FLOW_F_BACKEND_RESET: u32 = 8;
 
 /// Value of the transient table, keyed by a flow's client side (client to
 /// VIP) and by its reply side (backend to client): a TCP flow whose
@@ -351,7 +354,10 @@ pub mod counter {
     pub const FLOWS_RECOVERED: u32 = 16;
     /// A new TCP connection refused with a reset: its service had no backend.
     pub const RESET_NO_BACKEND: u32 = 17;
-    /// A packet of a flow whose backend resets its flows, answered with a reset.
+    /// A packet of a flow whose backend resets its flows, made a reset: the
+    /// client's first such segment goes on to the backend as a reset (the
+    /// backend never saw the client go and would keep its side open), the
+    /// next is answered to the client with one.
     pub const RESET_FLOW: u32 = 18;
     /// From a source on the global deny list (`[firewall] deny`): dropped.
     pub const DROP_DENIED_GLOBAL: u32 = 19;
@@ -672,8 +678,8 @@ mod tests {
 
     #[test]
     fn every_maglev_service_owns_two_tables_of_the_largest_size() {
-        let last_table_end = ((MAX_MAGLEV_SERVICES - 1) * 2 + 1) * maglev::MAX_TABLE_SIZE
-            + maglev::MAX_TABLE_SIZE;
+        let last_table_end =
+            ((MAX_MAGLEV_SERVICES - 1) * 2 + 1) * maglev::MAX_TABLE_SIZE + maglev::MAX_TABLE_SIZE;
         assert_eq!(MAGLEV_MAP_SIZE, last_table_end);
         assert_eq!(MAGLEV_MAP_SIZE, 2_097_136);
     }
@@ -702,7 +708,10 @@ mod tests {
         for (last, &(word, bit)) in bits.iter().enumerate() {
             assert!(word < PREFILTER_WORDS, "word {word} of 10.0.2.{last}");
             assert_eq!(bit.count_ones(), 1, "bit {bit:#x} of 10.0.2.{last}");
-            assert!(!bits[..last].contains(&(word, bit)), "10.0.2.{last} shares a bit");
+            assert!(
+                !bits[..last].contains(&(word, bit)),
+                "10.0.2.{last} shares a bit"
+            );
         }
     }
 

@@ -13,8 +13,8 @@
 
 use aya_ebpf::helpers::generated::bpf_jiffies64;
 use lb_common::{
-    Backend, BackendKey, Flow, FlowKey, ReverseFlow, Transient, FLOW_F_CLOSING, FLOW_F_FIN_BACKEND,
-    FLOW_F_FIN_CLIENT, TRANSIENT_CLOSED, TRANSIENT_HALF_OPEN,
+    Backend, BackendKey, Flow, FlowKey, ReverseFlow, Transient, FLOW_F_BACKEND_RESET,
+    FLOW_F_CLOSING, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, TRANSIENT_CLOSED, TRANSIENT_HALF_OPEN,
 };
 
 use crate::maps::{
@@ -236,21 +236,22 @@ pub fn retire(key: &FlowKey, reply: &FlowKey, e: &Ending, now: u64) -> bool {
     true
 }
 
-/// The client of the established flow `key` on `backend` is being reset
-/// (its backend's flows are to be reset): the flow is closing, so the
-/// client's next SYN on these ports is a new connection, and its reply entry
-/// goes now. The backend may keep its side of the connection open (it never
-/// saw the reset); if the client reuses the port for another VIP served by
-/// the same backend, the backend answers that SYN from its old connection,
-/// and the answer must reach the client as the new flow's (from its VIP),
-/// whose reset then clears the backend's side. Left in place, the old entry
-/// would send it from the old VIP, unanswered, and the client's connection
-/// would time out (found by the soak). A subprogram, off the fast path.
+/// The established flow `key` on `backend` is being reset (its backend's
+/// flows are to be reset), the backend's side first: the client's segment
+/// goes on as a reset. The flow is closing (the client's next SYN on these
+/// ports is a new connection), its next segment is answered with a reset
+/// (`FLOW_F_BACKEND_RESET`), and its reply entry goes now: were the reset
+/// lost, the backend keeps its side open, and when the client reuses the
+/// port for another VIP the same backend serves, the backend answers that
+/// SYN from the old connection; the answer must reach the client as the
+/// new flow's (from its VIP), whose reset then clears the backend's side.
+/// Sent from the old VIP, no client socket takes it and the connection
+/// times out (found by the soak). A subprogram, off the fast path.
 #[inline(never)]
-pub fn reset_ends(key: &FlowKey, backend: &Backend) {
+pub fn reset_backend_side(key: &FlowKey, backend: &Backend) {
     if let Some(f) = entry(key) {
         // SAFETY: a live map value; setting flag bits races harmlessly.
-        unsafe { (*f).flags |= FLOW_F_CLOSING };
+        unsafe { (*f).flags |= FLOW_F_CLOSING | FLOW_F_BACKEND_RESET };
     }
     let _ = REVERSE.remove(reply_key(key, backend));
 }
@@ -375,6 +376,9 @@ pub const STAGE_ESTABLISHED: u32 = 1;
 pub const STAGE_HALF_OPEN: u32 = 2;
 /// Closed, lingering: retransmitted FINs and the last ACK go through.
 pub const STAGE_CLOSED: u32 = 3;
+/// Established on a backend whose flows are to be reset, the backend's side
+/// not yet: this segment goes on to it as a reset (`reset_backend_side`).
+pub const STAGE_BACKEND_RESET: u32 = 4;
 
 /// Where a client packet's flow stands and what becomes of it: written by
 /// [`plan`], carried out by [`commit`] once the packet passed every check.
@@ -398,6 +402,8 @@ pub struct Plan {
     pub refused: u32,
     /// `PKT_*`.
     pub facts: u32,
+    /// The flow's `FLOW_F_*` bits (an established flow).
+    pub flow_flags: u32,
 }
 
 /// The packet's `PKT_*` facts.
@@ -443,6 +449,7 @@ pub fn plan(
         replaced_generation: 0,
         refused: 0,
         facts,
+        flow_flags: 0,
     };
     if let Some(f) = entry(key) {
         // SAFETY: a live map value, read field by field.
@@ -458,6 +465,7 @@ pub fn plan(
             (p.replaced, p.replaced_generation) = (b, g);
         } else {
             (p.stage, p.backend, p.generation) = (STAGE_ESTABLISHED, b, g);
+            p.flow_flags = flags;
         }
     } else if tcp {
         if let Some(t) = transient_of(key, now) {
@@ -585,6 +593,7 @@ pub fn commit(key: &FlowKey, plan: &Plan, backend: &Backend) -> u32 {
                 }
             }
         }
+        STAGE_BACKEND_RESET => reset_backend_side(key, backend),
         _ => {}
     }
     0

@@ -25,11 +25,12 @@ use aya_ebpf::{
 use lb_common::{
     counter, firewall::Firewall, prefilter_bit, Backend, FlowKey, NextHop, ReverseFlow, ServiceKey,
     BACKEND_F_DROP_FLOWS, BACKEND_F_NO_NEW_FLOWS, BACKEND_F_PRESENT, BACKEND_F_RESET_FLOWS,
-    IPPROTO_TCP, PREFILTER_BACKENDS, PREFILTER_VIPS, TRANSIENT_CLOSED, TRANSIENT_HALF_OPEN,
+    FLOW_F_BACKEND_RESET, IPPROTO_TCP, PREFILTER_BACKENDS, PREFILTER_VIPS, TRANSIENT_CLOSED,
+    TRANSIENT_HALF_OPEN,
 };
 
 use crate::{
-    conntrack::{Plan, STAGE_ESTABLISHED, STAGE_NEW},
+    conntrack::{Plan, STAGE_BACKEND_RESET, STAGE_ESTABLISHED, STAGE_NEW},
     forward::Kind,
     hook::{Hook, Outcome},
     maps::{BACKENDS, HOPS, PREFILTER, REVERSE, SCRATCH, SCRATCH_PLAN, SERVICES, SERVICES_BY_ID},
@@ -199,7 +200,12 @@ fn to_vip<H: Hook>(ctx: &H, fw: &Firewall, p: &Packet, key: &FlowKey) -> Option<
     }
     let bytes = ctx.frame_len() as u64;
     nat::decrement_ttl(p.ip);
-    let fix = nat::rewrite_dst(p, backend.addr, backend.port);
+    let mut fix = nat::rewrite_dst(p, backend.addr, backend.port);
+    // SAFETY: as above.
+    if !plan.is_null() && unsafe { (*plan).stage } == STAGE_BACKEND_RESET {
+        nat::into_reset(p, &mut fix);
+        return Some(forward::send(p.eth, &route, counter::RESET_FLOW).with_fix(fix));
+    }
     let sent = route.kind == Kind::Via;
     stats::traffic(backend_id, Direction::Forward { new_flow }, sent, bytes);
     Some(forward::send(p.eth, &route, counter::COUNTED).with_fix(fix))
@@ -267,12 +273,13 @@ fn full_path<H: Hook>(
     }
     conntrack::plan(key, svc, fw, conntrack::facts(p), plan);
     // SAFETY: this CPU's scratch slot, every field written by plan().
-    let (refused, stage, backend_id, generation) = unsafe {
+    let (refused, stage, backend_id, generation, flow_flags) = unsafe {
         (
             (*plan).refused,
             (*plan).stage,
             (*plan).backend,
             (*plan).generation,
+            (*plan).flow_flags,
         )
     };
     if refused != 0 {
@@ -293,8 +300,12 @@ fn full_path<H: Hook>(
             return Err(Outcome::drop(counter::DROP_BACKEND_DOWN));
         }
         if backend.flags & BACKEND_F_RESET_FLOWS != 0 && p.proto == IPPROTO_TCP {
-            if stage == STAGE_ESTABLISHED {
-                conntrack::reset_ends(key, backend);
+            // The backend's side first (it would never learn the client was
+            // reset, and keep its side open), then the client's.
+            if stage == STAGE_ESTABLISHED && flow_flags & FLOW_F_BACKEND_RESET == 0 {
+                // SAFETY: this CPU's scratch slot.
+                unsafe { (*plan).stage = STAGE_BACKEND_RESET };
+                return Ok((backend_id, backend));
             }
             return Err(Outcome::new(reset::reset(ctx), counter::RESET_FLOW));
         }

@@ -43,6 +43,29 @@ pub fn rewrite_dst(p: &Packet, addr: [u8; 4], port: [u8; 2]) -> L4Fix {
     }
 }
 
+/// Makes the (rewritten) TCP segment a reset: RST, with ACK if it carried
+/// one, nothing else; its sequence number is the client's, the one the
+/// backend expects next. Its payload stays: a reset's data is ignored.
+/// `fix` takes the flags' change along with the port's, as one word.
+#[inline(always)]
+pub fn into_reset(p: &Packet, fix: &mut L4Fix) {
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    let L4::Tcp(t) = p.l4 else {
+        return;
+    };
+    // SAFETY: parse() checked the TCP header is inside the frame; its data
+    // offset and flags are the 16-bit word at byte 12.
+    unsafe {
+        let w = (t as *mut u8).add(12) as *mut [u8; 2];
+        let old = *w;
+        let new = [old[0], if old[1] & ACK != 0 { RST | ACK } else { RST }];
+        *w = new;
+        fix.new_port = checksum::merge2(fix.old_port, fix.new_port, old, new);
+        fix.old_port = [0, 0];
+    }
+}
+
 /// Rewrites the source (backend to client: the reply comes from the VIP again).
 #[inline(always)]
 pub fn rewrite_src(p: &Packet, addr: [u8; 4], port: [u8; 2]) -> L4Fix {

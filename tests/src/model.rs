@@ -59,6 +59,8 @@ struct Tracked {
     closing: bool,
     fin_client: bool,
     fin_backend: bool,
+    /// The backend's side was reset (its flows are to be reset).
+    backend_reset: bool,
 }
 
 /// A flow of the transient table: half-open, or closed (lingering; the
@@ -728,6 +730,10 @@ impl Model {
         }
         let bytes = f.len() as u64;
         decrement_ttl(f);
+        if plan.is_some_and(|p| p.stage == Stage::BackendReset) {
+            rewrite_into_reset(f, l4, b.addr, b.port);
+            return Some(self.send(f, ingress, route, counter::RESET_FLOW));
+        }
         rewrite(f, l4, Side::Destination, b.addr, b.port);
         let t = &mut self.traffic[bid];
         if let Route::Via { .. } = route {
@@ -809,15 +815,12 @@ impl Model {
                 return Err((XDP_DROP, counter::DROP_BACKEND_DOWN));
             }
             if b.reset_flows && tcp {
-                if plan.stage == Stage::Established {
-                    // The client is reset: the flow is closing and its
-                    // reply entry goes (the backend may still answer on
-                    // those ports, for another VIP's new flow).
-                    let rkey = reply_key(key, b);
-                    self.reverse.remove(&rkey);
-                    if let Some(t) = self.conntrack.get_mut(key) {
-                        t.closing = true;
-                    }
+                // The backend's side first, as a reset made of the client's
+                // segment; the client's next segment is answered with one.
+                let reset_yet = self.conntrack.get(key).is_some_and(|t| t.backend_reset);
+                if plan.stage == Stage::Established && !reset_yet {
+                    plan.stage = Stage::BackendReset;
+                    return Ok((bid, plan));
                 }
                 return Err((reset(f), counter::RESET_FLOW));
             }
@@ -860,6 +863,16 @@ impl Model {
                 }
                 self.counts[counter::NEW_FLOWS as usize] += 1;
             }
+            Stage::BackendReset => {
+                // Closing, reset at the backend; the reply entry goes (the
+                // backend may still answer on these ports, for another VIP's
+                // new flow, were the reset lost).
+                self.reverse.remove(&rkey);
+                if let Some(t) = self.conntrack.get_mut(key) {
+                    t.closing = true;
+                    t.backend_reset = true;
+                }
+            }
             Stage::HalfOpen if rst => {
                 self.transient.insert(*key, pending(false));
                 self.transient.insert(rkey, pending(false));
@@ -896,6 +909,7 @@ impl Model {
                 closing: false,
                 fin_client: false,
                 fin_backend: false,
+                backend_reset: false,
             },
         );
         let rkey = reply_key(key, &self.backends[bid]);
@@ -1313,6 +1327,9 @@ enum Stage {
     Established,
     HalfOpen,
     Closed,
+    /// Established on a backend whose flows are to be reset: the segment goes
+    /// on to the backend as a reset.
+    BackendReset,
 }
 
 /// The full path's plan for a client packet.
@@ -1399,6 +1416,32 @@ fn rewrite(f: &mut [u8], l4: usize, side: Side, a: [u8; 4], port: [u8; 2]) {
     );
     f[check_at..check_at + 2].copy_from_slice(&c);
     f[port_at..port_at + 2].copy_from_slice(&port);
+}
+
+/// DNAT of a TCP segment that goes on as a reset (RST, with ACK if it had
+/// one): the checksum takes the address, then the port and the flags as one
+/// merged word (RFC 1624 with `m = 0`), as the data path's hook does.
+fn rewrite_into_reset(f: &mut [u8], l4: usize, a: [u8; 4], port: [u8; 2]) {
+    let old = addr(f, 30);
+    set_addr(f, 14, 30, a);
+    let old_port = [f[l4 + 2], f[l4 + 3]];
+    let old_flags = [f[l4 + 12], f[l4 + 13]];
+    let new_flags = [
+        old_flags[0],
+        if old_flags[1] & 0x10 != 0 { 0x14 } else { 0x04 },
+    ];
+    let word = |w: [u8; 2]| u16::from_be_bytes(w) as u32;
+    let mut merged =
+        (!word(old_port) & 0xffff) + word(port) + (!word(old_flags) & 0xffff) + word(new_flags);
+    while merged > 0xffff {
+        merged = (merged & 0xffff) + (merged >> 16);
+    }
+    let at = l4 + 16;
+    let c = csum::update([f[at], f[at + 1]], &old, &a);
+    let c = csum::update(c, &[0, 0], &(merged as u16).to_be_bytes());
+    f[at..at + 2].copy_from_slice(&c);
+    f[l4 + 2..l4 + 4].copy_from_slice(&port);
+    f[l4 + 12..l4 + 14].copy_from_slice(&new_flags);
 }
 
 /// The echo reply: addresses swapped, TTL 64, type 0, MACs swapped; it leaves

@@ -14,7 +14,7 @@ use lb_tests::{
     daemon::LbDaemon,
     mariadb::{client, MariaDb, Session, MONITOR_PASSWORD, MONITOR_USER},
     require_root,
-    topology::{backend_addr, lb_config, Topology, VIP},
+    topology::{backend_addr, lb_config, Topology, CLIENT, VIP},
     unique, TempDir,
 };
 
@@ -172,6 +172,27 @@ fn root_connections_to_a_demoted_primary_are_reset_and_reconnect_to_the_new_one(
         "the demoted primary's connection is reset, not left writing into a read-only server"
     );
     assert!(b.lb.status()["counters"]["reset_flow"].as_u64().unwrap() >= 1);
+    // The old primary's side is reset too (the client's next segment went
+    // on to it as a reset): it keeps no connection from the client, which it
+    // would otherwise hold until its keepalive, one more at every switchover.
+    let peer = format!(" {CLIENT}:");
+    let since = Instant::now();
+    let open = loop {
+        let ss = b.t.backends[0].exec("ss", &["-Htn", "state", "established", "( sport = :3306 )"]);
+        let open: Vec<String> = ss
+            .lines()
+            .filter(|l| l.contains(&peer))
+            .map(str::to_owned)
+            .collect();
+        if open.is_empty() || since.elapsed() > Duration::from_secs(2) {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        open.is_empty(),
+        "db1 still holds the client's connection after the reset: {open:?}"
+    );
     let again = Session::open(&b.t.client, VIP, WRITE).expect("reconnecting");
     assert_eq!(
         again.query("SELECT CAST(@@server_id AS CHAR)").unwrap(),

@@ -23,7 +23,7 @@ const ALLOWED: &[&str] = &[
     "9conntrack15close_transient",
     "9conntrack6retire",
     "9conntrack7replace",
-    "9conntrack10reset_ends",
+    "9conntrack18reset_backend_side",
 ];
 
 const FORBIDDEN: &[&str] = &["memset", "memcpy", "memmove", "memcmp"];

@@ -759,8 +759,32 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
         h.dp.apply(&spec(1, false)).unwrap();
         let (action, _) = h.send_from_client(&client_frame(47001, TCP_SYN));
         assert_eq!(action, XDP_REDIRECT);
+        let (action, _) = h.send_from_client(&client_frame(47001, TCP_ACK));
+        assert_eq!(action, XDP_REDIRECT);
         h.dp.apply(&spec(1, true)).unwrap();
+        // The backend's side first: the client's segment goes on to it as a
+        // reset (its sequence number the one the backend expects next), so
+        // that the backend does not keep its side of the connection open.
         let data = client_frame(47001, TCP_ACK | TCP_PSH);
+        let (action, out) = h.send_from_client(&data);
+        let (to, mac) = if out[30..34] == B1.octets() {
+            (B1, B1_MAC)
+        } else {
+            (B2, B2_MAC)
+        };
+        let mut as_reset = data.clone();
+        if let L4::Tcp { flags, .. } = &mut as_reset.l4 {
+            *flags = TCP_RST | TCP_ACK;
+        }
+        assert_eq!(
+            (action, out.clone()),
+            (XDP_REDIRECT, expect_to_backend(&as_reset, to, mac, 8080)),
+            "the segment made a reset, to the flow's backend"
+        );
+        checksums_ok(&out).unwrap();
+        assert_eq!(h.counter("reset_flow"), 1);
+        assert_eq!(h.counter("forwarded"), 2, "the handshake only");
+        // Then the client's: its next segment is answered with a reset.
         let (action, out) = h.send_from_client(&data);
         assert_eq!(action, XDP_REDIRECT);
         let tcp = &out[34..54];
@@ -771,7 +795,7 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
             "at the segment's ack number"
         );
         checksums_ok(&out).unwrap();
-        assert_eq!(h.counter("reset_flow"), 1);
+        assert_eq!(h.counter("reset_flow"), 2);
         // A reset from the client is never answered.
         let (action, _) = h.send_from_client(&client_frame(47001, TCP_RST));
         assert_eq!(action, XDP_DROP);
@@ -779,8 +803,9 @@ fn root_refused_and_reset_connections_get_a_tcp_reset_from_the_vip() {
 }
 
 /// The soak's read timeouts: a pooled connection through one VIP is reset
-/// by the balancer (its backend demoted, `on_demotion = "reset"`), but the
-/// backend never learns it and keeps its side open. Later the client reuses
+/// by the balancer (its backend demoted, `on_demotion = "reset"`), and the
+/// backend does not learn it (before the backend's side was reset too; now
+/// should that reset be lost) and keeps its side open. Later the client reuses
 /// the port for a connection through another VIP that the same backend
 /// serves; the backend answers that SYN from its old connection (a
 /// challenge ACK). That answer must reach the client from the new flow's
@@ -812,11 +837,17 @@ fn root_a_reset_flows_reply_entry_does_not_capture_a_new_flow_through_another_vi
             h.send_from_client(&client_frame(46000, TCP_ACK)).0,
             XDP_REDIRECT
         );
-        // Demoted: the client's next segment is answered with a reset.
+        // Demoted: the client's next segment goes on as a reset (lost here,
+        // say), the one after is answered with a reset.
         h.dp.apply(&specs(true)).unwrap();
-        let (action, out) = h.send_from_client(&client_frame(46000, TCP_ACK | TCP_PSH));
-        assert_eq!((action, out[34 + 13]), (XDP_REDIRECT, TCP_RST));
-        assert_eq!(h.counter("reset_flow"), 1);
+        let data = client_frame(46000, TCP_ACK | TCP_PSH);
+        let (action, out) = h.send_from_client(&data);
+        assert_eq!((action, &out[30..34]), (XDP_REDIRECT, &B1.octets()[..]));
+        assert_eq!(out[34 + 13], TCP_RST | TCP_ACK);
+        let (action, out) = h.send_from_client(&data);
+        assert_eq!((action, &out[30..34]), (XDP_REDIRECT, &CLIENT.octets()[..]));
+        assert_eq!(out[34 + 13], TCP_RST);
+        assert_eq!(h.counter("reset_flow"), 2);
         // The same client port, through the other VIP, to the same backend.
         let mut syn = client_frame(46000, TCP_SYN);
         syn.dst = VIP2;
