@@ -93,6 +93,16 @@ impl Observations {
     pub fn service(&self, service: &str) -> &ServiceObservations {
         self.services.get(service).unwrap_or(&NOTHING_SEEN)
     }
+
+    /// The record of `backend` of `service`, to update with what was just
+    /// seen of it; None if neither is known.
+    pub fn backend_mut(
+        &mut self,
+        service: &str,
+        backend: &str,
+    ) -> Option<&mut BackendObservations> {
+        self.services.get_mut(service)?.backends.get_mut(backend)
+    }
 }
 
 impl ServiceObservations {
@@ -405,6 +415,17 @@ mod tests {
         let m = desired_service(&maglev, 42);
         assert_eq!(m.maglev, Some((65537, 42)));
         assert_eq!(m.backends, [spec("web1", 1, 1), spec("web2", 2, 3)]);
+    }
+
+    #[test]
+    fn a_backends_record_is_found_for_update_by_service_and_name() {
+        let mut o = Observations::default();
+        o.services
+            .insert("web".into(), with("web2", |b| b.weight = Some(5)));
+        o.backend_mut("web", "web2").expect("web2 of web").weight = Some(7);
+        assert_eq!(o.service("web").backend("web2").weight, Some(7));
+        assert!(o.backend_mut("web", "web9").is_none(), "no such backend");
+        assert!(o.backend_mut("db", "web2").is_none(), "no such service");
     }
 
     #[test]

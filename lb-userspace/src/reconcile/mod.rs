@@ -430,12 +430,7 @@ impl Balancer {
         else {
             return;
         };
-        let Some(b) = self
-            .obs
-            .services
-            .get_mut(&r.service)
-            .and_then(|s| s.backends.get_mut(&r.backend))
-        else {
+        let Some(b) = self.obs.backend_mut(&r.service, &r.backend) else {
             return;
         };
         let detail = r.result.detail.clone();
@@ -475,12 +470,7 @@ impl Balancer {
         if !is_current(&self.monitors, &r.service, &r.backend, r.monitor) {
             return;
         }
-        let Some(b) = self
-            .obs
-            .services
-            .get_mut(&r.service)
-            .and_then(|s| s.backends.get_mut(&r.backend))
-        else {
+        let Some(b) = self.obs.backend_mut(&r.service, &r.backend) else {
             return;
         };
         let was_reachable = b.mysql.as_ref().map(|o| o.reachable);
