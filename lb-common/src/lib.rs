@@ -607,14 +607,20 @@ pub mod counter {
         names
     };
 
-    // The table is indexed by slot: a row out of place is a build error.
-    const _: () = {
+    /// Whether every row of the table sits at its slot.
+    const fn in_slot_order() -> bool {
         let mut i = 0;
         while i < TABLE.len() {
-            assert!(TABLE[i].index == i as u32);
+            if TABLE[i].index != i as u32 {
+                return false;
+            }
             i += 1;
         }
-    };
+        true
+    }
+
+    // The table is indexed by slot: a row out of place is a build error.
+    const _: () = assert!(in_slot_order());
 
     /// The counter of this name.
     pub fn by_name(name: &str) -> Option<&'static Description> {
