@@ -97,6 +97,22 @@ struct Failure {
     answered: bool,
 }
 
+impl Failure {
+    /// A failure no server answered, on no known connection (a connect that
+    /// failed, a request on a fresh connection).
+    fn unanswered(op: Op, start: Instant, end: Instant, error: String) -> Failure {
+        Failure {
+            op,
+            start,
+            end,
+            error,
+            on: None,
+            since: None,
+            answered: false,
+        }
+    }
+}
+
 /// An acknowledged write.
 #[derive(Debug, Clone)]
 struct Ack {
@@ -347,18 +363,7 @@ async fn db_load(
                         end,
                     });
                 }
-                Err(error) => fail(
-                    &log,
-                    Failure {
-                        op: Op::Write,
-                        start,
-                        end,
-                        error,
-                        on: None,
-                        since: None,
-                        answered: false,
-                    },
-                ),
+                Err(error) => fail(&log, Failure::unanswered(Op::Write, start, end, error)),
             }
             tokio::time::sleep(pause).await;
         }
@@ -373,18 +378,7 @@ async fn db_load(
                     Err(error) => {
                         let end = Instant::now();
                         let error = format!("opening the pooled connection: {error}");
-                        fail(
-                            &log,
-                            Failure {
-                                op: Op::Write,
-                                start,
-                                end,
-                                error,
-                                on: None,
-                                since: None,
-                                answered: false,
-                            },
-                        );
+                        fail(&log, Failure::unanswered(Op::Write, start, end, error));
                         tokio::time::sleep(pause).await;
                     }
                 }
@@ -444,18 +438,7 @@ async fn db_load(
                         .entry(server)
                         .or_default() += 1;
                 }
-                Err(error) => fail(
-                    &log,
-                    Failure {
-                        op: Op::Read,
-                        start,
-                        end,
-                        error,
-                        on: None,
-                        since: None,
-                        answered: false,
-                    },
-                ),
+                Err(error) => fail(&log, Failure::unanswered(Op::Read, start, end, error)),
             }
             tokio::time::sleep(pause).await;
         }
